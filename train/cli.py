@@ -1,0 +1,237 @@
+"""The ``reslab`` command. Packages add subcommands through the ``reslab.commands`` entry-point group,
+so ``train`` never imports ``tune`` or ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig, load_yaml, recipe
+from .data import DATASETS
+from .models import list_models
+
+EXIT_USAGE = 2
+
+
+def fail(message: str) -> None:
+    """One clear line on stderr, nothing else."""
+    print(f"reslab: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+# --------------------------------------------------------------------------- shared flags
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=sorted(DATASETS), help="dataset (default: cifar10)")
+    g.add_argument("--data", metavar="PATH", help="zip, image folder, cifar-10-batches-py/, fer2013.csv, or a folder "
+                   "holding them (default: $RESLAB_DATA, else ../shared/datasets)")
+    g.add_argument("--download", action="store_true", default=None, help="download CIFAR-10 through torchvision")
+    g.add_argument("--subset", type=int, metavar="N", help="train on a stratified subset of N images")
+    g.add_argument("--val-fraction", type=float, metavar="F", help="validation share carved out of train (default 0.1)")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Flags that map onto :class:`TrainConfig` fields (None means: not given)."""
+    add_data_args(p)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="NAME", help="architecture (default resnet20); see --list-models")
+    g.add_argument("--shortcut", choices=["A", "B"], help="CIFAR ResNet shortcut: A zero-padding (paper), B projection")
+    g.add_argument("--pretrained", metavar="PATH", help="initialise from a state dict (.pt/.safetensors) or 'torchvision'")
+    g.add_argument("--init-from", metavar="MODEL_URI", help="initialise from a logged model, e.g. models:/cifar10-resnet@champion")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--optimizer", choices=["sgd", "adamw"])
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=None)
+    g.add_argument("--weight-decay", type=float, help="applied to weights only, not BN/bias")
+    g.add_argument("--schedule", choices=["onecycle", "cosine", "step", "constant"])
+    g.add_argument("--warmup", type=float, metavar="F", help="warm-up share of training")
+    g.add_argument("--milestones", type=float, nargs="+", metavar="M", help="step schedule: fractions (<=1) or iterations")
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--ema", type=float, metavar="DECAY", help="evaluate an EMA of the weights (e.g. 0.999)")
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--augment", choices=["auto", "none", "flip", "crop-flip", "album"],
+                   help="auto: crop-flip for cifar10, albumentations for fer2013")
+    g.add_argument("--aug-strength", type=float, metavar="S", help="scale of the albumentations magnitudes")
+    g.add_argument("--workers", type=int, help="augmentation threads")
+    g.add_argument("--tta", action="store_true", default=None, help="flip test-time augmentation")
+    g = p.add_argument_group("machine")
+    g.add_argument("--device", help="auto, cpu or cuda[:N]")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", metavar="FILE.yaml", help="saved configuration (CLI flags override it)")
+    g.add_argument("--recipe", metavar="NAME", help="named recipe from train/recipes/, e.g. fast-cpu")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    _show_defaults(p)
+
+
+def _show_defaults(p: argparse.ArgumentParser) -> None:
+    """Append the real (CIFAR-10) defaults from TrainConfig to each flag's help."""
+    defaults = TrainConfig().resolved().to_dict()
+    for action in p._actions:
+        value = defaults.get(action.dest)
+        if action.dest in defaults and value not in (None, "") and not isinstance(value, bool) and "default" not in (action.help or ""):
+            action.help = f"{action.help or ''} (default: {value})".strip()
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < recipe < config file < explicit flags."""
+    dataset = args.dataset or "cifar10"
+    merged: dict[str, Any] = {"dataset": dataset}
+    if getattr(args, "recipe", None):
+        merged.update(recipe(args.recipe, dataset))
+    if getattr(args, "config", None):
+        merged.update(load_yaml(args.config))
+    fields = TrainConfig.__dataclass_fields__
+    for key, value in vars(args).items():
+        if key in fields and value is not None:
+            merged[key] = value
+    if getattr(args, "shortcut", None):
+        merged["model_args"] = {**merged.get("model_args", {}), "shortcut": args.shortcut}
+    cfg = TrainConfig.from_dict(merged).resolved()
+    if cfg.model not in list_models():
+        fail(f"unknown model {cfg.model!r}; run `reslab train --list-models`")
+    if cfg.subset is not None and cfg.subset < 10:
+        fail(f"--subset {cfg.subset} is too small; give at least 10 images")
+    return cfg
+
+
+# --------------------------------------------------------------------------- reslab train
+
+
+def add_train_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train one ResNet and log it to MLflow",
+        description="Train one network on CIFAR-10 or FER-2013; log config, curves, test metrics and the model "
+        "to MLflow (./mlruns by default, or $MLFLOW_TRACKING_URI). Defaults shown are CIFAR-10's.",
+    )
+    add_train_args(p)
+    g = p.add_argument_group("tracking")
+    g.add_argument("--experiment", help="MLflow experiment (default: the dataset name)")
+    g.add_argument("--run-name", help="MLflow run name")
+    g.add_argument("--register", metavar="NAME", help="register the model as a new version of NAME (e.g. cifar10-resnet)")
+    g.add_argument("--checkpoint-dir", metavar="DIR", help="where last.pt is written every epoch (default checkpoints/<run>)")
+    g.add_argument("--resume", metavar="CKPT", help="continue an interrupted run from its checkpoint (file or folder)")
+    g.add_argument("--nproc", type=int, default=1, help="data-parallel processes (torchrun)")
+    p.add_argument("--list-models", action="store_true", help="print the registered architectures and exit")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    if args.list_models:
+        print("\n".join(list_models()))
+        return
+    from .run import train_and_log  # heavy imports only when training
+
+    if args.resume:
+        from .engine import load_checkpoint
+
+        ck = load_checkpoint(args.resume)
+        cfg = TrainConfig.from_dict(ck["config"])
+        ckdir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        cfg.checkpoint_dir = str(ckdir)
+        run_name = ck.get("meta", {}).get("run_name")
+        run_id = ck.get("meta", {}).get("mlflow_run_id")
+    else:
+        cfg = config_from_args(args)
+        run_name = args.run_name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.checkpoint_dir = args.checkpoint_dir or str(Path("checkpoints") / run_name)
+        run_id = None
+    if args.nproc and args.nproc > 1:
+        from .distributed import launch
+
+        launch(args.nproc)
+        return
+    train_and_log(cfg, experiment=args.experiment, run_name=run_name, register=args.register,
+                  resume=args.resume, init_from=args.init_from, run_id=run_id)
+
+
+# --------------------------------------------------------------------------- reslab ui
+
+
+def add_ui_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="open the MLflow UI over reslab's store",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+
+def ui_command(host: str, port: int) -> list[str]:
+    from .tracking import default_tracking_uri, mlruns_dir
+
+    uri = default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        fail(f"MLFLOW_TRACKING_URI is a server ({uri}): open it in a browser instead")
+    mlruns_dir().mkdir(parents=True, exist_ok=True)
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+            "--default-artifact-root", (mlruns_dir() / "artifacts").as_uri(),
+            "--host", host, "--port", str(port), "--workers", "1"]
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    cmd = ui_command(args.host, args.port)
+    print(f"MLflow UI on http://{args.host}:{args.port}  (store: {cmd[5]}); Ctrl+C to stop", flush=True)
+    try:
+        raise SystemExit(subprocess.call(cmd))
+    except KeyboardInterrupt:
+        pass
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reslab",
+        description="Train, tune and serve residual networks on CIFAR-10 and FER-2013, tracked in MLflow.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    registrars: list[tuple[str, Callable]] = []
+    for ep in sorted(entry_points(group="reslab.commands"), key=lambda e: e.name):
+        try:
+            registrars.append((ep.name, ep.load()))
+        except ImportError as e:  # a broken optional package must not take the others down
+            print(f"reslab: warning: command {ep.name!r} unavailable ({e})", file=sys.stderr)
+    if not registrars:  # running from a source tree that was never installed
+        registrars = [("train", add_train_command), ("ui", add_ui_command)]
+    for _, register in registrars:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        raise SystemExit(EXIT_USAGE)
+    from .errors import user_errors
+
+    try:
+        args.func(args)
+    except user_errors() as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

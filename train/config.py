@@ -1,0 +1,111 @@
+"""One dataclass holds a training run's whole configuration (nanoGPT style)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+# Per-dataset defaults, used where the user gave nothing.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cifar10": {"model": "resnet20", "lr": 0.1, "batch_size": 128, "weight_decay": 5e-4, "epochs": 30},
+    "fer2013": {"model": "resnet20", "lr": 0.1, "batch_size": 128, "weight_decay": 5e-4, "epochs": 30},
+}
+
+
+@dataclass
+class TrainConfig:
+    # what
+    dataset: str = "cifar10"
+    model: str = ""  # empty: the dataset's default
+    model_args: dict[str, Any] = field(default_factory=dict)  # e.g. {"shortcut": "B"}
+    data: str | None = None
+    download: bool = False
+    subset: int | None = None  # stratified subset of the train split
+    val_fraction: float = 0.1
+    # how long
+    epochs: int = 0  # 0: the dataset's default
+    max_steps: int | None = None  # stop after this many optimizer steps (paper-style budgets)
+    # optimisation
+    batch_size: int = 0
+    lr: float = 0.0
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = -1.0  # <0: the dataset's default
+    schedule: str = "onecycle"  # onecycle | cosine | step | constant
+    warmup: float = 0.15  # fraction of training spent warming up (onecycle, cosine)
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step schedule, fractions of training
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
+    # data pipeline
+    augment: str = "auto"  # auto | none | flip | crop-flip | album
+    aug_strength: float = 1.0
+    crop_pad: int = 4
+    workers: int = 1  # augmentation threads for the albumentations path
+    tta: bool = False  # average predictions over the image and its mirror at evaluation
+    # machine
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    # bookkeeping
+    pretrained: str | None = None  # local state dict, or "torchvision"
+    checkpoint_dir: str | None = None
+    evaluate_test: bool = True
+    progress: bool = True
+
+    def resolved(self) -> TrainConfig:
+        """Fill the per-dataset defaults, so that what is logged is what ran."""
+        d = DATASET_DEFAULTS.get(self.dataset, DATASET_DEFAULTS["cifar10"])
+        c = dataclasses.replace(self)
+        c.model = c.model or d["model"]
+        c.epochs = c.epochs or d["epochs"]
+        c.batch_size = c.batch_size or d["batch_size"]
+        c.lr = c.lr or d["lr"]
+        c.weight_decay = d["weight_decay"] if c.weight_decay < 0 else c.weight_decay
+        if c.augment == "auto":
+            from .augment import DEFAULT_AUGMENT
+
+            c.augment = DEFAULT_AUGMENT.get(c.dataset, "crop-flip")
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: config file not found")
+    d = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(d, dict):
+        raise ValueError(f"{p}: expected a mapping of config keys")
+    return d
+
+
+def recipe(name: str, dataset: str) -> dict[str, Any]:
+    """A named recipe file (``train/recipes/<name>.yaml``) holds one section per dataset."""
+    p = RECIPES_DIR / f"{name}.yaml"
+    if not p.exists():
+        known = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(known) or 'none'}")
+    d = load_yaml(p)
+    if dataset not in d:
+        raise ValueError(f"recipe {name!r} has no section for {dataset}; it has {', '.join(d)}")
+    return d[dataset]

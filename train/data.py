@@ -1,0 +1,375 @@
+"""Datasets as uint8 arrays in memory, decoded once and cached.
+
+Every source (image-folder tree or zip, CIFAR-10 python batches, FER-2013 CSV, torchvision download)
+ends as the same :class:`ImageData`: NHWC uint8 images, int64 labels, class names in sorted-folder
+order, and mean/std computed from the dataset's own train split. The test split is only ever used
+to evaluate a finished model; validation is carved out of train (:func:`split_validation`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import pickle
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    classes: tuple[str, ...]
+    image_size: int
+    channels: int
+    default_model: str = "resnet20"
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo(
+        "cifar10",
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        32,
+        3,
+    ),
+    "fer2013": DatasetInfo(
+        "fer2013", ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"), 48, 1
+    ),
+}
+# The label order of FER-2013's original challenge CSV.
+FER_CSV_LABELS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line naming the path and what was expected."""
+
+
+@dataclass
+class ImageData:
+    name: str
+    classes: list[str]
+    train_x: np.ndarray  # (N, H, W, C) uint8
+    train_y: np.ndarray  # (N,) int64
+    test_x: np.ndarray
+    test_y: np.ndarray
+    mean: list[float]  # per channel, on the 0..1 scale
+    std: list[float]
+    source: str = ""
+    fingerprint: str = ""
+    skipped: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_x.shape[3])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def metadata(self) -> dict:
+        """What a served model needs to preprocess inputs like training did."""
+        return {
+            "dataset": self.name,
+            "classes": list(self.classes),
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+# --------------------------------------------------------------------------- locating the data
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def default_data_dir() -> Path | None:
+    """``$RESLAB_DATA``, else ``../shared/datasets`` beside the project (or the working folder)."""
+    env = os.environ.get("RESLAB_DATA")
+    if env:
+        return Path(env).expanduser()
+    for base in (Path.cwd(), project_root()):
+        cand = base.parent / "shared" / "datasets"
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RESLAB_CACHE", Path.home() / ".cache" / "reslab")).expanduser()
+
+
+def resolve_source(name: str, data: str | Path | None) -> tuple[str, Path]:
+    """Return (kind, path) with kind in {folder, zip, cifar-batches, fer-csv}."""
+    if data is None:
+        data = default_data_dir()
+        if data is None:
+            raise DataError(
+                f"no data for {name}: pass --data PATH, set RESLAB_DATA to a folder holding it, or use --download"
+            )
+    p = Path(data).expanduser()
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder (expected a {name} zip, image folder, or archive)")
+    if p.is_dir():
+        for cand in (p / f"{name}.zip", p / name, p / "cifar-10-batches-py", p / "fer2013.csv", p / "fer2013" / "fer2013.csv"):
+            if cand.exists() and cand != p:
+                if cand.name == "cifar-10-batches-py" and name != "cifar10":
+                    continue
+                if cand.suffix == ".csv" and name != "fer2013":
+                    continue
+                return resolve_source(name, cand)
+        if (p / "train").is_dir() or (p / "test").is_dir():
+            return "folder", p
+        if (p / "data_batch_1").exists():
+            return "cifar-batches", p
+        raise DataError(
+            f"{p}: expected train/<class>/<image> and test/<class>/<image>, {name}.zip, "
+            "cifar-10-batches-py/ or fer2013.csv inside"
+        )
+    if p.suffix.lower() == ".zip":
+        return "zip", p
+    if p.suffix.lower() == ".csv":
+        return "fer-csv", p
+    raise DataError(f"{p}: unsupported file (expected a .zip image-folder archive or FER-2013's .csv)")
+
+
+def fingerprint(path: Path) -> str:
+    """Cheap identity of a source: path, size and mtime of every file in it."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    files = [path] if path.is_file() else sorted(q for q in path.rglob("*") if q.is_file())
+    for q in files:
+        st = q.stat()
+        h.update(f"{q.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _decode(raw: bytes, info: DatasetInfo) -> np.ndarray:
+    with Image.open(io.BytesIO(raw)) as im:
+        im = im.convert("RGB" if info.channels == 3 else "L")
+        if im.size != (info.image_size, info.image_size):
+            im = im.resize((info.image_size, info.image_size), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr.reshape(info.image_size, info.image_size, info.channels)
+
+
+def _split_members(names: list[str], where: Path) -> dict[str, dict[str, list[str]]]:
+    """Group member paths as {split: {class: [members]}}; tolerates one wrapping folder."""
+    tree: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+    for n in names:
+        parts = n.strip("/").split("/")
+        for i in range(min(2, len(parts))):
+            if parts[i] in tree and len(parts) - i >= 2:
+                split, cls, rest = parts[i], parts[i + 1], parts[i + 2 :]
+                tree[split].setdefault(cls, [])
+                if rest and Path(rest[-1]).suffix.lower() in IMAGE_SUFFIXES and not n.endswith("/"):
+                    tree[split][cls].append(n)
+                break
+    for split in ("train", "test"):
+        if not tree[split]:
+            raise DataError(f"{where}: no {split}/<class>/<image> entries (expected train/ and test/ folders)")
+    if set(tree["train"]) != set(tree["test"]):
+        only_train = sorted(set(tree["train"]) - set(tree["test"]))
+        only_test = sorted(set(tree["test"]) - set(tree["train"]))
+        raise DataError(
+            f"{where}: class folders differ between train and test (only in train: {only_train}, only in test: {only_test})"
+        )
+    for split in ("train", "test"):
+        for cls, members in tree[split].items():
+            if not members:
+                raise DataError(f"{where}: class folder {split}/{cls} holds no images")
+    return tree
+
+
+def _read_image_tree(info: DatasetInfo, path: Path, progress: bool) -> tuple:
+    if path.is_dir():
+        names = [q.relative_to(path).as_posix() + ("/" if q.is_dir() else "") for q in path.rglob("*")]
+        read = lambda n: (path / n).read_bytes()  # noqa: E731
+        zf = None
+    else:
+        try:
+            zf = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{path}: not a readable zip archive ({e})") from None
+        names = zf.namelist()
+        read = zf.read
+    tree = _split_members(names, path)
+    classes = sorted(tree["train"])
+    out, skipped, first_bad = [], 0, ""
+    total = sum(len(m) for split in tree.values() for m in split.values())
+    bar = tqdm(total=total, desc=f"decoding {path.name}", unit="img", disable=not progress, file=sys.stderr)
+    for split in ("train", "test"):
+        xs, ys = [], []
+        for label, cls in enumerate(classes):
+            for member in tree[split][cls]:
+                bar.update()
+                try:
+                    xs.append(_decode(read(member), info))
+                    ys.append(label)
+                except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zipfile.BadZipFile) as e:
+                    skipped += 1
+                    first_bad = first_bad or f"{member} ({type(e).__name__})"
+        if not xs:
+            raise DataError(f"{path}: none of the {split} images could be decoded (first failure: {first_bad})")
+        out += [np.stack(xs), np.asarray(ys, dtype=np.int64)]
+    bar.close()
+    if zf is not None:
+        zf.close()
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} unreadable image(s), first: {first_bad}", stacklevel=2)
+    return (*out, classes, skipped)
+
+
+def _read_cifar_batches(info: DatasetInfo, path: Path, progress: bool) -> tuple:
+    def load(fname: str) -> tuple[np.ndarray, np.ndarray]:
+        f = path / fname
+        if not f.exists():
+            raise DataError(f"{path}: missing {fname} (expected CIFAR-10's python batches)")
+        with open(f, "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")  # the official format is a pickle
+        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(x), np.asarray(d[b"labels"], dtype=np.int64)
+
+    parts = [load(f"data_batch_{i}") for i in range(1, 6)]
+    test_x, test_y = load("test_batch")
+    classes = list(info.classes)
+    meta = path / "batches.meta"
+    if meta.exists():
+        with open(meta, "rb") as fh:
+            classes = [c.decode() for c in pickle.load(fh, encoding="bytes")[b"label_names"]]
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), test_x, test_y, classes, 0)
+
+
+def _read_fer_csv(info: DatasetInfo, path: Path, progress: bool) -> tuple:
+    order = {name: i for i, name in enumerate(info.classes)}
+    splits: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
+    skipped = 0
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"emotion", "pixels"} <= set(reader.fieldnames):
+            raise DataError(f"{path}: expected FER-2013 CSV columns emotion,pixels,Usage; found {reader.fieldnames}")
+        for row in tqdm(reader, desc=f"parsing {path.name}", unit="img", disable=not progress, file=sys.stderr):
+            try:
+                px = np.asarray(row["pixels"].split(), dtype=np.uint8)
+                label = order[FER_CSV_LABELS[int(row["emotion"])]]
+                img = px.reshape(48, 48, 1)
+            except (ValueError, IndexError, KeyError):
+                skipped += 1
+                continue
+            split = "train" if row.get("Usage", "Training") == "Training" else "test"
+            splits[split][0].append(img)
+            splits[split][1].append(label)
+    for split, (xs, _) in splits.items():
+        if not xs:
+            raise DataError(f"{path}: no valid {split} rows (Usage 'Training' for train, 'PublicTest'/'PrivateTest' for test)")
+    arrays = [f(v) for xs, ys in splits.values() for f, v in ((np.stack, xs), (lambda y: np.asarray(y, np.int64), ys))]
+    return (*arrays, list(info.classes), skipped)
+
+
+READERS = {"folder": _read_image_tree, "zip": _read_image_tree, "cifar-batches": _read_cifar_batches, "fer-csv": _read_fer_csv}
+
+
+def _download(name: str) -> Path:
+    if name != "cifar10":
+        raise DataError(f"{name} cannot be downloaded automatically (Kaggle needs a login); pass --data PATH")
+    from torchvision.datasets import CIFAR10
+
+    root = cache_dir() / "download"
+    CIFAR10(root=str(root), train=True, download=True)
+    return root / "cifar-10-batches-py"
+
+
+# --------------------------------------------------------------------------- the entry point
+
+
+def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
+    flat = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
+    return flat.mean(0).tolist(), flat.std(0).tolist()
+
+
+def load_dataset(
+    name: str,
+    data: str | Path | None = None,
+    download: bool = False,
+    progress: bool = True,
+    use_cache: bool = True,
+) -> ImageData:
+    """Load a dataset from any supported source, through the uint8 cache."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    info = DATASETS[name]
+    kind, path = ("cifar-batches", _download(name)) if download and data is None else resolve_source(name, data)
+    fp = fingerprint(path)
+    cache_file = cache_dir() / f"{name}-{fp}.npz"
+    if use_cache and cache_file.exists():
+        try:
+            with np.load(cache_file, allow_pickle=False) as z:
+                return ImageData(
+                    name, [str(c) for c in z["classes"]], z["train_x"], z["train_y"], z["test_x"], z["test_y"],
+                    z["mean"].tolist(), z["std"].tolist(), str(path), fp, int(z["skipped"]),
+                )
+        except (OSError, KeyError, ValueError):
+            cache_file.unlink(missing_ok=True)  # a torn cache file is rebuilt below
+    train_x, train_y, test_x, test_y, classes, skipped = READERS[kind](info, path, progress)
+    if sorted(classes) != sorted(info.classes):
+        warnings.warn(f"{path}: classes {classes} differ from the usual {name} classes", stacklevel=2)
+    mean, std = channel_stats(train_x)
+    ds = ImageData(name, list(classes), train_x, train_y, test_x, test_y, mean, std, str(path), fp, skipped)
+    if use_cache:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+                     classes=np.asarray(classes), mean=np.asarray(mean), std=np.asarray(std), skipped=skipped)
+            os.replace(tmp, cache_file)
+        except OSError as e:
+            warnings.warn(f"could not write the data cache {cache_file}: {e}", stacklevel=2)
+    return ds
+
+
+def stratified_indices(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (rest, picked) with ``fraction`` of every class picked."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        k = int(round(len(idx) * fraction))
+        picked.append(idx[:k])
+    chosen = np.sort(np.concatenate(picked)) if picked else np.empty(0, np.int64)
+    rest = np.setdiff1d(np.arange(len(y)), chosen, assume_unique=True)
+    return rest, chosen
+
+
+def split_validation(y: np.ndarray, fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, val) index split of the train set; fixed seed so every run sees the same."""
+    if not 0 < fraction < 1:
+        raise DataError(f"validation fraction must be between 0 and 1, got {fraction}")
+    return stratified_indices(y, fraction, seed)
+
+
+def stratified_subset(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of a class-balanced subset of about ``n`` items (for quick runs and tests)."""
+    if n >= len(y):
+        return np.arange(len(y))
+    return stratified_indices(y, n / len(y), seed)[1]

@@ -1,0 +1,398 @@
+"""The training loop: read it top to bottom in :func:`fit`.
+
+Data stays in memory as uint8; batches are gathered by index, augmented as whole batches on the
+device (crop/flip) or ahead in threads (albumentations), normalised on the device, and run in
+bf16 autocast + channels_last where the hardware supports it. The engine knows nothing of MLflow
+or Optuna: it reports each epoch to callbacks, which may log it or stop the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .augment import normalize, random_crop_flip
+from .config import TrainConfig
+from .data import ImageData, split_validation, stratified_subset
+from .loader import BatchLoader
+from .models import create_model
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite: training cannot go on from here."""
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- model & optimiser
+
+
+def load_pretrained(model: nn.Module, source: str) -> tuple[int, list[str]]:
+    """Copy matching tensors from a state dict (file or torchvision cache) into ``model``.
+
+    Tensors whose shape differs (the classifier for another class count, a stem for other
+    channels) are skipped and named, so transfer between datasets works.
+    """
+    if source == "torchvision":
+        import torchvision.models as tvm
+
+        name = type(getattr(model, "net", model)).__name__
+        depth = sum(len(getattr(model.net, f"layer{i}")) for i in range(1, 5)) if hasattr(model, "net") else 0
+        weights = {8: "ResNet18", 16: "ResNet34", 33: "ResNet101"}.get(depth)
+        if weights is None:
+            raise ValueError(f"--pretrained torchvision needs an ImageNet-style resnet; got {name}")
+        state = getattr(tvm, f"{weights}_Weights").DEFAULT.get_state_dict(progress=True)
+    elif source.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(source)
+    else:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    prefix = "net." if any(k.startswith("net.") for k in own) and not any(k.startswith("net.") for k in state) else ""
+    loaded, skipped = {}, []
+    for k, v in state.items():
+        key = prefix + k
+        if key in own and own[key].shape == v.shape:
+            loaded[key] = v
+        else:
+            skipped.append(k)
+    if not loaded:
+        raise ValueError(f"{source}: no tensor matches the model (is it the same architecture?)")
+    model.load_state_dict(loaded, strict=False)
+    return len(loaded), skipped
+
+
+def build_model(cfg: TrainConfig, data: ImageData) -> nn.Module:
+    model = create_model(cfg.model, data.num_classes, data.channels, **cfg.model_args)
+    if cfg.pretrained:
+        n, skipped = load_pretrained(model, cfg.pretrained)
+        print(f"initialised {n} tensors from {cfg.pretrained}" + (f"; kept fresh: {', '.join(skipped)}" if skipped else ""))
+    return model
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Weight decay on weights only: BatchNorm parameters and biases are not decayed."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: float, milestones: Sequence[float], gamma: float) -> float:
+    """Multiplier of the base learning rate at ``step`` of ``total``."""
+    t = step / max(1, total)
+    if schedule == "onecycle":  # linear warm-up, then linear decay to zero
+        w = max(warmup, 1e-8)
+        return t / w if t < w else max(0.0, (1 - t) / (1 - w))
+    if schedule == "cosine":
+        if warmup and t < warmup:
+            return t / warmup
+        p = (t - warmup) / max(1e-8, 1 - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    if schedule == "step":  # milestones <= 1 are fractions of training, larger ones are iterations
+        passed = sum(step >= (m * total if m <= 1 else m) for m in milestones)
+        return gamma**passed
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}; choose onecycle, cosine, step or constant")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    labels: np.ndarray
+    preds: np.ndarray
+    probs: np.ndarray
+    images_per_sec: float
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    x: np.ndarray,
+    device: torch.device,
+    precision: str,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    channels_last: bool = True,
+    tta: bool = False,
+    batch_size: int = 500,
+) -> torch.Tensor:
+    """Logits (float32, CPU) for NHWC uint8 images."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = normalize(torch.from_numpy(x[i : i + batch_size]).to(device), mean, std, channels_last)
+        with autocast(device, precision):
+            logits = model(xb).float()
+            if tta:
+                logits = (logits + model(xb.flip(3)).float()) / 2
+        out.append(logits.cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, precision: str,
+             mean: torch.Tensor, std: torch.Tensor, channels_last: bool = True, tta: bool = False) -> EvalResult:
+    t0 = time.perf_counter()
+    logits = predict(model, x, device, precision, mean, std, channels_last, tta)
+    dt = time.perf_counter() - t0
+    labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    loss = F.cross_entropy(logits, labels).item() if len(labels) else float("nan")
+    preds = logits.argmax(1)
+    acc = (preds == labels).float().mean().item() if len(labels) else float("nan")
+    return EvalResult(loss, acc, labels.numpy(), preds.numpy(), logits.softmax(1).numpy(), len(x) / max(dt, 1e-9))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically, so a kill mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "last.pt"
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no checkpoint to resume from")
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    config: TrainConfig
+    history: list[dict[str, float]]
+    val: EvalResult | None
+    test: EvalResult | None
+    train_seconds: float
+    images_per_sec: float
+    device: str
+    precision: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best_val_accuracy(self) -> float:
+        accs = [h["val_acc"] for h in self.history if "val_acc" in h]
+        return max(accs) if accs else float("nan")
+
+
+def fit(
+    cfg: TrainConfig,
+    data: ImageData,
+    callbacks: Sequence[EpochCallback] = (),
+    resume: str | Path | None = None,
+    meta: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train ``cfg.model`` on ``data``; return the model, per-epoch history and evaluations."""
+    cfg = cfg.resolved()
+    torch.manual_seed(cfg.seed)
+    device = select_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # ---- data: subset, validation split, loaders
+    train_idx = np.arange(len(data.train_y))
+    if cfg.subset:
+        train_idx = stratified_subset(data.train_y, cfg.subset, cfg.seed)
+    val_idx = np.empty(0, dtype=np.int64)
+    if cfg.val_fraction > 0:
+        rest, val = split_validation(data.train_y[train_idx], cfg.val_fraction, seed=0)
+        train_idx, val_idx = train_idx[rest], train_idx[val]
+    x_train, y_train = data.train_x[train_idx], data.train_y[train_idx]
+    x_val, y_val = data.train_x[val_idx], data.train_y[val_idx]
+    album = cfg.aug_strength if cfg.augment == "album" else None
+    loader = BatchLoader(x_train, y_train, cfg.batch_size, shuffle=True, drop_last=len(x_train) > cfg.batch_size,
+                         seed=cfg.seed, album_strength=album, workers=cfg.workers, pin_memory=device.type == "cuda")
+    mean = torch.tensor(data.mean, device=device)
+    std = torch.tensor(data.std, device=device)
+
+    # ---- model, optimiser, schedule
+    model = build_model(cfg, data).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    steps_per_epoch = max(1, len(loader))
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = cfg.max_steps
+        cfg.epochs = math.ceil(cfg.max_steps / steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(cfg.schedule, s, total_steps, cfg.warmup, cfg.milestones, cfg.gamma)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+    ema = None
+    if cfg.ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
+        )
+    step_fn = torch.compile(model) if cfg.compile else model
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    crop = cfg.crop_pad if cfg.augment == "crop-flip" else 0
+    flip = cfg.augment in ("flip", "crop-flip", "album")
+
+    history: list[dict[str, float]] = []
+    start_epoch, step, trained_seconds, images_seen = 0, 0, 0.0, 0
+    if resume:
+        ck = load_checkpoint(resume)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        if ema is not None and ck.get("ema"):
+            ema.load_state_dict(ck["ema"])
+        start_epoch, step, history = ck["epoch"], ck["step"], ck["history"]
+        trained_seconds, images_seen = ck.get("train_seconds", 0.0), ck.get("images_seen", 0)
+        torch.set_rng_state(ck["torch_rng"])
+        meta = {**ck.get("meta", {}), **(meta or {})}
+        print(f"resumed from {resume} at epoch {start_epoch}")
+    ckpt_path = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(hash((cfg.seed, epoch, 1)) & 0x7FFFFFFF)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        t0 = time.perf_counter()
+        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress, leave=False, mininterval=1.0)
+        for xb, yb in bar:
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            if crop or flip:
+                xb = random_crop_flip(xb, crop, flip, gen)
+            x = normalize(xb, mean, std, cfg.channels_last)
+            with autocast(device, precision):
+                logits = step_fn(x)
+                loss = criterion(logits.float(), yb)
+            if not torch.isfinite(loss):
+                raise DivergedError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (lr {sched.get_last_lr()[0]:.3g}); "
+                    "try a lower --lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            step += 1
+            seen += len(yb)
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+            if cfg.progress and step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
+        bar.close()
+        epoch_seconds = time.perf_counter() - t0
+        trained_seconds += epoch_seconds
+        images_seen += seen
+        eval_model = ema.module if ema is not None else model
+        metrics: dict[str, float] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": (loss_sum / max(seen, 1)).item(),
+            "train_acc": correct.item() / max(seen, 1),
+            "lr": opt.param_groups[0]["lr"],
+            "images_per_sec": seen / max(epoch_seconds, 1e-9),
+            "epoch_seconds": epoch_seconds,
+            "elapsed_seconds": trained_seconds,
+        }
+        if len(x_val):
+            v = evaluate(eval_model, x_val, y_val, device, precision, mean, std, cfg.channels_last, cfg.tta)
+            metrics.update(val_loss=v.loss, val_acc=v.accuracy)
+        history.append(metrics)
+        if ckpt_path:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch + 1, "step": step, "history": history, "config": cfg.to_dict(),
+                "torch_rng": torch.get_rng_state(), "train_seconds": trained_seconds,
+                "images_seen": images_seen, "meta": meta or {},
+            })
+        if cfg.progress:
+            val_txt = f" val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f}" if "val_acc" in metrics else ""
+            tqdm.write(f"epoch {epoch + 1:>3}/{cfg.epochs} train_loss {metrics['train_loss']:.4f} "
+                       f"train_acc {metrics['train_acc']:.4f}{val_txt} {metrics['images_per_sec']:.0f} img/s")
+        for cb in callbacks:
+            cb(epoch, metrics)
+        if cfg.max_steps and step >= cfg.max_steps:
+            break
+
+    final = ema.module if ema is not None else model
+    val = evaluate(final, x_val, y_val, device, precision, mean, std, cfg.channels_last, cfg.tta) if len(x_val) else None
+    test = None
+    if cfg.evaluate_test:
+        test = evaluate(final, data.test_x, data.test_y, device, precision, mean, std, cfg.channels_last, cfg.tta)
+    final.eval()
+    if not history:
+        warnings.warn("no epoch was trained (already finished?)", stacklevel=2)
+    return FitResult(final, cfg, history, val, test, trained_seconds, images_seen / max(trained_seconds, 1e-9),
+                     str(device), precision, {"meta": meta or {}})

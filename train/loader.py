@@ -1,0 +1,87 @@
+"""Batches of in-memory uint8 data, gathered by index, with per-image augmentation done ahead.
+
+Each epoch's order and each batch's augmentation are derived from (seed, epoch, batch), never
+from running state, so a resumed run draws exactly the batches the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .augment import album_pipeline, apply_album
+
+
+class BatchLoader:
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        batch_size: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        album_strength: float | None = None,
+        workers: int = 1,
+        prefetch: int = 3,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ) -> None:
+        self.x, self.y = x, torch.from_numpy(np.asarray(y, dtype=np.int64))
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.seed, self.album_strength = seed, album_strength
+        self.workers, self.prefetch = max(1, workers), max(1, prefetch)
+        self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
+        self._local = threading.local()
+
+    def _indices(self, epoch: int) -> np.ndarray:
+        n = len(self.x)
+        idx = np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+        if self.world_size > 1:  # every rank takes an equal shard of the same permutation
+            per_rank = n // self.world_size
+            idx = idx[: per_rank * self.world_size][self.rank :: self.world_size]
+        return idx
+
+    def __len__(self) -> int:
+        n = len(self.x) // self.world_size if self.world_size > 1 else len(self.x)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        idx = self._indices(epoch)
+        stop = len(idx) - len(idx) % self.batch_size if self.drop_last else len(idx)
+        return [idx[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
+
+    def _make(self, epoch: int, b: int, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        xb = self.x[idx]
+        if self.album_strength:
+            pipe = getattr(self._local, "pipe", None)
+            if pipe is None:  # one pipeline per thread: its random state is not shared
+                pipe = self._local.pipe = album_pipeline(self.x.shape[-1], self.album_strength)
+            xb = apply_album(pipe, xb, seed=hash((self.seed, epoch, b)) & 0x7FFFFFFF)
+        xt = torch.from_numpy(xb)
+        if self.pin_memory:
+            xt = xt.pin_memory()
+        return xt, self.y[idx]
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield CPU (uint8 NHWC images, int64 labels); the engine moves them to the device."""
+        batches = self._batches(epoch)
+        if not self.album_strength:
+            for b, idx in enumerate(batches):
+                yield self._make(epoch, b, idx)
+            return
+        # Augment ahead in worker threads (OpenCV releases the GIL) while the model trains.
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="augment") as pool:
+            pending: deque = deque()
+            for b, idx in enumerate(batches):
+                pending.append(pool.submit(self._make, epoch, b, idx))
+                if len(pending) > self.prefetch:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()

@@ -1,0 +1,64 @@
+"""Classification metrics (scikit-learn) and the plots people would rather look at than read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    ConfusionMatrixDisplay,
+    classification_report,
+    confusion_matrix,
+    precision_recall_fscore_support,
+)
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, macro precision/recall/F1, per-class report and the confusion matrix."""
+    idx = list(range(len(classes)))
+    p, r, f1, _ = precision_recall_fscore_support(labels, preds, labels=idx, average="macro", zero_division=0)
+    report = classification_report(labels, preds, labels=idx, target_names=classes, output_dict=True, zero_division=0)
+    return {
+        "accuracy": float((labels == preds).mean()) if len(labels) else float("nan"),
+        "precision_macro": float(p),
+        "recall_macro": float(r),
+        "f1_macro": float(f1),
+        "per_class": {c: {k: float(v) for k, v in report[c].items()} for c in classes},
+        "confusion_matrix": confusion_matrix(labels, preds, labels=idx).tolist(),
+    }
+
+
+def plot_confusion(cm: list[list[int]] | np.ndarray, classes: list[str], path: Path, title: str = "") -> Path:
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(classes), 0.8 + 0.7 * len(classes)))
+    ConfusionMatrixDisplay(cm, display_labels=classes).plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
+    ax.set_title(title or f"confusion matrix (accuracy {np.trace(cm) / max(cm.sum(), 1):.2%})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(history: list[dict[str, float]], path: Path, title: str = "") -> Path:
+    """Loss and accuracy against epoch, train and validation side by side."""
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, name in ((a1, "loss", "loss"), (a2, "acc", "accuracy")):
+        ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label="train")
+        if any(f"val_{key}" in h for h in history):
+            ax.plot(ep, [h.get(f"val_{key}", np.nan) for h in history], "s-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

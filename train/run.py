@@ -1,0 +1,73 @@
+"""One tracked training run: data -> fit -> MLflow (the body of ``reslab train``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+
+from .config import TrainConfig
+from .data import load_dataset
+from .engine import fit, resolve_precision, select_device
+from .tracking import (
+    epoch_logger,
+    experiment_id,
+    flat_params,
+    log_fit,
+    model_files,
+    promote,
+    register_model,
+    run_tags,
+    setup_tracking,
+)
+
+
+def train_and_log(
+    cfg: TrainConfig,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    register: str | None = None,
+    resume: str | None = None,
+    init_from: str | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` inside an MLflow run (a new one, or the interrupted one on resume)."""
+    setup_tracking()  # fails fast on a bad store, before any data is decoded
+    data = load_dataset(cfg.dataset, cfg.data, cfg.download, progress=cfg.progress)
+    if init_from:
+        cfg.pretrained = str(model_files(init_from)[1])
+    if resume and run_id is None:
+        from .engine import load_checkpoint
+
+        run_id = load_checkpoint(resume).get("meta", {}).get("mlflow_run_id")
+    device = select_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id(experiment or cfg.dataset), run_name=run_name) as run:
+        if run_id is None:
+            mlflow.log_params(flat_params(cfg))
+            mlflow.set_tags(run_tags(cfg, data, str(device), precision))
+            if init_from:
+                mlflow.set_tag("init_from", init_from)
+        print(f"MLflow run {run.info.run_id} in {mlflow.get_tracking_uri()}")
+        result = fit(cfg, data, [epoch_logger], resume=resume,
+                     meta={"mlflow_run_id": run.info.run_id, "run_name": run_name})
+        logged = log_fit(result, data)
+        out: dict[str, Any] = {"run_id": run.info.run_id, "result": result, **logged}
+        if register:
+            test_acc = logged["summary"].get("test_acc", float("nan"))
+            mv = register_model(logged["model_info"].model_uri, register, tags={
+                "run_id": run.info.run_id, "model": cfg.model, "dataset": cfg.dataset,
+                "val_acc": logged["summary"].get("final_val_acc", ""), "test_acc": test_acc,
+                "lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
+            })
+            out.update(version=mv.version, alias=promote(register, mv.version, test_acc))
+    s = logged["summary"]
+    lines = [f"trained {cfg.model} on {cfg.dataset} in {result.train_seconds:.0f} s ({result.images_per_sec:.0f} img/s, {result.device}, {result.precision})"]
+    if "final_val_acc" in s:
+        lines.append(f"validation accuracy {s['final_val_acc']:.4f}")
+    if "test_acc" in s:
+        lines.append(f"test accuracy {s['test_acc']:.4f}, macro F1 {s['test_f1_macro']:.4f}")
+    if register:
+        lines.append(f"registered {register} version {out['version']} (alias: {out['alias']})")
+    print("\n".join(lines))
+    return out

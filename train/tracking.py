@@ -1,0 +1,244 @@
+"""Everything MLflow: the store, runs, metrics, plots, the logged model and the registry.
+
+The default store is SQLite inside ``./mlruns`` with artifacts beside it, so ``mlflow ui`` and the
+model registry work with no server; ``MLFLOW_TRACKING_URI`` points everything at a real server.
+A logged model carries what serving needs (class names, input size, channels, mean/std, the
+architecture) as MLflow metadata, plus pickle-free safetensors weights for Grad-CAM.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from .config import TrainConfig
+from .data import ImageData, project_root
+from .engine import FitResult
+from .report import classification_metrics, plot_confusion, plot_curves
+
+MODEL_ARTIFACT = "model"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used; raised before any training starts."""
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def mlruns_dir() -> Path:
+    return Path(os.environ.get("RESLAB_MLRUNS", Path.cwd() / "mlruns")).expanduser().resolve()
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
+
+
+def is_local_store(uri: str) -> bool:
+    """True for the embedded SQLite store in ``mlruns/`` (its artifacts then live there too)."""
+    return uri == f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
+
+
+def setup_tracking(uri: str | None = None) -> str:
+    """Point MLflow at the store and check it works, so a bad store fails now, not after training."""
+    uri = uri or default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as r:
+                r.read()
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({e}); start it or fix MLFLOW_TRACKING_URI") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"x" * 4096)
+            probe.unlink()
+        except OSError as e:
+            raise TrackingError(f"MLflow store folder {folder} is not writable ({e.strerror or e})") from None
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def experiment_id(name: str) -> str:
+    """Get or create an experiment; local stores keep artifacts under ``mlruns/artifacts``."""
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    if is_local_store(mlflow.get_tracking_uri()):
+        location = (mlruns_dir() / "artifacts" / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # another worker created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(cfg: TrainConfig, data: ImageData, device: str, precision: str) -> dict[str, str]:
+    return {
+        "git_commit": git_commit(),
+        "device": device,
+        "precision": precision,
+        "torch_version": torch.__version__,
+        "dataset": data.name,
+        "dataset_source": data.source,
+        "dataset_hash": data.fingerprint,
+        "model": cfg.model,
+    }
+
+
+def flat_params(cfg: TrainConfig) -> dict[str, str]:
+    out = {}
+    for k, v in cfg.to_dict().items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": str(vv) for kk, vv in v.items()})
+        else:
+            out[k] = str(v)
+    return out
+
+
+def epoch_logger(epoch: int, metrics: dict[str, float]) -> None:
+    """Engine callback: one MLflow step per epoch."""
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k not in ("epoch", "step")}, step=epoch + 1)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def model_metadata(cfg: TrainConfig, data: ImageData) -> dict[str, Any]:
+    return {**data.metadata(), "architecture": cfg.model, "model_args": dict(cfg.model_args), "input_layout": "NCHW float32, normalised"}
+
+
+def log_model(model: nn.Module, cfg: TrainConfig, data: ImageData, registered_name: str | None = None) -> Any:
+    """Log the network as a pt2 (torch.export) model with a signature, an input example, the
+    preprocessing metadata, and safetensors weights + config for rebuilding it as a module."""
+    from safetensors.torch import save_file
+
+    cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float().eval()
+    example = np.random.default_rng(0).standard_normal((2, data.channels, data.image_size, data.image_size)).astype(np.float32)
+    with torch.no_grad():
+        out = cpu_model(torch.from_numpy(example)).numpy()
+    meta = model_metadata(cfg, data)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, config = Path(tmp) / "weights.safetensors", Path(tmp) / "model_config.json"
+        save_file({k: v.contiguous() for k, v in cpu_model.state_dict().items()}, str(weights))
+        config.write_text(json.dumps(meta, indent=2))
+        return mlflow.pytorch.log_model(
+            cpu_model,
+            name=MODEL_ARTIFACT,
+            serialization_format="pt2",
+            signature=infer_signature(example, out),
+            input_example=example,
+            metadata=meta,
+            extra_files=[str(weights), str(config)],
+            registered_model_name=registered_name,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+
+
+def log_fit(result: FitResult, data: ImageData, registered_name: str | None = None, log_model_: bool = True) -> dict[str, Any]:
+    """Log a finished fit into the active run: summary metrics, reports, plots and the model."""
+    summary: dict[str, float] = {"train_seconds": result.train_seconds, "train_images_per_sec": result.images_per_sec}
+    if result.history:
+        summary["best_val_acc"] = result.best_val_accuracy
+    if result.val is not None:
+        summary["final_val_acc"] = result.val.accuracy
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        if result.history:
+            mlflow.log_artifact(str(plot_curves(result.history, t / "curves.png", f"{result.config.model} on {data.name}")), "plots")
+        if result.test is not None:
+            report = classification_metrics(result.test.labels, result.test.preds, data.classes)
+            summary.update(
+                test_acc=report["accuracy"], test_loss=result.test.loss,
+                test_precision_macro=report["precision_macro"], test_recall_macro=report["recall_macro"],
+                test_f1_macro=report["f1_macro"], eval_images_per_sec=result.test.images_per_sec,
+            )
+            summary.update({f"test_f1_{c}": v["f1-score"] for c, v in report["per_class"].items()})
+            cm_path = plot_confusion(report["confusion_matrix"], data.classes, t / "confusion_matrix.png")
+            mlflow.log_artifact(str(cm_path), "plots")
+            (t / "test_report.json").write_text(json.dumps(report, indent=2))
+            mlflow.log_artifact(str(t / "test_report.json"))
+        (t / "history.json").write_text(json.dumps(result.history, indent=1))
+        mlflow.log_artifact(str(t / "history.json"))
+    mlflow.log_metrics(summary)
+    info = log_model(result.model, result.config, data, registered_name) if log_model_ else None
+    return {"summary": summary, "report": report, "model_info": info}
+
+
+def register_model(model_uri: str, name: str, tags: dict[str, Any] | None = None) -> Any:
+    """Register ``model_uri`` as a new version of ``name`` and tag it."""
+    mv = mlflow.register_model(model_uri, name)
+    client = MlflowClient()
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(name, mv.version, k, str(v))
+    return mv
+
+
+def load_model(uri: str) -> nn.Module:
+    """Load a logged pt2 model back as a callable module (no pickle involved)."""
+    return mlflow.pytorch.load_model(uri)
+
+
+def model_files(uri: str) -> tuple[dict[str, Any], Path]:
+    """Download a logged model's config and safetensors weights; return (config, weights path)."""
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    extra = local / "extra_files"
+    return json.loads((extra / "model_config.json").read_text()), extra / "weights.safetensors"
+
+
+def rebuild_module(uri: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The logged network as an ``nn.Module`` (for Grad-CAM, fine-tuning), through the registry."""
+    from safetensors.torch import load_file
+
+    from .models import create_model
+
+    cfg, weights = model_files(uri)
+    model = create_model(cfg["architecture"], len(cfg["classes"]), cfg["channels"], **cfg.get("model_args", {}))
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval(), cfg
+
+
+def promote(name: str, version: str | int, test_acc: float) -> str:
+    """The alias rule: ``champion`` moves to this version only if its test accuracy beats the current
+    champion's (or there is none); otherwise the version becomes ``challenger``."""
+    client = MlflowClient()
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except mlflow.exceptions.MlflowException:
+        champ = None
+    current = float(champ.tags.get("test_acc", "nan")) if champ is not None else float("nan")
+    alias = "champion" if champ is None or not np.isfinite(current) or test_acc > current else "challenger"
+    client.set_registered_model_alias(name, alias, str(version))
+    return alias
