@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     for ep in sorted(entry_points(group="reslab.commands"), key=lambda e: e.name):
         try:
             registrars.append((ep.name, ep.load()))
-        except ImportError as e:  # a broken optional package must not take the others down
+        except (ImportError, AttributeError) as e:  # a broken package must not take the others down
             print(f"reslab: warning: command {ep.name!r} unavailable ({e})", file=sys.stderr)
     if not registrars:  # running from a source tree that was never installed
         registrars = [("train", add_train_command), ("ui", add_ui_command)]

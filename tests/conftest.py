@@ -1,0 +1,56 @@
+"""Shared fixtures: the real datasets from ../shared/datasets and throw-away MLflow stores."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import mlflow
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("RESLAB_DATA", ROOT.parent / "shared" / "datasets"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "cifar10.zip").exists():
+        pytest.skip(f"real datasets not found in {DATA_DIR}")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def cifar(data_dir):
+    from train.data import load_dataset
+
+    return load_dataset("cifar10", data_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def fer(data_dir):
+    from train.data import load_dataset
+
+    return load_dataset("fer2013", data_dir, progress=False)
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A fresh embedded MLflow store (SQLite + artifacts) in a temp folder, used as the default."""
+    from train.tracking import setup_tracking
+
+    mlruns = tmp_path / "mlruns"
+    uri = f"sqlite:///{mlruns / 'mlflow.db'}"
+    monkeypatch.setenv("RESLAB_MLRUNS", str(mlruns))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    setup_tracking(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
