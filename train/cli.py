@@ -155,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.nproc and args.nproc > 1:
         from .distributed import launch
 
-        launch(args.nproc)
+        launch(args.nproc, getattr(args, "argv", None))
         return
     train_and_log(cfg, experiment=args.experiment, run_name=run_name, register=args.register,
                   resume=args.resume, init_from=args.init_from, run_id=run_id)
@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc re-runs under torchrun
     if not getattr(args, "func", None):
         parser.print_help()
         raise SystemExit(EXIT_USAGE)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .augment import normalize, random_crop_flip
 from .config import TrainConfig
 from .data import ImageData, split_validation, stratified_subset
@@ -188,9 +189,11 @@ def predict(
 
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, precision: str,
-             mean: torch.Tensor, std: torch.Tensor, channels_last: bool = True, tta: bool = False) -> EvalResult:
+             mean: torch.Tensor, std: torch.Tensor, channels_last: bool = True, tta: bool = False,
+             ctx: distributed.Context = distributed.Context()) -> EvalResult:
+    """Under DDP (``ctx``) each rank predicts a slice and all ranks get the same full result."""
     t0 = time.perf_counter()
-    logits = predict(model, x, device, precision, mean, std, channels_last, tta)
+    logits = distributed.sharded(lambda part: predict(model, part, device, precision, mean, std, channels_last, tta), x, ctx)
     dt = time.perf_counter() - t0
     labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
     loss = F.cross_entropy(logits, labels).item() if len(labels) else float("nan")
@@ -253,6 +256,7 @@ def fit(
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    dctx, device = distributed.context(device)  # under torchrun: join the group, take this rank's GPU
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -267,8 +271,9 @@ def fit(
     x_train, y_train = data.train_x[train_idx], data.train_y[train_idx]
     x_val, y_val = data.train_x[val_idx], data.train_y[val_idx]
     album = cfg.aug_strength if cfg.augment == "album" else None
-    loader = BatchLoader(x_train, y_train, cfg.batch_size, shuffle=True, drop_last=len(x_train) > cfg.batch_size,
-                         seed=cfg.seed, album_strength=album, workers=cfg.workers, pin_memory=device.type == "cuda")
+    loader = BatchLoader(x_train, y_train, distributed.per_rank_batch(cfg.batch_size, dctx), shuffle=True,
+                         drop_last=len(x_train) > cfg.batch_size, seed=cfg.seed, album_strength=album,
+                         workers=cfg.workers, pin_memory=device.type == "cuda", rank=dctx.rank, world_size=dctx.world_size)
     mean = torch.tensor(data.mean, device=device)
     std = torch.tensor(data.std, device=device)
 
@@ -291,7 +296,8 @@ def fit(
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
         )
-    step_fn = torch.compile(model) if cfg.compile else model
+    train_module = distributed.wrap(model, dctx, device)  # DDP over several ranks, else the model itself
+    step_fn = torch.compile(train_module) if cfg.compile else train_module
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     crop = cfg.crop_pad if cfg.augment == "crop-flip" else 0
     flip = cfg.augment in ("flip", "crop-flip", "album")
@@ -321,7 +327,7 @@ def fit(
         seen = 0
         t0 = time.perf_counter()
         bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False, mininterval=1.0)
+                   disable=not cfg.progress or not dctx.is_main, leave=False, mininterval=1.0)
         for xb, yb in bar:
             if cfg.max_steps and step >= cfg.max_steps:
                 break
@@ -352,24 +358,27 @@ def fit(
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
         bar.close()
         epoch_seconds = time.perf_counter() - t0
+        loss_total, correct_total, seen = distributed.all_sum([loss_sum.item(), float(correct.item()), float(seen)], dctx, device)
+        seen = int(seen)
         trained_seconds += epoch_seconds
         images_seen += seen
         eval_model = ema.module if ema is not None else model
+        distributed.sync_buffers(eval_model, dctx)  # rank 0's BatchNorm statistics everywhere
         metrics: dict[str, float] = {
             "epoch": epoch + 1,
             "step": step,
-            "train_loss": (loss_sum / max(seen, 1)).item(),
-            "train_acc": correct.item() / max(seen, 1),
+            "train_loss": loss_total / max(seen, 1),
+            "train_acc": correct_total / max(seen, 1),
             "lr": opt.param_groups[0]["lr"],
             "images_per_sec": seen / max(epoch_seconds, 1e-9),
             "epoch_seconds": epoch_seconds,
             "elapsed_seconds": trained_seconds,
         }
         if len(x_val):
-            v = evaluate(eval_model, x_val, y_val, device, precision, mean, std, cfg.channels_last, cfg.tta)
+            v = evaluate(eval_model, x_val, y_val, device, precision, mean, std, cfg.channels_last, cfg.tta, dctx)
             metrics.update(val_loss=v.loss, val_acc=v.accuracy)
         history.append(metrics)
-        if ckpt_path:
+        if ckpt_path and dctx.is_main:  # one writer; every rank resumes from the same file
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
@@ -377,7 +386,7 @@ def fit(
                 "torch_rng": torch.get_rng_state(), "train_seconds": trained_seconds,
                 "images_seen": images_seen, "meta": meta or {},
             })
-        if cfg.progress:
+        if cfg.progress and dctx.is_main:
             val_txt = f" val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f}" if "val_acc" in metrics else ""
             tqdm.write(f"epoch {epoch + 1:>3}/{cfg.epochs} train_loss {metrics['train_loss']:.4f} "
                        f"train_acc {metrics['train_acc']:.4f}{val_txt} {metrics['images_per_sec']:.0f} img/s")
@@ -387,10 +396,11 @@ def fit(
             break
 
     final = ema.module if ema is not None else model
-    val = evaluate(final, x_val, y_val, device, precision, mean, std, cfg.channels_last, cfg.tta) if len(x_val) else None
+    distributed.sync_buffers(final, dctx)
+    val = evaluate(final, x_val, y_val, device, precision, mean, std, cfg.channels_last, cfg.tta, dctx) if len(x_val) else None
     test = None
     if cfg.evaluate_test:
-        test = evaluate(final, data.test_x, data.test_y, device, precision, mean, std, cfg.channels_last, cfg.tta)
+        test = evaluate(final, data.test_x, data.test_y, device, precision, mean, std, cfg.channels_last, cfg.tta, dctx)
     final.eval()
     if not history:
         warnings.warn("no epoch was trained (already finished?)", stacklevel=2)

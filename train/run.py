@@ -8,6 +8,7 @@ import mlflow
 
 from .config import TrainConfig
 from .data import load_dataset
+from .distributed import is_main_process
 from .engine import fit, resolve_precision, select_device
 from .tracking import (
     epoch_logger,
@@ -32,6 +33,9 @@ def train_and_log(
     run_id: str | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` inside an MLflow run (a new one, or the interrupted one on resume)."""
+    if not is_main_process():  # a DDP worker other than rank 0: train its shard, log nothing
+        data = load_dataset(cfg.dataset, cfg.data, cfg.download, progress=False)
+        return {"result": fit(cfg, data, [], resume=resume)}  # DDP copies rank 0's weights (init_from)
     setup_tracking()  # fails fast on a bad store, before any data is decoded
     data = load_dataset(cfg.dataset, cfg.data, cfg.download, progress=cfg.progress)
     if init_from:
