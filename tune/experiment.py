@@ -237,11 +237,11 @@ def run_degradation(
             print(f"[{i}/{len(nets)}] {name}", flush=True)
             child_cfg = dataclasses.replace(cfg, model=name)
             with tempfile.TemporaryDirectory() as ckpt:
-                child_cfg.checkpoint_dir = ckpt
+                fit_cfg = dataclasses.replace(child_cfg, checkpoint_dir=ckpt)  # per-epoch weights, for TestCurve
                 callbacks: list[Any] = [epoch_logger, curve_logger]
                 test_curve = None
                 if curves == "test":
-                    test_curve = TestCurve(child_cfg, data, curve_x, curve_y)
+                    test_curve = TestCurve(fit_cfg, data, curve_x, curve_y)
                     callbacks.append(test_curve)
                 try:
                     with mlflow.start_run(experiment_id=exp_id, run_name=name, nested=True, parent_run_id=parent_id,
@@ -250,7 +250,7 @@ def run_degradation(
                                                 "depth": str(depth)}) as child:
                         mlflow.log_params({**flat_params(child_cfg), "curves": curves, "curve_images": len(curve_y),
                                            "test_images": len(test_y)})
-                        result = fit(child_cfg, eval_data, callbacks)
+                        result = fit(fit_cfg, eval_data, callbacks)
                         log_fit(result, eval_data, log_model_=log_models)
                         row = summarize(family, name, depth, count_parameters(result.model), result, child.info.run_id)
                         mlflow.log_metrics({"final_train_error": row["train_error"], "test_error": row["test_error"]})
