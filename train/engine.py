@@ -9,6 +9,7 @@ or Optuna: it reports each epoch to callbacks, which may log it or stop the run.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import time
 import warnings
@@ -206,11 +207,19 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.devic
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically, so a kill mid-write leaves the previous checkpoint intact."""
+    """Write atomically, so a kill mid-write leaves the previous checkpoint intact. Serialised in
+    memory first, so a full disk raises a plain OSError (ENOSPC) rather than torch's zip-writer error."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write checkpoint ({e.strerror})", str(path)) from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
