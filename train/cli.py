@@ -229,6 +229,10 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except user_errors() as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except OSError as e:  # disk full, read-only folder: the machine's state, not a bug
+        if os.environ.get("RESLAB_DEBUG"):
+            raise
+        fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else (str(e).splitlines() or [repr(e)])[0])
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130) from None
