@@ -1,0 +1,1 @@
+"""Hyperparameter search (``reslab tune``): Optuna studies over ``train`` runs, tracked in MLflow."""

@@ -1,0 +1,109 @@
+"""The end of a study invocation: evaluate the chosen model once on the test split and register it.
+
+The chosen model is the best trial's own network (rebuilt from the weights its run kept) or, with
+``--refit``, the best configuration retrained on train+val. Its test evaluation and its MLflow model
+are logged into that trial's run (or the refit run), so the registered version links to the run
+holding its parameters and curves. The alias rule lives in :func:`train.tracking.promote`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from train.config import TrainConfig
+from train.data import ImageData
+from train.engine import FitResult, evaluate, fit, resolve_precision, select_device
+from train.models import create_model
+from train.tracking import epoch_logger, flat_params, log_fit, promote, register_model, run_tags
+
+from .objective import WEIGHTS_ARTIFACT
+
+REGISTERED_ATTR = "registered_versions"  # {trial number: model version}
+
+
+def registered_name(dataset: str) -> str:
+    return f"{dataset}-resnet"
+
+
+def _trial_network(run_id: str, cfg: TrainConfig, data: ImageData) -> torch.nn.Module:
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_ARTIFACT))
+    model = create_model(cfg.model, data.num_classes, data.channels, **cfg.model_args)
+    model.load_state_dict(load_file(str(local / "weights.safetensors")))
+    return model
+
+
+def _log_trial_model(best: optuna.trial.FrozenTrial, cfg: TrainConfig, data: ImageData) -> tuple[str, dict[str, Any]]:
+    """Evaluate the best trial's own network on test and log it, with its report, into the trial run."""
+    run_id = best.user_attrs["mlflow_run_id"]
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    device = select_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    model = _trial_network(run_id, cfg, data).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    mean, std = torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
+    test = evaluate(model, data.test_x, data.test_y, device, precision, mean, std, cfg.channels_last, cfg.tta)
+    history = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="history.json")).read_text())
+    metrics = run.data.metrics
+    result = FitResult(model, cfg, history, None, test, metrics.get("train_seconds", 0.0),
+                       metrics.get("train_images_per_sec", 0.0), str(device), precision)
+    with mlflow.start_run(run_id=run_id):
+        logged = log_fit(result, data)
+    # reopening the run must not change its recorded duration or state
+    client.set_terminated(run_id, status=run.info.status, end_time=run.info.end_time)
+    return run_id, logged
+
+
+def _refit(study: optuna.Study, best: optuna.trial.FrozenTrial, cfg: TrainConfig, data: ImageData,
+           experiment_id: str, parent_run_id: str) -> tuple[str, dict[str, Any]]:
+    """Retrain the best configuration on train+val, then evaluate once on test."""
+    cfg = dataclasses.replace(cfg, val_fraction=0.0, evaluate_test=True)
+    device = select_device(cfg.device)
+    tags = {"optuna.study": study.study_name, "optuna.trial": str(best.number),
+            "kind": "refit", **run_tags(cfg, data, str(device), resolve_precision(cfg.precision, device))}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"refit-trial-{best.number}",
+                          parent_run_id=parent_run_id, tags=tags) as run:
+        mlflow.log_params(flat_params(cfg))
+        print(f"refitting trial {best.number}'s configuration on train+val ({cfg.epochs} epochs)", flush=True)
+        result = fit(cfg, data, [epoch_logger])
+        return run.info.run_id, log_fit(result, data)
+
+
+def register_best(study: optuna.Study, data: ImageData, experiment_id: str, parent_run_id: str,
+                  refit: bool = False) -> dict[str, Any] | None:
+    """Test-evaluate and register the study's best trial; returns what was registered (or None)."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        print("no trial completed: nothing to register")
+        return None
+    name = registered_name(data.name)
+    v = study.user_attrs.get(REGISTERED_ATTR, {}).get(str(best.number))
+    if v is not None and not refit:
+        print(f"best trial {best.number} is already version {v} of {name}: nothing new to register")
+        return {"name": name, "version": v, "trial": best.number, "already": True}
+    cfg = TrainConfig.from_dict(best.user_attrs["config"])
+    if refit:
+        run_id, logged = _refit(study, best, cfg, data, experiment_id, parent_run_id)
+    else:
+        run_id, logged = _log_trial_model(best, cfg, data)
+    test_acc = float(logged["summary"]["test_acc"])
+    tags = {"study": study.study_name, "trial": best.number, "params": json.dumps(best.params, sort_keys=True),
+            "val_acc": best.value, "test_acc": test_acc, "run_id": run_id, "refit": refit,
+            "dataset": data.name, "model": cfg.model, **{f"param.{k}": v for k, v in best.params.items()}}
+    mv = register_model(logged["model_info"].model_uri, name, tags)
+    alias = promote(name, mv.version, test_acc)
+    # a finished trial is read-only in Optuna, so the study remembers which trials became versions
+    study.set_user_attr(REGISTERED_ATTR, {**study.user_attrs.get(REGISTERED_ATTR, {}), str(best.number): str(mv.version)})
+    return {"name": name, "version": mv.version, "alias": alias, "trial": best.number, "val_acc": best.value,
+            "test_acc": test_acc, "run_id": run_id, "params": best.params}

@@ -1,0 +1,119 @@
+"""One trial = one training run, nested under the study's parent run in MLflow.
+
+The objective trains on the train split, reports validation accuracy after every epoch (so the
+pruner can stop poor trials) and returns the final validation accuracy. The test split is never
+touched here (``evaluate_test=False``). A trial that diverges or runs out of memory is failed with
+its reason recorded; the study goes on.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+import torch
+
+from train.config import TrainConfig
+from train.data import ImageData
+from train.engine import DivergedError, EpochCallback, fit, resolve_precision, select_device
+from train.tracking import epoch_logger, flat_params, log_fit, run_tags
+
+from .space import SearchSpace
+
+WEIGHTS_ARTIFACT = "trial_model"  # safetensors weights of every finished trial; only the winner gets a full model
+MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+
+
+class TrialFailed(Exception):
+    """A trial that cannot finish (diverged, out of memory); Optuna records it as FAIL and goes on."""
+
+
+def pruning_callback(trial: optuna.Trial) -> EpochCallback:
+    """Engine callback: report val_acc per epoch; raise TrialPruned when the pruner says so."""
+
+    def report(epoch: int, metrics: dict[str, float]) -> None:
+        if "val_acc" not in metrics:
+            return
+        trial.report(metrics["val_acc"], step=epoch + 1)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"val_acc {metrics['val_acc']:.4f} after epoch {epoch + 1} is below the pruner's bar")
+
+    return report
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
+
+
+class Objective:
+    def __init__(self, base: TrainConfig, space: SearchSpace, data: ImageData, experiment_id: str, parent_run_id: str) -> None:
+        self.base, self.space, self.data = base, space, data
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        cfg = self.space.config(self.base, self.space.suggest(trial))
+        trial.set_user_attr("config", cfg.to_dict())
+        run = mlflow.start_run(
+            experiment_id=self.experiment_id, run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id,
+            tags={"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number), "kind": "trial"},
+        )
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        state, t0 = "failed", time.perf_counter()
+        try:
+            device = select_device(cfg.device)
+            mlflow.log_params(flat_params(cfg))
+            mlflow.set_tags(run_tags(cfg, self.data, str(device), resolve_precision(cfg.precision, device)))
+            value = self._train(trial, cfg)
+            state = "complete"
+            return value
+        except optuna.TrialPruned as e:
+            state = "pruned"
+            mlflow.set_tag("prune_reason", str(e))
+            raise
+        except DivergedError as e:
+            raise self._failed(trial, "diverged", e) from e
+        except Exception as e:
+            if is_out_of_memory(e):
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise self._failed(trial, "out of memory", e) from e
+            mlflow.set_tag("fail_reason", f"{type(e).__name__}: {e}"[:5000])
+            raise
+        except KeyboardInterrupt:
+            state = "killed"
+            raise
+        finally:
+            mlflow.log_metric("trial_seconds", time.perf_counter() - t0)
+            mlflow.set_tag("state", state)
+            mlflow.end_run(MLFLOW_STATUS.get(state, "KILLED"))
+
+    def _train(self, trial: optuna.Trial, cfg: TrainConfig) -> float:
+        result = fit(cfg, self.data, [epoch_logger, pruning_callback(trial)])
+        log_fit(result, self.data, log_model_=False)  # curves, history, summary metrics
+        save_weights(result.model)
+        value = result.val.accuracy
+        trial.set_user_attr("train_seconds", result.train_seconds)
+        return value
+
+    @staticmethod
+    def _failed(trial: optuna.Trial, kind: str, e: BaseException) -> TrialFailed:
+        reason = f"{kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        trial.set_user_attr("fail_reason", reason)
+        mlflow.set_tag("fail_reason", reason)
+        return TrialFailed(reason)
+
+
+def save_weights(model: torch.nn.Module) -> None:
+    """Keep the trial's final weights (safetensors, a few MB) so any worker can register it later."""
+    from safetensors.torch import save_file
+
+    state: dict[str, Any] = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "weights.safetensors"
+        save_file(state, str(path))
+        mlflow.log_artifact(str(path), WEIGHTS_ARTIFACT)

@@ -1,0 +1,136 @@
+"""One MLflow parent run per study invocation, shared by every worker of that invocation.
+
+The first worker creates the parent run and stores an *invocation* record (parent run id, trial
+budget) in the study's user attributes; workers that start while that parent is still RUNNING join
+it. Optuna's storage has no compare-and-swap, so claims use create-then-check: write, let concurrent
+writers land, read back; the last writer wins for everyone, and losers delete what they created.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+INVOCATION_ATTR = "invocation"
+SETTLE_SECONDS = 0.5  # long enough for a concurrent writer's attribute to land
+
+
+@dataclass
+class Invocation:
+    parent_run_id: str
+    number: int  # 1 for the study's first invocation, 2 after a resume, ...
+    finished_before: int  # finished trials when this invocation began
+    target: int  # finished trials at which this invocation's budget is spent
+    started: float  # unix time; RUNNING trials older than this belong to dead workers
+
+    def finished(self, study: optuna.Study) -> int:
+        """Trials of this invocation that are finished (complete, pruned or failed)."""
+        return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False)) - self.finished_before
+
+    def running(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+        """Trials of this invocation still running, in any worker."""
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.datetime_start is not None and t.datetime_start.timestamp() >= self.started - 1]
+
+
+def claim(study: optuna.Study, key: str, value: Any) -> Any:
+    """Create-then-check on a study user attribute; returns the value that won."""
+    study.set_user_attr(key, value)
+    time.sleep(SETTLE_SECONDS)
+    return study.user_attrs.get(key)
+
+
+def join_or_start(study: optuna.Study, experiment_id: str, trials: int, params: dict[str, str],
+                  tags: dict[str, str]) -> tuple[Invocation, bool]:
+    """Join the running invocation of ``study`` or start a new one; returns (invocation, created)."""
+    client = MlflowClient()
+    current = study.user_attrs.get(INVOCATION_ATTR)
+    if current and _is_running(client, current["parent_run_id"]):
+        return Invocation(**current), False
+    number = (current or {}).get("number", 0) + 1
+    finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    run = client.create_run(experiment_id, run_name=f"{study.study_name}#{number}",
+                            tags={**tags, "optuna.study": study.study_name, "invocation": str(number), "kind": "study"})
+    mine = Invocation(run.info.run_id, number, finished, finished + trials, time.time())
+    winner = claim(study, INVOCATION_ATTR, asdict(mine))
+    if winner["parent_run_id"] != mine.parent_run_id:  # another worker started the same invocation
+        client.delete_run(mine.parent_run_id)
+        return Invocation(**winner), False
+    client.log_batch(mine.parent_run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    return mine, True
+
+
+def _is_running(client: MlflowClient, run_id: str) -> bool:
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # deleted or from another store
+        return False
+    return run.info.status == "RUNNING" and run.info.lifecycle_stage == "active"
+
+
+# --------------------------------------------------------------------------- the study summary
+
+
+def _figures(study: optuna.Study) -> dict[str, Any]:
+    """Optuna's plotly figures; importances need two complete trials and are skipped otherwise."""
+    from optuna import visualization as vis
+
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    figs = {"optimization_history": vis.plot_optimization_history, "parallel_coordinate": vis.plot_parallel_coordinate,
+            "slice": vis.plot_slice, "intermediate_values": vis.plot_intermediate_values}
+    if complete >= 2:
+        figs["param_importances"] = vis.plot_param_importances
+    out = {}
+    for name, plot in figs.items():
+        try:
+            out[name] = plot(study)
+        except (ValueError, RuntimeError) as e:  # e.g. a single distinct value for every param
+            print(f"  skipped plot {name}: {e}")
+    return out
+
+
+def summarize(study: optuna.Study, inv: Invocation) -> dict[str, Any]:
+    """Log the study summary on the parent run: best trial, counts by state, plots (HTML)."""
+    client = MlflowClient()
+    counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    metrics = {f"trials_{s}": counts.get(s, 0) for s in ("complete", "pruned", "fail")}
+    metrics["trials_this_invocation"] = inv.finished(study)
+    summary: dict[str, Any] = {"counts": dict(counts)}
+    tags = [RunTag("trial_counts", json.dumps(dict(counts)))]
+    params: list[Param] = []
+    try:
+        best = study.best_trial
+    except ValueError:
+        best = None
+    if best is not None:
+        metrics["best_val_acc"] = float(best.value)
+        tags += [RunTag("best_trial", str(best.number)), RunTag("best_params", json.dumps(best.params))]
+        logged = client.get_run(inv.parent_run_id).data.params
+        params = [Param(f"best.{k}", str(v)) for k, v in best.params.items() if f"best.{k}" not in logged]
+        summary.update(best_trial=best.number, best_value=best.value, best_params=best.params)
+    now = int(time.time() * 1000)
+    client.log_batch(inv.parent_run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     params=params, tags=tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, fig in _figures(study).items():
+            path = Path(tmp) / f"{name}.html"
+            fig.write_html(str(path), include_plotlyjs=True, full_html=True)  # opens offline
+            client.log_artifact(inv.parent_run_id, str(path), "optuna")
+        trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
+        trials.to_csv(Path(tmp) / "trials.csv", index=False)
+        client.log_artifact(inv.parent_run_id, str(Path(tmp) / "trials.csv"), "optuna")
+    return summary
+
+
+def end(inv: Invocation, status: str = "FINISHED") -> None:
+    MlflowClient().set_terminated(inv.parent_run_id, status=status)

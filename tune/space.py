@@ -1,0 +1,127 @@
+"""The search space: Optuna distributions over :class:`train.config.TrainConfig` fields.
+
+By default exactly three dimensions are searched (learning rate, batch size, weight decay), with
+ranges that suit the optimizer. A YAML file (``--space``) adds or overrides dimensions without code
+changes; each key is a TrainConfig field and its value says how to search it::
+
+    lr: {low: 0.02, high: 0.4, log: true}     # float range (log-uniform with log: true)
+    batch_size: [64, 128, 256]                 # a list: categorical choices
+    label_smoothing: {low: 0.0, high: 0.2}
+    aug_strength: {low: 0.5, high: 1.5}
+    model: [resnet20, resnet32, resnet44]      # depth as a searched dimension
+    epochs: 5                                  # a scalar: fixed, not searched
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+    distribution_to_json,
+)
+
+from train.config import TrainConfig
+from train.models import list_models
+
+# Fields a search must not touch: they decide what data the study is about or how it is run.
+NOT_SEARCHABLE = {"dataset", "data", "download", "val_fraction", "evaluate_test", "progress", "checkpoint_dir", "device"}
+
+BATCH_SIZES = [32, 64, 128, 256]  # powers of two
+
+
+def default_distributions(optimizer: str) -> dict[str, BaseDistribution]:
+    """lr and weight decay log-uniform over ranges that suit the optimizer; batch size in powers of two."""
+    if optimizer == "adamw":  # decoupled decay: larger values, smaller steps
+        lr, wd = FloatDistribution(3e-4, 1e-2, log=True), FloatDistribution(1e-4, 1e-1, log=True)
+    else:  # SGD with Nesterov momentum and a one-cycle schedule
+        lr, wd = FloatDistribution(1e-2, 0.5, log=True), FloatDistribution(1e-5, 5e-3, log=True)
+    return {"lr": lr, "batch_size": CategoricalDistribution(BATCH_SIZES), "weight_decay": wd}
+
+
+def _distribution(key: str, spec: Any) -> BaseDistribution:
+    if isinstance(spec, list):
+        if not spec:
+            raise ValueError(f"search space: {key} has an empty list of choices")
+        return CategoricalDistribution(spec)
+    if not isinstance(spec, dict) or "low" not in spec or "high" not in spec:
+        raise ValueError(f"search space: {key} must be a scalar (fixed), a list (choices) or {{low, high[, log, step]}}")
+    unknown = set(spec) - {"low", "high", "log", "step", "type"}
+    if unknown:
+        raise ValueError(f"search space: {key} has unknown keys {sorted(unknown)}")
+    low, high, log, step = spec["low"], spec["high"], bool(spec.get("log", False)), spec.get("step")
+    kind = spec.get("type") or ("int" if all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) else "float")
+    if kind == "int":
+        return IntDistribution(int(low), int(high), log=log, step=int(step or 1))
+    if kind == "float":
+        return FloatDistribution(float(low), float(high), log=log, step=None if step is None else float(step))
+    raise ValueError(f"search space: {key} has unknown type {kind!r} (int or float)")
+
+
+@dataclass
+class SearchSpace:
+    """Searched dimensions plus fixed overrides, both keyed by TrainConfig field."""
+
+    distributions: dict[str, BaseDistribution]
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, optimizer: str = "sgd", path: str | Path | None = None) -> SearchSpace:
+        space = cls(default_distributions(optimizer))
+        if path is None:
+            return space
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: search-space file not found")
+        spec = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(spec, dict):
+            raise ValueError(f"{p}: expected a mapping of TrainConfig fields")
+        fields = set(TrainConfig.__dataclass_fields__)
+        for key, value in spec.items():
+            if key not in fields or key in NOT_SEARCHABLE:
+                raise ValueError(f"{p}: {key!r} is not a searchable training option")
+            space.distributions.pop(key, None)
+            space.fixed.pop(key, None)
+            if isinstance(value, (list, dict)) and key not in ("milestones", "model_args"):
+                space.distributions[key] = _distribution(key, value)
+            else:
+                space.fixed[key] = value
+        space.check_models()
+        return space
+
+    def check_models(self) -> None:
+        dist = self.distributions.get("model")
+        names = list(dist.choices) if isinstance(dist, CategoricalDistribution) else [self.fixed.get("model")]
+        unknown = [n for n in names if n is not None and n not in list_models()]
+        if unknown:
+            raise ValueError(f"search space: unknown model(s) {unknown}; see `reslab train --list-models`")
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Ask the trial for every dimension, through Optuna's public suggest API."""
+        out: dict[str, Any] = {}
+        for name, d in self.distributions.items():
+            if isinstance(d, CategoricalDistribution):
+                out[name] = trial.suggest_categorical(name, d.choices)
+            elif isinstance(d, IntDistribution):
+                out[name] = trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+            else:
+                out[name] = trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+        return out
+
+    def config(self, base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
+        """The trial's configuration: base < fixed overrides < sampled values."""
+        return TrainConfig.from_dict({**base.to_dict(), **self.fixed, **params}).resolved()
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly description, logged on the study's parent run."""
+        return {
+            "searched": {k: distribution_to_json(d) for k, d in self.distributions.items()},
+            "fixed": dict(self.fixed),
+        }

@@ -1,0 +1,73 @@
+"""Where studies live.
+
+The default is Optuna's journal file inside ``mlruns/optuna/``: it needs no server, and several
+workers on one machine can append to it at once (a file lock, no "database is locked"). Any Optuna
+storage URL (``sqlite:///...``, ``postgresql+psycopg://...``, ``mysql+pymysql://...``) or a
+``.log`` journal path works too; only relational storages support heartbeats.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import optuna
+from mlflow.tracking import MlflowClient
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import FrozenTrial
+
+from train.tracking import mlruns_dir
+
+STALE_REASON = "worker stopped sending heartbeats (killed or hung)"
+
+
+def default_journal() -> Path:
+    return mlruns_dir() / "optuna" / "journal.log"
+
+
+def describe(url: str | None) -> str:
+    """The storage as logged and printed: passwords masked."""
+    return re.sub(r"(://[^:/@]+):[^@]+@", r"\1:***@", url) if url else f"journal:{default_journal()}"
+
+
+class EndStaleTrialRun:
+    """Heartbeat callback: a trial whose worker died is failed by Optuna; end its MLflow child run
+    as KILLED (not left RUNNING), then let Optuna re-queue its parameters."""
+
+    def __init__(self, max_retry: int = 1) -> None:
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            client = MlflowClient()
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_tag(run_id, "state", "failed")
+                client.set_tag(run_id, "fail_reason", STALE_REASON)
+                client.set_terminated(run_id, status="KILLED")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            self.retry(study, trial)
+
+
+def open_storage(url: str | None = None, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
+    """A journal file (default or a ``.log`` path) or any RDB URL, with heartbeats if asked."""
+    if url is None or url.endswith(".log") or url.startswith("journal:"):
+        if heartbeat:
+            raise ValueError("--heartbeat needs a relational --storage (sqlite:///..., postgresql+psycopg://...)")
+        path = Path(url.removeprefix("journal:")) if url else default_journal()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise ValueError(f"--storage {url!r}: expected an Optuna storage URL (sqlite:///study.db, "
+                         "postgresql+psycopg://user@host/db) or a journal file path ending in .log")
+    kwargs: dict = {"engine_kwargs": {"pool_pre_ping": True}} if not url.startswith("sqlite") else {}
+    if heartbeat:
+        kwargs.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                      heartbeat_stale_trial_callback=EndStaleTrialRun())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return RDBStorage(url, **kwargs)

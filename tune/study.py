@@ -1,0 +1,166 @@
+"""A tuning session from start to registration: what ``reslab tune`` runs in every worker.
+
+Workers sharing a storage share the study, its invocation (one MLflow parent run) and its trial
+budget: each worker stops starting trials once finished + running trials reach the budget, and the
+last worker out (no trial of the invocation still running) writes the summary and registers the
+best model, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, NopPruner
+from optuna.samplers import TPESampler
+
+from train.config import TrainConfig
+from train.data import load_dataset
+from train.tracking import experiment_id, flat_params, setup_tracking
+
+from . import parent
+from .finalize import register_best
+from .objective import Objective, TrialFailed
+from .progress import StudyProgress
+from .space import SearchSpace
+from .storage import describe, open_storage
+
+
+@dataclass
+class TuneOptions:
+    base: TrainConfig  # everything not searched (data, model, epochs, ...)
+    space: SearchSpace
+    study: str
+    storage: str | None = None  # None: the journal file in mlruns/optuna
+    trials: int = 20  # budget of this invocation, shared by all its workers
+    timeout: float | None = None  # seconds from the invocation's start
+    pruner: str = "median"  # median | hyperband | none
+    prune_after: int = 3  # completed trials before the median pruner may prune
+    prune_warmup: int = 1  # epochs a trial always gets before it can be pruned
+    heartbeat: int | None = None  # seconds; RDB storages only
+    refit: bool = False
+    register: bool = True
+    experiment: str | None = None
+    progress: bool = True
+
+
+def make_pruner(opts: TuneOptions) -> BasePruner:
+    if opts.pruner == "median":
+        return MedianPruner(n_startup_trials=opts.prune_after, n_warmup_steps=opts.prune_warmup)
+    if opts.pruner == "hyperband":
+        return HyperbandPruner(min_resource=max(1, opts.prune_warmup), max_resource=opts.base.epochs, reduction_factor=3)
+    if opts.pruner == "none":
+        return NopPruner()
+    raise ValueError(f"unknown pruner {opts.pruner!r}; choose median, hyperband or none")
+
+
+def budget_callback(inv: parent.Invocation):
+    """Stop this worker once the invocation's finished + running trials (in all workers) reach the
+    budget. Optuna's MaxTrialsCallback counts finished trials only, which lets N workers overshoot
+    by up to N-1 trials; counting the running ones too makes the total exact."""
+
+    def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if inv.finished(study) + len(inv.running(study)) >= inv.target - inv.finished_before:
+            study.stop()
+
+    return stop_at_budget
+
+
+def run_study(opts: TuneOptions) -> dict[str, Any]:
+    """Run (or join) a study invocation; the last worker registers the best model."""
+    setup_tracking()
+    base = opts.base
+    data = load_dataset(base.dataset, base.data, base.download, progress=base.progress)
+    storage = open_storage(opts.storage, opts.heartbeat)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial replaces Optuna's
+    study = optuna.create_study(study_name=opts.study, storage=storage, direction="maximize",
+                                pruner=make_pruner(opts), load_if_exists=True)
+    known = study.user_attrs.get("dataset")
+    if known and known != base.dataset:
+        raise ValueError(f"study {opts.study!r} tunes {known}, not {base.dataset}")
+    if not known:
+        study.set_user_attr("dataset", base.dataset)
+    exp = experiment_id(opts.experiment or base.dataset)
+    worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    params = {
+        "study": opts.study, "storage": describe(opts.storage), "pruner": opts.pruner, "prune_after": opts.prune_after,
+        "prune_warmup": opts.prune_warmup, "trials": opts.trials, "timeout": opts.timeout, "refit": opts.refit,
+        "heartbeat": opts.heartbeat, "search_space": json.dumps(opts.space.describe()),
+        **{f"base.{k}": v for k, v in flat_params(base).items()},
+    }
+    inv, created = parent.join_or_start(study, exp, opts.trials, params, {"dataset": base.dataset, "model": base.model})
+    # The creator's sampler is seeded (a resume continues the stream reproducibly); workers that join
+    # draw their own seeds, else they would all propose the same first trials.
+    seed = base.seed + inv.finished_before if created else None
+    study.sampler = TPESampler(seed=seed, n_startup_trials=max(3, min(10, opts.trials // 3)))
+    print(f"study {opts.study} ({describe(opts.storage)}), invocation {inv.number}: "
+          f"{'started' if created else 'joined'} parent run {inv.parent_run_id}; budget {inv.target - inv.finished_before} trials"
+          + (f", timeout {opts.timeout:.0f} s" if opts.timeout else "") + f"; worker {worker}", flush=True)
+
+    spent = inv.finished(study) + len(inv.running(study))
+    remaining = inv.target - inv.finished_before - spent
+    timeout = None if opts.timeout is None else max(0.0, inv.started + opts.timeout - time.time())
+    progress = StudyProgress(inv, study, opts.progress)
+    try:
+        if remaining > 0 and (timeout is None or timeout > 0):
+            study.optimize(
+                Objective(trial_base(base), opts.space, data, exp, inv.parent_run_id),
+                n_trials=remaining, timeout=timeout, catch=(TrialFailed,), gc_after_trial=True,
+                callbacks=[budget_callback(inv), progress],
+            )
+    except KeyboardInterrupt:
+        progress.close()
+        if not inv.running(study):
+            parent.end(inv, "KILLED")
+        print(f"\ninterrupted; resume with: reslab tune --study {opts.study} ...")
+        raise
+    progress.close()
+    return finish(study, inv, worker, opts, data, exp)
+
+
+def trial_base(base: TrainConfig) -> TrainConfig:
+    """Trials never see the test split and keep their output to the study's one line each."""
+    return dataclasses.replace(base, evaluate_test=False, progress=False, checkpoint_dir=None)
+
+
+def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneOptions, data, exp: str) -> dict[str, Any]:
+    """Summary and registration, by the last worker of the invocation only."""
+    if opts.heartbeat:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    others = inv.running(study)
+    if others:
+        print(f"{len(others)} trial(s) still running in other workers; the last worker registers the best model")
+        return {"study": study.study_name, "finalized_by": None}
+    key = f"finalized:{inv.parent_run_id}"
+    if study.user_attrs.get(key) or parent.claim(study, key, worker) != worker:
+        return {"study": study.study_name, "finalized_by": study.user_attrs.get(key)}
+    summary = parent.summarize(study, inv)
+    counts = summary["counts"]
+    print(f"study {study.study_name}: {inv.finished(study)} trials this invocation; all trials: "
+          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    registered = None
+    if opts.register and "best_trial" in summary:
+        print(f"best trial {summary['best_trial']}: val_acc {summary['best_value']:.4f} {summary['best_params']}")
+        registered = register_best(study, data, exp, inv.parent_run_id, opts.refit)
+        if registered and not registered.get("already"):
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient()
+            for k in ("name", "version", "alias", "test_acc"):
+                client.set_tag(inv.parent_run_id, f"registered.{k}", str(registered[k]))
+            print(f"test accuracy {registered['test_acc']:.4f}; registered {registered['name']} version "
+                  f"{registered['version']} (alias: {registered['alias']}) from trial {registered['trial']}")
+    parent.end(inv)
+    return {"study": study.study_name, "finalized_by": worker, "summary": summary, "registered": registered,
+            "parent_run_id": inv.parent_run_id}
