@@ -231,6 +231,84 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(p, map_location="cpu", weights_only=True)
 
 
+# --------------------------------------------------------------------------- one training step
+
+
+@dataclass
+class Stepper:
+    """One optimizer step on a prepared batch, with everything it updates. ``fit`` and ``reslab bench``
+    share it, so the benchmark times exactly the step that training runs."""
+
+    model: nn.Module
+    step_fn: Callable[[torch.Tensor], torch.Tensor]  # the model, its DDP wrapper, or their torch.compile
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    ema: torch.optim.swa_utils.AveragedModel | None
+    device: torch.device
+    precision: str
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, loss, backward, optimizer/schedule/EMA update; returns (loss, logits)."""
+        with autocast(self.device, self.precision):
+            logits = self.step_fn(x)
+            loss = self.criterion(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise DivergedError(f"loss became {loss.item()}{where} (lr {self.sched.get_last_lr()[0]:.3g}); try a lower --lr")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss, logits
+
+
+def make_stepper(cfg: TrainConfig, model: nn.Module, total_steps: int, device: torch.device, precision: str,
+                 train_module: nn.Module | None = None) -> Stepper:
+    """Optimiser, schedule, grad scaler (fp16 on CUDA), EMA and loss for ``cfg``; ``train_module``
+    runs the forward pass (a DDP wrapper), else the model itself."""
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(cfg.schedule, s, total_steps, cfg.warmup, cfg.milestones, cfg.gamma)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+    ema = None
+    if cfg.ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
+        )
+    module = model if train_module is None else train_module
+    step_fn = torch.compile(module) if cfg.compile else module
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    return Stepper(model, step_fn, opt, sched, scaler, criterion, ema, device, precision)
+
+
+def make_loader(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, device: torch.device,
+                dctx: distributed.Context = distributed.Context()) -> BatchLoader:
+    """The training loader for ``cfg`` (albumentations ahead in threads when asked; this rank's shard under DDP)."""
+    album = cfg.aug_strength if cfg.augment == "album" else None
+    return BatchLoader(x, y, distributed.per_rank_batch(cfg.batch_size, dctx), shuffle=True,
+                       drop_last=len(x) > cfg.batch_size, seed=cfg.seed, album_strength=album,
+                       workers=cfg.workers, pin_memory=device.type == "cuda", rank=dctx.rank, world_size=dctx.world_size)
+
+
+def batch_augment(cfg: TrainConfig) -> tuple[int, bool]:
+    """(crop padding, flip) of the batched on-device augmentation for a resolved config."""
+    return (cfg.crop_pad if cfg.augment == "crop-flip" else 0), cfg.augment in ("flip", "crop-flip", "album")
+
+
+def prepare_batch(xb: torch.Tensor, yb: torch.Tensor, device: torch.device, mean: torch.Tensor, std: torch.Tensor,
+                  channels_last: bool, crop: int, flip: bool, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader's uint8 NHWC CPU batch -> normalised float batch on the device, crop/flipped as a whole."""
+    xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+    if crop or flip:
+        xb = random_crop_flip(xb, crop, flip, gen)
+    return normalize(xb, mean, std, channels_last), yb
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -279,10 +357,7 @@ def fit(
         train_idx, val_idx = train_idx[rest], train_idx[val]
     x_train, y_train = data.train_x[train_idx], data.train_y[train_idx]
     x_val, y_val = data.train_x[val_idx], data.train_y[val_idx]
-    album = cfg.aug_strength if cfg.augment == "album" else None
-    loader = BatchLoader(x_train, y_train, distributed.per_rank_batch(cfg.batch_size, dctx), shuffle=True,
-                         drop_last=len(x_train) > cfg.batch_size, seed=cfg.seed, album_strength=album,
-                         workers=cfg.workers, pin_memory=device.type == "cuda", rank=dctx.rank, world_size=dctx.world_size)
+    loader = make_loader(cfg, x_train, y_train, device, dctx)
     mean = torch.tensor(data.mean, device=device)
     std = torch.tensor(data.std, device=device)
 
@@ -290,26 +365,15 @@ def fit(
     model = build_model(cfg, data).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, cfg)
     steps_per_epoch = max(1, len(loader))
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = cfg.max_steps
         cfg.epochs = math.ceil(cfg.max_steps / steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(cfg.schedule, s, total_steps, cfg.warmup, cfg.milestones, cfg.gamma)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
-    ema = None
-    if cfg.ema:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
-        )
     train_module = distributed.wrap(model, dctx, device)  # DDP over several ranks, else the model itself
-    step_fn = torch.compile(train_module) if cfg.compile else train_module
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    crop = cfg.crop_pad if cfg.augment == "crop-flip" else 0
-    flip = cfg.augment in ("flip", "crop-flip", "album")
+    stepper = make_stepper(cfg, model, total_steps, device, precision, train_module)
+    opt, sched, scaler, ema = stepper.opt, stepper.sched, stepper.scaler, stepper.ema
+    crop, flip = batch_augment(cfg)
 
     history: list[dict[str, float]] = []
     start_epoch, step, trained_seconds, images_seen = 0, 0, 0.0, 0
@@ -340,25 +404,8 @@ def fit(
         for xb, yb in bar:
             if cfg.max_steps and step >= cfg.max_steps:
                 break
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            if crop or flip:
-                xb = random_crop_flip(xb, crop, flip, gen)
-            x = normalize(xb, mean, std, cfg.channels_last)
-            with autocast(device, precision):
-                logits = step_fn(x)
-                loss = criterion(logits.float(), yb)
-            if not torch.isfinite(loss):
-                raise DivergedError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (lr {sched.get_last_lr()[0]:.3g}); "
-                    "try a lower --lr"
-                )
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if ema is not None:
-                ema.update_parameters(model)
+            x, yb = prepare_batch(xb, yb, device, mean, std, cfg.channels_last, crop, flip, gen)
+            loss, logits = stepper(x, yb, f" at epoch {epoch + 1}, step {step + 1}")
             step += 1
             seen += len(yb)
             loss_sum += loss.detach() * len(yb)
