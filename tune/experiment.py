@@ -32,12 +32,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Sized to finish in under 30 minutes on 2 CPU cores (4 networks, depths 20 and 56).
     "cpu": {"subset": 5000, "epochs": 8, "batch_size": 128, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9,
             "nesterov": False, "weight_decay": 1e-4, "schedule": "step", "milestones": [0.5, 0.75],
-            "augment": "crop-flip", "val_fraction": 0.0},
+            "val_fraction": 0.0},
     # The paper (section 4.2): batch 128, lr 0.1 divided by 10 at 32k and 48k iterations, 64k iterations,
-    # weight decay 1e-4, momentum 0.9, 4-pixel-pad crop + flip, all 50k training images.
+    # weight decay 1e-4, momentum 0.9, all 50k training images. Both presets keep the dataset's default
+    # augmentation (CIFAR-10: 4-pixel-pad random crop + flip, as in the paper).
     "paper": {"max_steps": 64000, "epochs": 0, "batch_size": 128, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9,
               "nesterov": False, "weight_decay": 1e-4, "schedule": "step", "milestones": [32000, 48000],
-              "augment": "crop-flip", "val_fraction": 0.0},
+              "val_fraction": 0.0},
 }
 # Size of the test-split sample the per-epoch curve is measured on (None: the whole split).
 PRESET_CURVE_IMAGES = {"cpu": 2000, "paper": None}
@@ -130,6 +131,11 @@ def cmd_degradation(args: argparse.Namespace) -> None:
     cfg = shared_config(args)
     nets = model_names(args.depths)
     curve_images = args.curve_images if args.curve_images is not None else PRESET_CURVE_IMAGES[args.preset]
+    if args.preset == "paper" and cfg.device in ("auto", "cpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print("reslab: warning: --preset paper trains every network for 64k iterations; meant for a GPU", flush=True)
     run_degradation(cfg, nets, preset=args.preset, curves=args.curves, curve_images=curve_images,
                     test_images=args.test_images, experiment=args.experiment, run_name=args.run_name,
                     log_models=args.log_models, output=args.output)
@@ -207,17 +213,13 @@ def run_degradation(
     import mlflow
 
     from train.data import load_dataset
-    from train.engine import DivergedError, fit, resolve_precision, select_device
-    from train.models import count_parameters
-    from train.tracking import epoch_logger, experiment_id, flat_params, log_fit, run_tags, setup_tracking
+    from train.tracking import experiment_id, flat_params, setup_tracking
 
     setup_tracking()
     data = load_dataset(cfg.dataset, cfg.data, cfg.download, progress=cfg.progress)
     test_x, test_y = sample_split(data.test_x, data.test_y, test_images)
     eval_data = dataclasses.replace(data, test_x=test_x, test_y=test_y)
     curve_x, curve_y = sample_split(data.test_x, data.test_y, curve_images)
-    device = select_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
     budget = describe_budget(cfg, data, curves, len(curve_y), len(test_y))
     print(f"degradation experiment, preset {preset}: {budget}", flush=True)
 
@@ -235,40 +237,12 @@ def run_degradation(
         print(f"MLflow parent run {parent_id} in {mlflow.get_tracking_uri()}", flush=True)
         for i, (family, name, depth) in enumerate(nets, 1):
             print(f"[{i}/{len(nets)}] {name}", flush=True)
-            child_cfg = dataclasses.replace(cfg, model=name)
-            with tempfile.TemporaryDirectory() as ckpt:
-                fit_cfg = dataclasses.replace(child_cfg, checkpoint_dir=ckpt)  # per-epoch weights, for TestCurve
-                callbacks: list[Any] = [epoch_logger, curve_logger]
-                test_curve = None
-                if curves == "test":
-                    test_curve = TestCurve(fit_cfg, data, curve_x, curve_y)
-                    callbacks.append(test_curve)
-                try:
-                    with mlflow.start_run(experiment_id=exp_id, run_name=name, nested=True, parent_run_id=parent_id,
-                                          tags={**run_tags(child_cfg, data, str(device), precision),
-                                                "reslab.experiment": "degradation", "family": family,
-                                                "depth": str(depth)}) as child:
-                        mlflow.log_params({**flat_params(child_cfg), "curves": curves, "curve_images": len(curve_y),
-                                           "test_images": len(test_y)})
-                        result = fit(fit_cfg, eval_data, callbacks)
-                        log_fit(result, eval_data, log_model_=log_models)
-                        row = summarize(family, name, depth, count_parameters(result.model), result, child.info.run_id)
-                        mlflow.log_metrics({"final_train_error": row["train_error"], "test_error": row["test_error"]})
-                except DivergedError as e:
-                    print(f"{name} diverged: {e}", flush=True)
-                    row = {"family": family, "model": name, "depth": depth, "params": None, "iterations": None,
-                           "train_error": float("nan"), "test_error": float("nan"), "train_seconds": None,
-                           "run_id": None, "note": "diverged"}
-                    result = None
+            row, curve = train_child(dataclasses.replace(cfg, model=name), family, depth, data, eval_data,
+                                     (curve_x, curve_y) if curves == "test" else None, exp_id, parent_id,
+                                     {"curves": curves, "curve_images": len(curve_y), "test_images": len(test_y)}, log_models)
             rows.append(row)
-            if result is not None:
-                hist = result.history
-                series[name] = {
-                    "family": family, "depth": depth,
-                    "steps": [int(h["step"]) for h in hist],
-                    "train_error": [1.0 - h["train_acc"] for h in hist],
-                    "heldout_error": test_curve.errors if test_curve else [1.0 - h["val_acc"] for h in hist],
-                }
+            if curve is not None:
+                series[name] = curve
                 print(f"{name}: final train error {row['train_error']:.2%}, test error {row['test_error']:.2%} "
                       f"({row['train_seconds']:.0f} s)", flush=True)
 
@@ -299,6 +273,43 @@ def run_degradation(
           + (f", and written to {output}" if output else ""))
     print(f"compare the runs: reslab compare --tag mlflow.parentRunId={parent_id}")
     return {"parent_run_id": parent_id, "rows": rows, "curves": series, "notes": notes, "budget": budget}
+
+
+def train_child(cfg: TrainConfig, family: str, depth: int, data: Any, eval_data: Any,
+                curve_set: tuple[np.ndarray, np.ndarray] | None, exp_id: str, parent_id: str,
+                extra_params: dict[str, Any], log_models: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One network as a child run of ``parent_id``: (table row, figure series or None if it diverged)."""
+    import mlflow
+
+    from train.engine import DivergedError, fit, resolve_precision, select_device
+    from train.models import count_parameters
+    from train.tracking import epoch_logger, flat_params, log_fit, run_tags
+
+    device = select_device(cfg.device)
+    tags = {**run_tags(cfg, data, str(device), resolve_precision(cfg.precision, device)),
+            "reslab.experiment": "degradation", "family": family, "depth": str(depth)}
+    with tempfile.TemporaryDirectory() as ckpt:
+        fit_cfg = dataclasses.replace(cfg, checkpoint_dir=ckpt)  # per-epoch weights, read by TestCurve
+        test_curve = TestCurve(fit_cfg, data, *curve_set) if curve_set is not None else None
+        try:
+            with mlflow.start_run(experiment_id=exp_id, run_name=cfg.model, nested=True, parent_run_id=parent_id, tags=tags) as child:
+                mlflow.log_params({**flat_params(cfg), **extra_params})
+                result = fit(fit_cfg, eval_data, [epoch_logger, curve_logger] + ([test_curve] if test_curve else []))
+                log_fit(result, eval_data, log_model_=log_models)
+                row = summarize(family, cfg.model, depth, count_parameters(result.model), result, child.info.run_id)
+                mlflow.log_metrics({"final_train_error": row["train_error"], "test_error": row["test_error"]})
+        except DivergedError as e:
+            print(f"{cfg.model} diverged: {e}", flush=True)
+            return {"family": family, "model": cfg.model, "depth": depth, "params": None, "iterations": None,
+                    "train_error": float("nan"), "test_error": float("nan"), "train_seconds": None,
+                    "run_id": None, "note": "diverged"}, None
+    hist = result.history
+    return row, {
+        "family": family, "depth": depth,
+        "steps": [int(h["step"]) for h in hist],
+        "train_error": [1.0 - h["train_acc"] for h in hist],
+        "heldout_error": test_curve.errors if test_curve else [1.0 - h["val_acc"] for h in hist],
+    }
 
 
 def describe_budget(cfg: TrainConfig, data: Any, curves: str, curve_n: int, test_n: int) -> str:
