@@ -1,0 +1,258 @@
+"""``reslab demo``: a Gradio app serving the registered champion models, one tab per dataset."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+from gradio.processing_utils import save_base64_to_cache
+
+from .faces import FaceFinder
+from .inputs import BadImage, decode_image
+from .serving import REGISTERED_NAMES, NoModel, Result, ServedModel, default_uri, find_mlflow_ui, seen_for_display
+
+UPLOAD_LIMIT = "10mb"
+QUEUE_SIZE = 64  # waiting requests beyond this are refused with "queue full" instead of piling up
+BATCH_SIZE = 16  # uploads merged into one forward pass
+
+
+@dataclass
+class Missing:
+    """A dataset tab with no servable model: what to run instead."""
+
+    dataset: str
+    message: str
+
+
+class UploadImage(gr.Image):
+    """``gr.Image`` that hands the raw uploaded file to the app, so that a broken, empty or hostile
+    file gets a readable message from :func:`decode_image` instead of a stack trace in preprocessing.
+    ``is_template`` keeps Gradio's ordinary image widget in the browser."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> str | None:
+        if payload is None:
+            return None
+        if payload.url and payload.url.startswith("data:"):  # pasted or webcam images may come inline
+            return save_base64_to_cache(payload.url, self.GRADIO_CACHE)
+        return payload.path
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_models(specs: list[str] | None) -> list[ServedModel | Missing]:
+    """``--model`` URIs (optionally ``dataset=URI``) plus each other dataset's champion, if registered."""
+    from train.cli import fail
+
+    served: list[ServedModel | Missing] = []
+    replaced: set[str] = set()
+    for spec in specs or []:
+        dataset, _, uri = spec.rpartition("=") if "=" in spec and not spec.startswith("models:") else ("", "", spec)
+        if dataset and dataset not in REGISTERED_NAMES:
+            fail(f"--model {spec}: unknown dataset {dataset!r}; use one of {', '.join(REGISTERED_NAMES)}")
+        try:
+            model = ServedModel(uri)
+        except NoModel as e:
+            fail(f"--model {uri}: {e}")
+        served.append(model)
+        replaced.add(dataset or model.dataset)
+    for dataset in REGISTERED_NAMES:
+        if dataset in replaced:
+            continue
+        try:
+            served.append(ServedModel(default_uri(dataset)))
+        except NoModel as e:
+            served.append(Missing(dataset, str(e)))
+    return served
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def pct(p: float) -> str:
+    return f"{p:.1%}"
+
+
+def describe(model: ServedModel, r: Result, total_ms: float) -> str:
+    """The status panel: answer, per-face table, timings and any conversion notes."""
+    first = r.subjects[0]
+    best = int(first.probs.argmax())
+    what = "largest face" if first.box is not None else "whole image"
+    lines = [f"**{model.classes[best]}** {pct(first.probs[best])} ({what})", ""]
+    if len(r.subjects) > 1:
+        lines += [f"{len(r.subjects)} faces, largest first:", "", "| face | answer | confidence |", "|---|---|---|"]
+        for i, s in enumerate(r.subjects, 1):
+            k = int(s.probs.argmax())
+            lines.append(f"| {i} | {model.classes[k]} | {pct(s.probs[k])} |")
+        lines.append("")
+    lines.append(f"Inference {r.model_ms:.1f} ms (one forward pass over {r.batch} image{'s' * (r.batch > 1)}), "
+                 f"{total_ms:.0f} ms in all.")
+    lines += [f"\n> {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def make_predict(model: ServedModel, finder: FaceFinder | None):
+    """The batched event handler: lists of uploads and toggles in, one list per output component out."""
+
+    def predict(paths: list[str | None], cams: list[bool]) -> tuple[list, list, list, list]:
+        t0 = time.perf_counter()
+        labels: list[Any] = [None] * len(paths)
+        galleries: list[Any] = [[] for _ in paths]
+        annotated: list[Any] = [None] * len(paths)
+        status: list[str] = [""] * len(paths)
+        good, decoded = [], []
+        for i, path in enumerate(paths):
+            if path is None:
+                continue  # a cleared input clears the outputs
+            try:
+                decoded.append(decode_image(path))
+                good.append(i)
+            except BadImage as e:
+                status[i] = f"**Cannot classify this file.** {e}"
+        if good:
+            results = model.classify(decoded, [bool(cams[i]) for i in good], finder)
+            total_ms = (time.perf_counter() - t0) * 1000
+            for i, r in zip(good, results):
+                labels[i] = model.top(r.subjects[0].probs)
+                items = []
+                for n, s in enumerate(r.subjects, 1):
+                    k = int(s.probs.argmax())
+                    who = f"face {n}" if s.box is not None else "input"
+                    items.append((seen_for_display(s.seen), f"{who}: {model.classes[k]} {pct(s.probs[k])}"))
+                    if s.cam is not None:
+                        items.append((seen_for_display(s.seen, s.cam), f"{who}: Grad-CAM for {model.classes[k]}"))
+                galleries[i] = items
+                annotated[i] = r.annotated
+                status[i] = describe(model, r, total_ms)
+        return labels, galleries, annotated, status
+
+    return predict
+
+
+# --------------------------------------------------------------------------- the UI
+
+
+def tab_title(model: ServedModel, all_models: list[ServedModel | Missing]) -> str:
+    same = [m for m in all_models if isinstance(m, ServedModel) and m.dataset == model.dataset]
+    return model.dataset if len(same) == 1 else f"{model.dataset} · {model.card.name or model.uri} v{model.card.version}"
+
+
+def model_tab(model: ServedModel, title: str, finder: FaceFinder, mlflow_ui: str | None, batch_size: int,
+              examples: list[str]) -> None:
+    what = "an emotion per face" if model.faces else "what is in the picture"
+    gr.Markdown(f"Upload, paste{' or take' if model.faces else ''} a picture; the model says {what} "
+                f"({', '.join(model.classes)}).")
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = UploadImage(type="filepath", image_mode=None, label="Image", height=320,
+                                sources=["upload", "clipboard", "webcam"] if model.faces else ["upload", "clipboard"])
+            cam = gr.Checkbox(value=True, label="Grad-CAM: show where the model looked (last residual stage)",
+                              interactive=model.gradcam_ok)
+            if examples:
+                gr.Examples(examples=examples, inputs=image, label=f"{model.dataset} test-split examples",
+                            examples_per_page=12)
+        with gr.Column(scale=1):
+            label = gr.Label(num_top_classes=3, label="Prediction", elem_classes="prediction")
+            status = gr.Markdown(elem_classes="status")
+            seen = gr.Gallery(label="What the model saw" + (" and where it looked" if model.gradcam_ok else ""),
+                              columns=4, height=230, object_fit="contain", allow_preview=True)
+            annotated = gr.Image(label="Faces found", visible=model.faces, interactive=False, height=260)
+    with gr.Accordion("Model card", open=True):
+        gr.Markdown(model.card.markdown(model.config, mlflow_ui))
+    gr.on([image.change, cam.change], make_predict(model, finder if model.faces else None), [image, cam],
+          [label, seen, annotated, status], batch=True, max_batch_size=batch_size,
+          api_name="classify_" + re.sub(r"\W+", "_", title).strip("_"), trigger_mode="always_last")
+
+
+def build_app(entries: list[ServedModel | Missing], mlflow_ui: str | None = None, batch_size: int = BATCH_SIZE,
+              examples: bool = True, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
+    """The Gradio Blocks for ``entries`` (a tab each), with a bounded queue."""
+    from .examples import test_examples
+
+    try:
+        finder: FaceFinder | None = FaceFinder()
+    except RuntimeError as e:
+        print(f"reslab demo: warning: face detection off ({e})", flush=True)
+        finder = None
+    served = [e for e in entries if isinstance(e, ServedModel)]
+    with gr.Blocks(title="reslab demo", analytics_enabled=False) as app:
+        gr.Markdown("# reslab demo\nResNets trained with reslab, served from the MLflow model registry.")
+        if not served:
+            gr.Markdown("## No registered model yet\nRun `make run`, or train one model with "
+                        "`reslab train --dataset cifar10 --register cifar10-resnet`, then start `reslab demo` again.",
+                        elem_id="no-model")
+        with gr.Tabs():
+            for e in entries:
+                if isinstance(e, Missing):
+                    with gr.Tab(e.dataset):
+                        gr.Markdown(f"### No {e.dataset} model registered\n{e.message}", elem_classes="missing")
+                    continue
+                title = tab_title(e, entries)
+                with gr.Tab(title):
+                    model_tab(e, title, finder, mlflow_ui, batch_size, test_examples(e.dataset) if examples else [])
+    app.queue(max_size=queue_size, default_concurrency_limit=1)
+    return app
+
+
+THEME = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           max_file_size: str | int = UPLOAD_LIMIT, block: bool = True) -> gr.Blocks:
+    app.launch(server_name=host, server_port=port, share=share, max_file_size=max_file_size, quiet=True,
+               prevent_thread_lock=True, show_error=True, ssr_mode=False, theme=gr.themes.Default(**THEME))
+    if block:
+        print(f"reslab demo running on {app.local_url}" + (f" and {app.share_url}" if app.share_url else "")
+              + "  (Ctrl+C to stop)", flush=True)
+        try:
+            app.block_thread()
+        except KeyboardInterrupt:
+            pass
+    return app
+
+
+# --------------------------------------------------------------------------- reslab demo
+
+
+def add_demo_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="serve the registered champion models in a web app (Gradio)",
+        description="Start a Gradio app with one tab per dataset whose registered model has the `champion` alias "
+        f"({', '.join(default_uri(d) for d in REGISTERED_NAMES)}): predictions, Grad-CAM, faces, model card.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", action="append", metavar="[DATASET=]URI",
+                   help="serve this model instead of the dataset's champion, e.g. models:/cifar10-resnet/3 or "
+                   "fer2013=models:/fer2013-resnet@challenger (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("--mlflow-ui", metavar="URL", help="MLflow UI to link the model card to "
+                   "(default: http://127.0.0.1:5000 if one answers there, e.g. `reslab ui`)")
+    p.add_argument("--max-file-size", default=UPLOAD_LIMIT, help="largest upload accepted")
+    p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help="requests allowed to wait")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="uploads merged into one forward pass")
+    p.add_argument("--no-examples", dest="examples", action="store_false", help="skip the test-split examples")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from train.tracking import setup_tracking
+
+    uri = setup_tracking()
+    print(f"loading models from {uri} ...", flush=True)
+    entries = load_models(args.model)
+    for e in entries:
+        print(f"  {e.dataset}: " + (e.message.replace("`", "") if isinstance(e, Missing) else
+                                    f"{e.card.name or e.uri} v{e.card.version} ({e.config.get('architecture')})"))
+    app = build_app(entries, find_mlflow_ui(args.mlflow_ui), args.batch_size, args.examples, args.queue_size)
+    launch(app, args.host, args.port, args.share, args.max_file_size)
+

@@ -1,0 +1,45 @@
+"""Clickable example images taken from each dataset's test split (never from its train split)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from train.data import DataError, load_dataset
+
+
+def example_dir() -> Path:
+    """Under the system temp folder, which Gradio serves files from without extra allowed paths."""
+    d = Path(tempfile.gettempdir()) / "reslab-demo-examples"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def test_examples(dataset: str, per_class: int = 1, enlarge: int = 4) -> list[str]:
+    """One test image per class (the first of each, so the set is stable), saved enlarged as PNG.
+    For face datasets a collage of three test faces is added, to show one label per face."""
+    try:
+        data = load_dataset(dataset, progress=False)
+    except (DataError, FileNotFoundError, OSError):
+        return []
+    out_dir = example_dir() / dataset
+    out_dir.mkdir(exist_ok=True)
+    paths = []
+    for c, name in enumerate(data.classes):
+        for j in np.flatnonzero(data.test_y == c)[:per_class]:
+            paths.append(_save(data.test_x[j], out_dir / f"{name}-{j}.png", enlarge))
+    if dataset == "fer2013":
+        picks = [int(np.flatnonzero(data.test_y == c)[0]) for c in range(min(3, data.num_classes))]
+        row = np.concatenate([np.pad(data.test_x[j], ((24, 24), (24, 24), (0, 0)), mode="edge") for j in picks], axis=1)
+        paths.append(_save(row, out_dir / "three-faces.png", enlarge))
+    return paths
+
+
+def _save(img: np.ndarray, path: Path, enlarge: int) -> str:
+    if not path.exists():
+        pil = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img)
+        pil.resize((pil.width * enlarge, pil.height * enlarge), Image.Resampling.LANCZOS).save(path)
+    return str(path)

@@ -1,0 +1,81 @@
+"""Face finding with OpenCV's bundled Haar cascade (no downloaded weights), largest face first.
+
+FER-2013 images are tight 48x48 face crops with a little margin, so each detected box is widened
+by the same kind of margin before it is handed to the emotion model.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+CASCADE = "haarcascade_frontalface_default.xml"
+DETECT_MAX_SIDE = 1024  # detect on a copy no larger than this (Haar cost grows with the pixel count)
+DETECT_MIN_SIDE = 256  # small inputs (e.g. a 48x48 FER crop) are upscaled so a face fits the detector
+
+
+@dataclass(frozen=True)
+class Box:
+    x: int
+    y: int
+    w: int
+    h: int
+
+    @property
+    def area(self) -> int:
+        return self.w * self.h
+
+
+class FaceFinder:
+    """Thread-safe wrapper around one cascade (OpenCV classifiers are not re-entrant)."""
+
+    def __init__(self, margin: float = 0.15, min_face_fraction: float = 0.04) -> None:
+        if not hasattr(cv2, "CascadeClassifier"):  # OpenCV 5 moved the cascades out of the main package
+            raise RuntimeError(f"OpenCV {cv2.__version__} has no Haar cascades; install opencv-python-headless<5")
+        path = cv2.data.haarcascades + CASCADE
+        self.cascade = cv2.CascadeClassifier(path)
+        if self.cascade.empty():
+            raise RuntimeError(f"OpenCV's Haar cascade {path} could not be loaded")
+        self.margin = margin
+        self.min_face_fraction = min_face_fraction
+        self._lock = threading.Lock()
+
+    def detect(self, rgb: np.ndarray) -> list[Box]:
+        """Face boxes in ``rgb``'s pixel coordinates, widened by the margin, largest first."""
+        h, w = rgb.shape[:2]
+        scale = min(DETECT_MAX_SIDE / max(h, w), max(1.0, DETECT_MIN_SIDE / min(h, w)))
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        if scale != 1.0:
+            gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))),
+                              interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        gray = cv2.equalizeHist(gray)
+        side = max(24, int(min(gray.shape) * self.min_face_fraction))
+        with self._lock:
+            found = self.cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(side, side))
+        boxes = []
+        for fx, fy, fw, fh in (found if len(found) else []):
+            m = self.margin
+            x0, y0 = (fx - m * fw) / scale, (fy - m * fh) / scale
+            x1, y1 = (fx + fw * (1 + m)) / scale, (fy + fh * (1 + m)) / scale
+            x0, y0, x1, y1 = max(0, int(x0)), max(0, int(y0)), min(w, int(round(x1))), min(h, int(round(y1)))
+            boxes.append(Box(x0, y0, x1 - x0, y1 - y0))
+        return sorted(boxes, key=lambda b: b.area, reverse=True)
+
+
+def crop(rgb: np.ndarray, box: Box) -> np.ndarray:
+    return rgb[box.y : box.y + box.h, box.x : box.x + box.w]
+
+
+def draw_boxes(rgb: np.ndarray, boxes: list[Box], labels: list[str]) -> np.ndarray:
+    """The input with numbered boxes, so the per-face answers can be matched to faces."""
+    out = rgb.copy()
+    thick = max(2, round(max(rgb.shape[:2]) / 300))
+    for i, (b, text) in enumerate(zip(boxes, labels), 1):
+        cv2.rectangle(out, (b.x, b.y), (b.x + b.w, b.y + b.h), (255, 200, 0), thick)
+        scale = max(0.5, b.w / 180)
+        cv2.putText(out, f"{i}: {text}", (b.x, max(15, b.y - 6)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 200, 0),
+                    max(1, thick - 1), cv2.LINE_AA)
+    return out

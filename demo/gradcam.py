@@ -1,0 +1,55 @@
+"""Grad-CAM (Selvaraju et al. 2017) on the last residual stage: where the network looked.
+
+It needs the network as an ``nn.Module`` with gradients, which the exported pt2 graph is not, so
+the demo rebuilds the module from the logged safetensors weights (``train.tracking.rebuild_module``).
+Every reslab model exposes ``features(x)`` and computes ``forward`` through it; the feature map is
+captured by wrapping that method on the instance for one call.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_lock = threading.Lock()  # the instance-level wrap below must not interleave between threads
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = None) -> np.ndarray:
+    """Heatmaps in [0, 1], shape (N, H, W) at the input's resolution, for class ``target``
+    (default: each image's predicted class)."""
+    captured: dict[str, torch.Tensor] = {}
+    original = model.features
+
+    def features(inp: torch.Tensor) -> torch.Tensor:
+        fmap = original(inp)
+        fmap.retain_grad()
+        captured["fmap"] = fmap
+        return fmap
+
+    with _lock, torch.enable_grad():
+        model.features = features  # type: ignore[method-assign]
+        try:
+            logits = model(x.detach().requires_grad_(True))
+        finally:
+            del model.features
+        target = logits.argmax(1) if target is None else target
+        logits.gather(1, target.view(-1, 1)).sum().backward()
+    fmap, grad = captured["fmap"].detach(), captured["fmap"].grad
+    weights = grad.mean(dim=(2, 3), keepdim=True)  # global-average-pooled gradients per channel
+    cam = F.relu((weights * fmap).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    flat = cam.flatten(1)
+    lo, hi = flat.min(1).values.view(-1, 1, 1), flat.max(1).values.view(-1, 1, 1)
+    return ((cam - lo) / (hi - lo).clamp_min(1e-8)).numpy()
+
+
+def overlay(rgb: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a JET-coloured heatmap over ``rgb`` (resized to the image)."""
+    heat = cv2.resize(cam.astype(np.float32), (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_CUBIC)
+    colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)[..., ::-1]
+    return np.uint8(np.clip((1 - alpha) * rgb + alpha * colour, 0, 255))

@@ -1,0 +1,103 @@
+"""Turn whatever a user uploads into an 8-bit RGB array, or a one-line reason why not.
+
+Uploads are untrusted: empty, truncated, not images at all, enormous, tiny, 16-bit, palette,
+transparent or animated. Each case gets a message the UI can show instead of a traceback, and the
+conversions that change the picture (first frame of a GIF, transparency flattened) are reported.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Refuse to decode more than this: 40 MP is a large phone photo; a 10000x10000 upload would need
+# 300 MB of RGB just to be shrunk to 32x32 pixels.
+MAX_PIXELS = 40_000_000
+# Smaller than this and there is nothing to classify (the models see 32x32 or 48x48 pixels).
+MIN_SIDE = 8
+
+
+class BadImage(ValueError):
+    """The upload cannot be classified; the message is shown to the user as is."""
+
+
+@dataclass
+class Decoded:
+    rgb: np.ndarray  # (H, W, 3) uint8
+    notes: list[str] = field(default_factory=list)  # conversions the user should know about
+    source_size: tuple[int, int] = (0, 0)  # (width, height) as uploaded
+    mode: str = ""
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """Scale 16/32-bit integer and float images to 0..255 by their real range (PIL's convert clips)."""
+    arr = np.asarray(im)
+    if im.mode.startswith("I;16") or (arr.dtype == np.uint16):
+        arr = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+    else:  # "I" (int32) or "F": stretch the actual range
+        arr = arr.astype(np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
+        arr = np.nan_to_num(arr).round().astype(np.uint8)
+    return Image.fromarray(arr, mode="L")
+
+
+def decode_image(path: str | Path | None) -> Decoded:
+    """Open ``path`` defensively; raise :class:`BadImage` with a user-facing reason on failure."""
+    if path is None:
+        raise BadImage("No image given: upload a photo, paste one, or click an example.")
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError:
+        raise BadImage("The upload did not arrive; please try again.") from None
+    if size == 0:
+        raise BadImage("The file is empty (0 bytes); upload a PNG, JPEG, WebP, GIF or BMP image.")
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # own limit below
+            im = Image.open(p)
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise BadImage(
+                    f"The image is {w}x{h} pixels ({w * h / 1e6:.0f} MP); the limit is {MAX_PIXELS / 1e6:.0f} MP. "
+                    "Please upload a smaller image."
+                )
+            if min(w, h) < MIN_SIDE:
+                raise BadImage(f"The image is only {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed to classify it.")
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1:
+                im.seek(0)
+                notes.append(f"Animated image with {frames} frames: classified the first frame.")
+            im.load()
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("This file is not an image Pillow can read; upload a PNG, JPEG, WebP, GIF or BMP image.") from None
+    except Image.DecompressionBombError:
+        raise BadImage(f"The image is too large to decode safely (limit {MAX_PIXELS / 1e6:.0f} MP).") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(f"The image file is truncated or corrupt ({str(e).splitlines()[0][:80]}).") from None
+    mode = im.mode
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # broken EXIF must not stop a readable image
+        pass
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        notes.append(f"{'16' if im.mode.startswith('I;16') else '32'}-bit image scaled to 8 bits.")
+        im = _to_8bit(im)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "RGBa"):
+        rgba = im.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:
+            notes.append("Transparent areas were flattened onto white.")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return Decoded(rgb=rgb, notes=notes, source_size=(w, h), mode=mode)

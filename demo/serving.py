@@ -1,0 +1,284 @@
+"""Registered models in, probabilities out: loading through MLflow, preprocessing from the model's
+own logged metadata, batched inference, faces and Grad-CAM.
+
+Nothing about a dataset's input format lives here: image size, channels, mean/std and class names
+are read from the ``model_config.json`` logged beside each pt2 model (or the MLmodel metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from train.augment import normalize
+from train.tracking import load_model, rebuild_module
+
+from .faces import Box, FaceFinder, crop, draw_boxes
+from .gradcam import grad_cam, overlay
+from .inputs import Decoded
+
+# The registry names `reslab tune` / `reslab train --register` use, one per dataset.
+REGISTERED_NAMES = {"cifar10": "cifar10-resnet", "fer2013": "fer2013-resnet"}
+DEFAULT_ALIAS = "champion"
+FACE_DATASETS = {"fer2013"}  # datasets whose pictures are faces: find them before classifying
+HYPERPARAMS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "augment",
+               "label_smoothing", "ema", "subset")
+
+
+class NoModel(LookupError):
+    """No registered model behind a URI; the message says which command makes one."""
+
+
+def default_uri(dataset: str) -> str:
+    return f"models:/{REGISTERED_NAMES[dataset]}@{DEFAULT_ALIAS}"
+
+
+def train_command(dataset: str) -> str:
+    return f"reslab train --dataset {dataset} --register {REGISTERED_NAMES.get(dataset, dataset + '-resnet')}"
+
+
+def missing_message(uri: str, dataset: str | None) -> str:
+    how = f"`{train_command(dataset)}`" if dataset else "`reslab train --dataset cifar10 --register cifar10-resnet`"
+    return (f"No model at `{uri}` yet. Run `make run` (tunes and registers both datasets' champions) or {how}, "
+            "then start `reslab demo` again.")
+
+
+# --------------------------------------------------------------------------- the model card
+
+
+@dataclass
+class ModelCard:
+    uri: str
+    name: str = ""
+    version: str = ""
+    aliases: list[str] = field(default_factory=list)
+    val_acc: float | None = None
+    test_acc: float | None = None
+    run_id: str = ""
+    experiment_id: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+
+    def markdown(self, config: dict[str, Any], mlflow_ui: str | None) -> str:
+        def pct(v: float | None) -> str:
+            return "n/a" if v is None or not np.isfinite(v) else f"{v:.2%}"
+
+        title = f"{self.name} v{self.version}" if self.name else self.uri
+        lines = [f"### {title}", "",
+                 "| | |", "|---|---|",
+                 f"| registered name | `{self.name or '-'}` |",
+                 f"| version | {self.version or '-'} |",
+                 f"| alias | {', '.join(f'`{a}`' for a in self.aliases) or '-'} |",
+                 f"| validation accuracy | {pct(self.val_acc)} |",
+                 f"| test accuracy | {pct(self.test_acc)} |",
+                 f"| architecture | `{config.get('architecture', '?')}` {json.dumps(config.get('model_args') or {})} |",
+                 f"| input | {config['image_size']}x{config['image_size']} px, {config['channels']} channel(s), "
+                 f"{len(config['classes'])} classes |"]
+        hp = [f"{k}={self.params[k]}" for k in HYPERPARAMS if self.params.get(k) not in (None, "", "None")]
+        if hp:
+            lines.append(f"| hyperparameters | {', '.join(hp)} |")
+        run = f"`{self.run_id}`" if self.run_id else "-"
+        if mlflow_ui and self.run_id:
+            run += f" ([open run in MLflow]({mlflow_ui}/#/experiments/{self.experiment_id}/runs/{self.run_id}))"
+        lines.append(f"| training run | {run} |")
+        if mlflow_ui and self.name:
+            lines.append(f"| registry | [{self.name} v{self.version} in MLflow]({mlflow_ui}/#/models/{self.name}/versions/{self.version}) |")
+        lines.append(f"| model URI | `{self.uri}` |")
+        return "\n".join(lines)
+
+
+def _float(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_card(uri: str) -> ModelCard:
+    """Registry facts about ``uri`` (models:/name@alias or models:/name/version), plus its run."""
+    client = MlflowClient()
+    card = ModelCard(uri)
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
+    if m:
+        name, alias, version = m.groups()
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        card.name, card.version, card.run_id = mv.name, str(mv.version), mv.run_id or ""
+        card.aliases = list(getattr(mv, "aliases", []) or ([alias] if alias else []))
+        card.val_acc, card.test_acc = _float(mv.tags.get("val_acc")), _float(mv.tags.get("test_acc"))
+    elif uri.startswith("runs:/"):
+        card.run_id = uri.split("/")[1]
+    if card.run_id:
+        try:
+            run = client.get_run(card.run_id)
+            card.experiment_id = run.info.experiment_id
+            card.params = dict(run.data.params)
+            metrics = run.data.metrics
+            card.val_acc = card.val_acc if card.val_acc is not None else metrics.get("final_val_acc")
+            card.test_acc = card.test_acc if card.test_acc is not None else metrics.get("test_acc")
+        except MlflowException:
+            pass
+    return card
+
+
+def find_mlflow_ui(url: str | None = None, timeout: float = 0.5) -> str | None:
+    """The MLflow UI to link to: the one given, else one answering on 127.0.0.1:5000 (``reslab ui``)."""
+    if url:
+        return url.rstrip("/")
+    probe = "http://127.0.0.1:5000"
+    try:
+        with urllib.request.urlopen(probe + "/health", timeout=timeout) as r:
+            return probe if r.status == 200 else None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- the served model
+
+
+@dataclass
+class Subject:
+    """One thing the model classified: a face, or the whole image."""
+
+    seen: np.ndarray  # the model's input as uint8 (S, S, C): exactly what it saw
+    box: Box | None
+    probs: np.ndarray
+    cam: np.ndarray | None = None  # Grad-CAM heatmap (S, S) in [0, 1]
+
+
+@dataclass
+class Result:
+    subjects: list[Subject]
+    notes: list[str]
+    model_ms: float  # forward pass of the whole batch this image was part of
+    batch: int  # images (crops) in that forward pass
+    annotated: np.ndarray | None = None  # the input with numbered face boxes
+
+
+class ServedModel:
+    """A registered model ready to serve: the pt2 graph for predictions, the rebuilt module for Grad-CAM."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(uri))
+        except MlflowException as e:
+            raise NoModel(missing_message(uri, _dataset_of(uri))) from e
+        self.net = load_model(str(local))
+        self.module: nn.Module | None = None
+        if (local / "extra_files" / "model_config.json").exists():
+            self.module, self.config = rebuild_module(str(local))
+        else:  # an older model without safetensors: predictions only, preprocessing from MLmodel
+            self.config = dict(mlflow.models.Model.load(str(local)).metadata or {})
+        missing = [k for k in ("classes", "image_size", "channels", "mean", "std") if k not in self.config]
+        if missing:
+            raise ValueError(f"{uri} has no preprocessing metadata ({', '.join(missing)}); re-log it with `reslab train`")
+        self.classes: list[str] = list(self.config["classes"])
+        self.image_size = int(self.config["image_size"])
+        self.channels = int(self.config["channels"])
+        self.mean = torch.tensor(self.config["mean"], dtype=torch.float32)
+        self.std = torch.tensor(self.config["std"], dtype=torch.float32)
+        self.dataset: str = self.config.get("dataset", "")
+        self.card = read_card(uri)
+        self.gradcam_ok = self.module is not None and self._module_matches_graph()
+
+    def _module_matches_graph(self) -> bool:
+        """The rebuilt module must compute what the served graph computes, or its heatmaps would lie."""
+        x = torch.randn(2, self.channels, self.image_size, self.image_size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return bool(torch.allclose(self.net(x), self.module(x), atol=1e-3, rtol=1e-3))
+
+    @property
+    def faces(self) -> bool:
+        return self.dataset in FACE_DATASETS
+
+    def to_model_input(self, rgb: np.ndarray) -> np.ndarray:
+        """Centre square, resized to the model's size, in its channel count: uint8 (S, S, C)."""
+        h, w = rgb.shape[:2]
+        s = min(h, w)
+        sq = rgb[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+        size = self.image_size
+        out = cv2.resize(sq, (size, size), interpolation=cv2.INTER_AREA if s > size else cv2.INTER_LINEAR)
+        if self.channels == 1:
+            return cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)[..., None]
+        return out
+
+    def tensor(self, seen: list[np.ndarray]) -> torch.Tensor:
+        return normalize(torch.from_numpy(np.stack(seen)), self.mean, self.std, channels_last=False)
+
+    @torch.no_grad()
+    def probabilities(self, seen: list[np.ndarray]) -> np.ndarray:
+        """Softmax over classes for model-input crops, in one forward pass of the pt2 graph."""
+        return torch.softmax(self.net(self.tensor(seen)).float(), 1).numpy()
+
+    def classify(self, images: list[Decoded], cams: list[bool], finder: FaceFinder | None = None) -> list[Result]:
+        """Classify a batch of decoded uploads: every face (or whole image) of every upload goes
+        through the network in one forward pass; Grad-CAM runs on those that asked for it."""
+        per_image: list[tuple[list[Box | None], list[np.ndarray], list[str]]] = []
+        for img in images:
+            notes = list(img.notes)
+            boxes: list[Box | None] = []
+            if self.faces and finder is None:
+                notes.append("Face detection is unavailable on this server: classified the whole image.")
+            elif self.faces:
+                boxes = list(finder.detect(img.rgb))
+                if not boxes:
+                    notes.append("No face found: classified the whole image.")
+            if not boxes:
+                boxes = [None]
+            seen = [self.to_model_input(img.rgb if b is None else crop(img.rgb, b)) for b in boxes]
+            per_image.append((boxes, seen, notes))
+        flat = [s for _, seen, _ in per_image for s in seen]
+        t0 = time.perf_counter()
+        probs = self.probabilities(flat)
+        model_ms = (time.perf_counter() - t0) * 1000
+        idx = [k for k, owner in enumerate(_owners(per_image)) if cams[owner]]
+        heat: dict[int, np.ndarray] = {}
+        if self.gradcam_ok and idx:
+            maps = grad_cam(self.module, self.tensor([flat[k] for k in idx]),
+                            torch.from_numpy(probs[idx].argmax(1)))
+            heat = dict(zip(idx, maps))
+        results, k = [], 0
+        for img, (boxes, seen, notes) in zip(images, per_image):
+            subjects = []
+            for b, s in zip(boxes, seen):
+                subjects.append(Subject(s, b, probs[k], heat.get(k)))
+                k += 1
+            if any(cams) and not self.gradcam_ok:
+                notes.append("Grad-CAM is unavailable for this model (no safetensors weights logged with it).")
+            annotated = None
+            if subjects[0].box is not None:
+                annotated = draw_boxes(img.rgb, [s.box for s in subjects], [self.classes[int(s.probs.argmax())] for s in subjects])
+            results.append(Result(subjects, notes, model_ms, len(flat), annotated))
+        return results
+
+    def top(self, probs: np.ndarray) -> dict[str, float]:
+        return {c: float(p) for c, p in zip(self.classes, probs)}
+
+
+def _owners(per_image: list[tuple[list, list, list]]) -> list[int]:
+    """For each crop in the flattened batch, the index of the upload it came from."""
+    return [i for i, (_, seen, _) in enumerate(per_image) for _ in seen]
+
+
+def _dataset_of(uri: str) -> str | None:
+    return next((d for d, n in REGISTERED_NAMES.items() if f"models:/{n}@" in uri or f"models:/{n}/" in uri), None)
+
+
+def seen_for_display(seen: np.ndarray, heat: np.ndarray | None = None, size: int = 192) -> np.ndarray:
+    """The model's input enlarged (nearest neighbour keeps its real pixels visible), optionally with Grad-CAM."""
+    rgb = np.repeat(seen, 3, axis=2) if seen.shape[2] == 1 else seen
+    big = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_NEAREST)
+    return overlay(big, heat) if heat is not None else big
