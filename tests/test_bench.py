@@ -1,0 +1,75 @@
+"""`reslab bench` end to end at a tiny size: the table, the JSON, and that every pipeline really trained.
+
+No timing assertions: the throughput targets are checked by running the benchmark, not in the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from train.cli import main
+
+PIPELINES = ("ceiling", "reslab", "conventional")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    args = ["bench", "--dataset", "cifar10", "--data", str(data_dir), "--batch-size", "16", "--steps", "2",
+            "--rounds", "2", "--warmup", "1", "--settle", "1", "--loader-workers", "1", "--eval-images", "64",
+            "--latency-calls", "5", "--out", str(out), "--no-progress"]
+    return args, out
+
+
+def test_bench_table_and_json(bench_run, capsys):
+    args, out = bench_run
+    main(args)
+    table = capsys.readouterr().out
+    res = json.loads(out.read_text())
+
+    # the table: one row per pipeline with its images/s, the two ratios, and the serving numbers
+    rows = {m[1]: m for m in re.finditer(r"^(ceiling|reslab|conventional) +([0-9.]+) +([0-9.]+)x ", table, re.M)}
+    assert set(rows) == set(PIPELINES)
+    for name, m in rows.items():
+        assert float(m[2]) == pytest.approx(res["pipelines"][name]["images_per_sec"], abs=0.05)
+    assert "reslab / ceiling" in table and "reslab / conventional" in table
+    assert "p50" in table and "p95" in table
+
+    # the JSON: same model, batch and (for ceiling and reslab) precision; what the conventional way uses
+    assert (res["dataset"], res["model"], res["batch_size"]) == ("cifar10", "resnet20", 16)
+    p = res["pipelines"]
+    assert p["ceiling"]["precision"] == p["reslab"]["precision"] == res["precision"]
+    assert (p["conventional"]["precision"], p["conventional"]["memory_format"]) == ("fp32", "NCHW")
+    assert p["conventional"]["extracted_images"] >= 16 * 2
+    for name in PIPELINES:
+        r = p[name]
+        # warm-up 1 + 2 rounds x (settle 1 + 1 timed step) = 5 real optimizer steps each
+        assert r["steps"] == 5 and r["images"] == 5 * 16
+        assert len(r["windows_images_per_sec"]) == 2 and all(w > 0 for w in r["windows_images_per_sec"])
+        assert r["loss_finite"] and math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])
+        assert r["params_changed"], f"{name} did not update its model"
+    ratios = res["ratios"]
+    assert ratios["reslab_over_ceiling"] == pytest.approx(p["reslab"]["images_per_sec"] / p["ceiling"]["images_per_sec"])
+    assert ratios["reslab_over_conventional"] == pytest.approx(p["reslab"]["images_per_sec"] / p["conventional"]["images_per_sec"])
+
+    # serving: a model really logged to (and loaded back from) a temporary MLflow store
+    s = res["serving"]
+    assert s["model_store"] == "temporary" and s["model_uri"].startswith("models:/")
+    assert s["eval_images"] == 64 and s["served_eval_images_per_sec"] > 0 and s["engine_eval_images_per_sec"] > 0
+    assert 0 <= s["served_eval_accuracy"] <= 1
+    assert s["latency_calls"] == 5 and 0 < s["latency_ms_p50"] <= s["latency_ms_p95"]
+    assert res["machine"]["cores"] >= 1 and res["machine"]["torch_threads"] >= 1
+
+
+def test_bench_rejects_bad_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--steps", "1", "--rounds", "3"])
+    assert e.value.code == 2
+    assert "--steps 1 must be at least --rounds 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--pipelines", "ceiling", "magic"])
+    assert "unknown pipeline(s) magic" in capsys.readouterr().err

@@ -1,0 +1,450 @@
+"""``reslab bench``: training images/s of reslab's pipeline against its ceiling and against the usual way.
+
+Three pipelines train the same model at the same batch size, in one process and one run:
+
+- ceiling: the engine's training step alone, on random tensors already in memory;
+- reslab: the real pipeline: :func:`train.engine.make_loader` (cached uint8 data, the dataset's default
+  augmentation), :func:`train.engine.prepare_batch` and the engine's :class:`~train.engine.Stepper`
+  (bf16 autocast + channels_last where available), i.e. exactly what ``fit`` runs per batch;
+- conventional: what most PyTorch CIFAR tutorials do: torchvision ``ImageFolder`` over image files
+  extracted from the zip, PIL transforms, a ``DataLoader`` with worker processes, fp32, NCHW.
+
+The machine is shared and its load drifts, so the pipelines are measured in alternating short windows
+(rounds), each window after a few untimed steps that bring the pipeline's prefetch queues to a steady
+state, and the median window is reported. The benchmark also logs the trained model to MLflow (a
+temporary store unless ``--model-uri`` names one) and measures evaluation images/s and single-image
+inference latency of the logged model as a server would load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .cli import fail
+from .config import TrainConfig
+from .data import DATASETS, ImageData, load_dataset, resolve_source, split_validation
+from .engine import (
+    batch_augment,
+    build_model,
+    cpu_supports_bf16,
+    evaluate,
+    make_loader,
+    make_stepper,
+    prepare_batch,
+    resolve_precision,
+    select_device,
+)
+
+PIPELINES = ("ceiling", "reslab", "conventional")
+
+
+@dataclass
+class Pipeline:
+    """A training pipeline reduced to ``step()``: fetch one batch, train on it, return the loss."""
+
+    name: str
+    description: str
+    precision: str
+    memory_format: str
+    model: nn.Module
+    step: Callable[[], float]
+    close: Callable[[], None] = lambda: None
+    windows: list[float] = field(default_factory=list)  # images/s of each timed window
+    losses: list[float] = field(default_factory=list)
+
+    def result(self, batch_size: int) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "precision": self.precision,
+            "memory_format": self.memory_format,
+            "images_per_sec": statistics.median(self.windows) if self.windows else float("nan"),
+            "windows_images_per_sec": [round(w, 2) for w in self.windows],
+            "steps": len(self.losses),
+            "images": len(self.losses) * batch_size,
+            "first_loss": self.losses[0] if self.losses else float("nan"),
+            "last_loss": self.losses[-1] if self.losses else float("nan"),
+        }
+
+
+def _bench_config(args: argparse.Namespace) -> TrainConfig:
+    """The dataset's default training configuration, with the benchmark's overrides."""
+    over = {k: v for k, v in {"dataset": args.dataset, "data": args.data, "model": args.model, "batch_size": args.batch_size,
+                               "device": args.device, "precision": args.precision, "workers": args.workers}.items()
+            if v is not None}
+    if args.augment:
+        over["augment"] = args.augment
+    return TrainConfig(**over, progress=False).resolved()
+
+
+def _cycle_epochs(epoch_iter: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
+    """Batches of epoch 0, 1, 2, ... without end (the benchmark may outlast one epoch)."""
+    for epoch in itertools.count():
+        yield from epoch_iter(epoch)
+
+
+def _to_float(t: torch.Tensor) -> float:
+    return float(t.detach().float().cpu())
+
+
+# --------------------------------------------------------------------------- the three pipelines
+
+
+def ceiling_pipeline(cfg: TrainConfig, data: ImageData, device: torch.device, precision: str, total: int) -> Pipeline:
+    """The engine's step alone: a fixed random batch, already normalised, on the device."""
+    model = build_model(cfg, data).to(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    stepper = make_stepper(cfg, model, total, device, precision)
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.batch_size, data.channels, data.image_size, data.image_size, generator=g)
+    x = x.to(device).contiguous(memory_format=fmt)
+    y = torch.randint(0, data.num_classes, (cfg.batch_size,), generator=g).to(device)
+    model.train()
+    return Pipeline("ceiling", "engine step on random in-memory tensors (no loading, no augmentation)", precision,
+                    "channels_last" if cfg.channels_last else "NCHW", model, lambda: _to_float(stepper(x, y)[0]))
+
+
+def reslab_pipeline(cfg: TrainConfig, data: ImageData, device: torch.device, precision: str, total: int) -> Pipeline:
+    """What ``fit`` runs per batch: BatchLoader -> prepare_batch (crop/flip, normalise) -> Stepper."""
+    rest, _ = split_validation(data.train_y, cfg.val_fraction, seed=0) if cfg.val_fraction > 0 else (np.arange(len(data.train_y)), None)
+    x_train, y_train = data.train_x[rest], data.train_y[rest]
+    loader = make_loader(cfg, x_train, y_train, device)
+    mean = torch.tensor(data.mean, device=device)
+    std = torch.tensor(data.std, device=device)
+    model = build_model(cfg, data).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    stepper = make_stepper(cfg, model, total, device, precision)
+    crop, flip = batch_augment(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = _cycle_epochs(loader.epoch)
+    model.train()
+
+    def step() -> float:
+        xb, yb = next(batches)
+        x, y = prepare_batch(xb, yb, device, mean, std, cfg.channels_last, crop, flip, gen)
+        return _to_float(stepper(x, y)[0])
+
+    aug = {"crop-flip": f"crop(pad {cfg.crop_pad})+flip, batched", "flip": "flip, batched", "none": "none",
+           "album": f"albumentations in {cfg.workers} thread(s) + flip, batched"}[cfg.augment]
+    return Pipeline("reslab", f"BatchLoader (uint8 in memory), {aug}", precision,
+                    "channels_last" if cfg.channels_last else "NCHW", model, step, batches.close)
+
+
+def extract_images(zip_path: Path, dest: Path, per_class: int) -> int:
+    """Extract ``per_class`` train images of every class from a dataset zip into ``dest/train``."""
+    with zipfile.ZipFile(zip_path) as zf:
+        by_class: dict[str, list[str]] = {}
+        for name in zf.namelist():
+            parts = name.split("/")
+            if len(parts) >= 3 and parts[-3] == "train" and not name.endswith("/"):
+                by_class.setdefault(parts[-2], []).append(name)
+        if not by_class:
+            raise ValueError(f"{zip_path}: no train/<class>/<image> members")
+        chosen = [n for members in by_class.values() for n in members[:per_class]]
+        for name in chosen:
+            target = dest / "train" / Path(name).parent.name / Path(name).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(zf.read(name))
+    return len(chosen)
+
+
+def conventional_pipeline(cfg: TrainConfig, data: ImageData, device: torch.device, folder: Path, workers: int) -> Pipeline:
+    """The tutorial way: ImageFolder + PIL transforms + DataLoader workers, fp32, NCHW."""
+    from torchvision import datasets, transforms
+
+    size = data.image_size
+    tfs: list[Any] = [transforms.Grayscale(1)] if data.channels == 1 else []
+    tfs += [transforms.RandomCrop(size, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            transforms.Normalize(data.mean, data.std)]
+    ds = datasets.ImageFolder(str(folder / "train"), transform=transforms.Compose(tfs))
+    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                                     persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    model = build_model(cfg, data).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=cfg.nesterov)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    batches = _cycle_epochs(lambda _epoch: iter(dl))
+    model.train()
+
+    def step() -> float:
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = criterion(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    def close() -> None:
+        batches.close()
+        if getattr(dl, "_iterator", None) is not None:
+            dl._iterator._shutdown_workers()  # persistent workers otherwise outlive the benchmark
+
+    return Pipeline("conventional", f"ImageFolder + PIL transforms + DataLoader({workers} worker processes)", "fp32",
+                    "NCHW", model, step, close)
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def measure(pipes: list[Pipeline], batch_size: int, steps: int, rounds: int, warmup: int, settle: int,
+            progress: bool = True) -> None:
+    """Warm each pipeline up, then alternate timed windows of ``steps // rounds`` steps between them
+    (the order rotates each round); ``settle`` untimed steps start every window."""
+    per_window = max(1, steps // rounds)
+    total = len(pipes) * (warmup + rounds * (settle + per_window))
+    bar = tqdm(total=total, desc="benchmark", unit="step", disable=not progress, leave=False)
+    for p in pipes:
+        for _ in range(warmup):
+            p.losses.append(p.step())
+            bar.update()
+    for r in range(rounds):
+        order = pipes[r % len(pipes):] + pipes[: r % len(pipes)]
+        for p in order:
+            bar.set_postfix_str(p.name)
+            for _ in range(settle):
+                p.losses.append(p.step())
+                bar.update()
+            t0 = time.perf_counter()
+            for _ in range(per_window):
+                p.losses.append(p.step())
+                bar.update()
+            p.windows.append(per_window * batch_size / (time.perf_counter() - t0))
+    bar.close()
+
+
+def _prep(x_uint8: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Serving-side preprocessing: uint8 NHWC -> normalised float32 NCHW (what the logged model takes)."""
+    x = torch.from_numpy(x_uint8).permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, device: torch.device, precision: str,
+                    model_uri: str | None, eval_images: int, latency_calls: int) -> dict[str, Any]:
+    """Evaluation images/s (engine path, and the logged model) and single-image latency of the logged model."""
+    from .tracking import load_model, log_model, setup_tracking
+
+    n = min(eval_images, len(data.test_y))
+    x, y = data.test_x[:n], data.test_y[:n]
+    mean, std = torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
+    evaluate(model, x[:64], y[:64], device, precision, mean, std, cfg.channels_last)  # warm-up
+    engine_eval = evaluate(model, x, y, device, precision, mean, std, cfg.channels_last)
+    out: dict[str, Any] = {"eval_images": n, "engine_eval_images_per_sec": engine_eval.images_per_sec,
+                           "engine_eval_precision": precision}
+    with contextlib.ExitStack() as stack:
+        if model_uri is None:  # log the benchmark's model to a throw-away store, as `reslab train` would
+            import mlflow
+
+            previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reslab-bench-")))
+            setup_tracking(f"sqlite:///{tmp / 'mlflow.db'}")
+            stack.callback(lambda: mlflow.set_tracking_uri(previous) if previous else None)
+            exp = mlflow.create_experiment("bench", artifact_location=(tmp / "artifacts").as_uri())
+            with mlflow.start_run(experiment_id=exp):
+                t0 = time.perf_counter()
+                model_uri = log_model(model, cfg, data).model_uri
+                out["log_model_seconds"] = time.perf_counter() - t0
+            out["model_store"] = "temporary"
+        else:
+            out["model_store"] = "given"
+        out["model_uri"] = model_uri
+        t0 = time.perf_counter()
+        served = load_model(model_uri)
+        out["load_model_seconds"] = time.perf_counter() - t0
+        cpu_mean, cpu_std = mean.cpu(), std.cpu()
+        with torch.inference_mode():
+            served(_prep(x[:2], cpu_mean, cpu_std))
+            t0 = time.perf_counter()
+            preds = torch.cat([served(_prep(x[i : i + 500], cpu_mean, cpu_std)).argmax(1) for i in range(0, n, 500)])
+            out["served_eval_images_per_sec"] = n / (time.perf_counter() - t0)
+            out["served_eval_accuracy"] = float((preds.numpy() == y).mean())
+            lat = []
+            for i in range(latency_calls + 5):
+                img = x[i % n : i % n + 1]
+                t0 = time.perf_counter()
+                served(_prep(img, cpu_mean, cpu_std)).softmax(1)
+                if i >= 5:  # the first calls pay one-off allocations
+                    lat.append((time.perf_counter() - t0) * 1000)
+        out["latency_ms_p50"] = float(np.percentile(lat, 50))
+        out["latency_ms_p95"] = float(np.percentile(lat, 95))
+        out["latency_calls"] = len(lat)
+        out["served_precision"] = "fp32"
+    return out
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cpu_bf16": cpu_supports_bf16(), "torch": torch.__version__,
+            "device": str(device), "load_average_1min": os.getloadavg()[0]}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the three pipelines, measure them side by side, then the serving numbers."""
+    t_start = time.perf_counter()
+    cfg = _bench_config(args)
+    try:
+        device = select_device(cfg.device)
+    except RuntimeError as e:
+        fail(str(e))
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data = load_dataset(cfg.dataset, cfg.data, progress=args.progress)
+    windows = args.rounds * (args.settle + max(1, args.steps // args.rounds))
+    total = args.warmup + windows  # steps each pipeline takes: sizes the lr schedule
+    selected = [p for p in PIPELINES if p in args.pipelines]
+    kind, src = resolve_source(cfg.dataset, cfg.data)
+    if "conventional" in selected and kind != "zip":
+        fail(f"the conventional pipeline reads image files from the dataset zip; {src} is a {kind}")
+    pipes: list[Pipeline] = []
+    with tempfile.TemporaryDirectory(prefix="reslab-bench-images-") as tmp:
+        try:
+            if "ceiling" in selected:
+                pipes.append(ceiling_pipeline(cfg, data, device, precision, total))
+            if "reslab" in selected:
+                pipes.append(reslab_pipeline(cfg, data, device, precision, total))
+            if "conventional" in selected:
+                per_class = -(-cfg.batch_size * (total + 2) // data.num_classes)
+                t0 = time.perf_counter()
+                n_files = extract_images(src, Path(tmp), per_class)
+                extract_s = time.perf_counter() - t0
+                pipes.append(conventional_pipeline(cfg, data, device, Path(tmp), args.loader_workers))
+            before = {p.name: [q.detach().clone() for q in p.model.parameters()] for p in pipes}
+            measure(pipes, cfg.batch_size, args.steps, args.rounds, args.warmup, args.settle, args.progress)
+        finally:
+            for p in pipes:
+                p.close()
+    pipelines = {}
+    for p in pipes:
+        r = p.result(cfg.batch_size)
+        r["params_changed"] = any(not torch.equal(a, b.detach()) for a, b in zip(before[p.name], p.model.parameters()))
+        r["loss_finite"] = bool(np.isfinite(p.losses).all())
+        pipelines[p.name] = r
+    if "conventional" in pipelines:
+        pipelines["conventional"].update(extracted_images=n_files, extract_seconds=extract_s)
+    ratios = {}
+    if {"reslab", "ceiling"} <= pipelines.keys():
+        ratios["reslab_over_ceiling"] = pipelines["reslab"]["images_per_sec"] / pipelines["ceiling"]["images_per_sec"]
+    if {"reslab", "conventional"} <= pipelines.keys():
+        ratios["reslab_over_conventional"] = pipelines["reslab"]["images_per_sec"] / pipelines["conventional"]["images_per_sec"]
+    serving = None
+    if not args.no_serving and any(p.name == "reslab" for p in pipes):
+        model = next(p.model for p in pipes if p.name == "reslab").eval()
+        serving = serving_metrics(model, data, cfg, device, precision, args.model_uri, args.eval_images, args.latency_calls)
+    return {
+        "dataset": cfg.dataset, "model": cfg.model, "model_args": cfg.model_args, "batch_size": cfg.batch_size,
+        "precision": precision, "augment": cfg.augment, "device": str(device),
+        "steps_per_pipeline": args.steps, "rounds": args.rounds, "warmup_steps": args.warmup,
+        "settle_steps": args.settle, "pipelines": pipelines, "ratios": ratios, "serving": serving,
+        "machine": machine_info(device), "seconds": time.perf_counter() - t_start,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """The human-readable report: one row per pipeline, then the ratios and the serving numbers."""
+    m = res["machine"]
+    lines = [f"reslab bench: {res['model']} on {res['dataset']}, batch {res['batch_size']}, {res['device']} "
+             f"({m['cpu']}, {m['cores']} cores, bf16 {'yes' if m['cpu_bf16'] else 'no'}), "
+             f"{res['rounds']} rounds x {res['steps_per_pipeline'] // res['rounds']} timed steps",
+             "",
+             f"{'pipeline':<13} {'images/s':>9} {'vs ceiling':>10} {'precision':>9} {'layout':>13}  what",
+             f"{'-' * 13} {'-' * 9} {'-' * 10} {'-' * 9} {'-' * 13}  {'-' * 40}"]
+    ceiling = res["pipelines"].get("ceiling", {}).get("images_per_sec")
+    for name, p in res["pipelines"].items():
+        rel = f"{p['images_per_sec'] / ceiling:.2f}x" if ceiling else "-"
+        lines.append(f"{name:<13} {p['images_per_sec']:>9.1f} {rel:>10} {p['precision']:>9} {p['memory_format']:>13}  {p['description']}")
+    lines.append("")
+    r = res["ratios"]
+    if "reslab_over_ceiling" in r:
+        lines.append(f"reslab / ceiling      = {r['reslab_over_ceiling']:.2f}  (target >= 0.90)")
+    if "reslab_over_conventional" in r:
+        lines.append(f"reslab / conventional = {r['reslab_over_conventional']:.2f}  (target >= 2.5)")
+    s = res.get("serving")
+    if s:
+        lines += ["", f"evaluation: {s['engine_eval_images_per_sec']:.0f} images/s (engine, {s['engine_eval_precision']}), "
+                  f"{s['served_eval_images_per_sec']:.0f} images/s (logged model, fp32) over {s['eval_images']} test images",
+                  f"single-image latency of the logged model: p50 {s['latency_ms_p50']:.2f} ms, p95 {s['latency_ms_p95']:.2f} ms "
+                  f"({s['latency_calls']} calls)"]
+    lines.append(f"load average (1 min) at the end: {m['load_average_1min']:.2f}; total {res['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    if args.steps < args.rounds:
+        fail(f"--steps {args.steps} must be at least --rounds {args.rounds}")
+    unknown = set(args.pipelines) - set(PIPELINES)
+    if unknown:
+        fail(f"unknown pipeline(s) {', '.join(sorted(unknown))}; choose from {', '.join(PIPELINES)}")
+    res = run_bench(args)
+    print(format_table(res))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+def add_bench_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="training images/s: reslab's pipeline vs its ceiling vs the conventional way",
+        description="Measure, in one process and one run, the training throughput of the same model, batch size "
+        "and precision three ways (ceiling: the step alone on random in-memory tensors; reslab: the real pipeline; "
+        "conventional: ImageFolder + PIL transforms + DataLoader workers, fp32, NCHW), alternating short windows "
+        "between them; then evaluation images/s and single-image latency of a logged model. Prints a table and "
+        "writes JSON with --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
+    p.add_argument("--data", metavar="PATH", help="dataset zip or folder holding it (default: $RESLAB_DATA, else ../shared/datasets)")
+    p.add_argument("--model", help="architecture (default: the dataset's default model)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the dataset's default)")
+    p.add_argument("--steps", type=int, default=24, help="timed training steps per pipeline, split over the rounds")
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurement windows per pipeline")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per pipeline before the first round")
+    p.add_argument("--settle", type=int, default=2, help="untimed steps at the start of every window (refill queues)")
+    p.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="precision of ceiling and reslab (default auto)")
+    p.add_argument("--augment", choices=["auto", "none", "flip", "crop-flip", "album"], help="reslab's augmentation (default: the dataset's)")
+    p.add_argument("--workers", type=int, help="reslab's albumentations threads (default: TrainConfig's)")
+    p.add_argument("--loader-workers", type=int, default=min(4, os.cpu_count() or 2),
+                   help="DataLoader worker processes of the conventional pipeline")
+    p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), metavar="NAME", help=f"subset of {', '.join(PIPELINES)}")
+    p.add_argument("--model-uri", help="logged model for the evaluation/latency numbers (default: log the benchmark's model to a temporary store)")
+    p.add_argument("--eval-images", type=int, default=2000, help="test images for evaluation images/s")
+    p.add_argument("--latency-calls", type=int, default=100, help="single-image calls for the latency percentiles")
+    p.add_argument("--no-serving", action="store_true", help="skip the evaluation and latency measurements")
+    p.add_argument("--out", metavar="FILE.json", help="write the full results as JSON")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_bench)
