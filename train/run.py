@@ -9,7 +9,7 @@ import mlflow
 from .config import TrainConfig
 from .data import load_dataset
 from .distributed import is_main_process
-from .engine import fit, resolve_precision, select_device
+from .engine import fit, load_checkpoint, resolve_precision, select_device
 from .tracking import (
     epoch_logger,
     experiment_id,
@@ -41,8 +41,6 @@ def train_and_log(
     if init_from:
         cfg.pretrained = str(model_files(init_from)[1])
     if resume and run_id is None:
-        from .engine import load_checkpoint
-
         run_id = load_checkpoint(resume).get("meta", {}).get("mlflow_run_id")
     device = select_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -53,6 +51,11 @@ def train_and_log(
             if init_from:
                 mlflow.set_tag("init_from", init_from)
         print(f"MLflow run {run.info.run_id} in {mlflow.get_tracking_uri()}")
+        if resume:  # killed between checkpoint and logging: log the checkpointed epochs MLflow missed
+            logged_steps = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")}
+            for h in load_checkpoint(resume)["history"]:
+                if h["epoch"] not in logged_steps:
+                    epoch_logger(int(h["epoch"]) - 1, h)
         result = fit(cfg, data, [epoch_logger], resume=resume,
                      meta={"mlflow_run_id": run.info.run_id, "run_name": run_name})
         logged = log_fit(result, data)

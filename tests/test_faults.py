@@ -1,0 +1,189 @@
+"""Faults during training, through the real ``reslab train`` command: a SIGKILL mid-run and a
+resume, an unreachable tracking server, an unwritable ``mlruns/`` and a full disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import re
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import free_port
+
+RESLAB = [str(Path(sys.executable).parent / "reslab")]  # the installed console script
+TINY = ["--subset", "300", "--batch-size", "32", "--no-progress"]
+
+
+@pytest.fixture
+def no_test_split(tmp_path) -> list[str]:
+    """``--config`` that skips the 10,000-image test evaluation (minutes on one busy core)."""
+    (tmp_path / "no-test.yaml").write_text("evaluate_test: false\n")
+    return ["--config", str(tmp_path / "no-test.yaml")]
+
+
+def reslab_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """One thread per process: oneDNN's results then do not depend on the load, and 2 cores suffice."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "OMP_NUM_THREADS": "1", "RESLAB_MLRUNS": str(tmp / "mlruns"), **extra}
+
+
+def run_reslab(args: list[str], tmp: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*RESLAB, *args], cwd=tmp, env=reslab_env(tmp, **env), capture_output=True, text=True, timeout=timeout)
+
+
+LOG_LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO ")  # MLflow creating a fresh store
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without INFO logging and warnings about optional commands that are not installed."""
+    return [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("reslab: warning:") and not LOG_LINE.match(ln)]
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("reslab: error: "), proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- SIGKILL + --resume
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, cifar, no_test_split):
+    """Kill ``reslab train`` with SIGKILL during epoch 2 of 2, resume it from its checkpoint folder,
+    and compare every logged number with an uninterrupted run of the same configuration."""
+    ck = tmp_path / "ck"
+    args = ["train", *TINY, *no_test_split, "--epochs", "2", "--checkpoint-dir", str(ck), "--run-name", "killed"]
+    proc = subprocess.Popen([*RESLAB, *args], cwd=tmp_path, env=reslab_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 240
+        while not (ck / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # epoch 1 is checkpointed: epoch 2 is under way
+
+    killer = threading.Thread(target=kill_after_first_checkpoint)
+    killer.start()
+    # Meanwhile, the uninterrupted reference in this process (same resolved configuration, one thread).
+    from train.config import TrainConfig
+    from train.engine import fit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = fit(TrainConfig(subset=300, batch_size=32, epochs=2, evaluate_test=False, progress=False), cifar)
+    finally:
+        torch.set_num_threads(threads)
+    killer.join()
+    assert proc.wait(30) == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    ckpt = torch.load(ck / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1, "the run ended before it was killed; the test did not interrupt anything"
+    assert {**ckpt["config"], "checkpoint_dir": None} == ref.config.to_dict()  # the CLI ran the same config
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient()
+    run_id = ckpt["meta"]["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "RUNNING"  # a SIGKILL leaves the run open
+
+    resumed = run_reslab(["train", "--resume", str(ck)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at epoch 1" in resumed.stdout
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # the same run continued, no second one
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        logged = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        assert logged == {h["epoch"]: h[key] for h in ref.history}, key  # exact: same batches, same float ops
+    assert run.data.metrics["final_val_acc"] == ref.val.accuracy
+    assert len(ref.history) == 2
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path):
+    port = free_port()  # bound and released: nothing listens there
+    t0 = time.monotonic()
+    proc = run_reslab(["train", *TINY, "--epochs", "1"], tmp_path, timeout=60, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+    elapsed = time.monotonic() - t0
+    assert_one_line_error(proc, f"127.0.0.1:{port}", "unreachable")
+    assert "epoch" not in proc.stdout and not (tmp_path / "checkpoints").exists()  # nothing was trained
+    assert elapsed < 30, f"took {elapsed:.0f} s to give up"
+
+
+@pytest.fixture
+def in_process(tmp_path, monkeypatch, capsys):
+    """Run ``reslab`` in this process (imports already paid for); returns (exit code, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    previous = mlflow.get_tracking_uri()
+
+    def run(args: list[str], mlruns: Path) -> subprocess.CompletedProcess:
+        from train.cli import main
+
+        monkeypatch.setenv("RESLAB_MLRUNS", str(mlruns))
+        capsys.readouterr()
+        try:
+            main(args)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    yield run
+    mlflow.set_tracking_uri(previous)
+
+
+def test_mlruns_under_a_file_is_a_clear_error(tmp_path, in_process):
+    (tmp_path / "not-a-folder").write_text("x")
+    proc = in_process(["train", *TINY, "--epochs", "1"], tmp_path / "not-a-folder" / "mlruns")
+    assert_one_line_error(proc, "not writable", "not-a-folder")
+    assert "epoch" not in proc.stdout
+
+
+@contextmanager
+def tmpfs(path: Path, options: str):
+    """A small RAM file system at ``path`` (needs root and mount rights; skips otherwise)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_read_only_mlruns_is_a_clear_error(tmp_path, in_process):
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        proc = in_process(["train", *TINY, "--epochs", "1"], ro / "mlruns")
+    assert_one_line_error(proc, "not writable", "Read-only file system")
+
+
+def test_full_disk_is_a_clear_error(tmp_path, in_process):
+    """The checkpoint folder on a 256 KB file system: the first checkpoint (~2 MB) does not fit."""
+    with tmpfs(tmp_path / "small", "size=256k") as small:
+        proc = in_process(["train", "--subset", "100", "--batch-size", "50", "--epochs", "2", "--no-progress",
+                           "--checkpoint-dir", str(small / "ck")], tmp_path / "mlruns")
+        leftovers = sorted(p.name for p in (small / "ck").iterdir())
+    assert_one_line_error(proc, "No space left on device", str(small / "ck" / "last.pt"))
+    assert leftovers == []  # the partial file was removed, not left to be mistaken for a checkpoint
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}").search_runs(["1"])
+    assert [r.info.status for r in run] == ["FAILED"]  # the MLflow run is closed as failed, not left RUNNING
