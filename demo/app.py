@@ -6,6 +6,8 @@ import argparse
 import os
 import re
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,14 +103,14 @@ def describe(model: ServedModel, r: Result, total_ms: float) -> str:
 def make_predict(model: ServedModel, finder: FaceFinder | None):
     """The batched event handler: lists of uploads and toggles in, one list per output component out."""
 
-    def predict(paths: list[str | None], cams: list[bool]) -> tuple[list, list, list, list]:
+    def predict(image: list[str | None], gradcam: list[bool]) -> tuple[list, list, list, list]:
         t0 = time.perf_counter()
-        labels: list[Any] = [None] * len(paths)
-        galleries: list[Any] = [[] for _ in paths]
-        annotated: list[Any] = [None] * len(paths)
-        status: list[str] = [""] * len(paths)
+        labels: list[Any] = [None] * len(image)
+        galleries: list[Any] = [[] for _ in image]
+        annotated: list[Any] = [None] * len(image)
+        status: list[str] = [""] * len(image)
         good, decoded = [], []
-        for i, path in enumerate(paths):
+        for i, path in enumerate(image):
             if path is None:
                 continue  # a cleared input clears the outputs
             try:
@@ -117,7 +119,7 @@ def make_predict(model: ServedModel, finder: FaceFinder | None):
             except BadImage as e:
                 status[i] = f"**Cannot classify this file.** {e}"
         if good:
-            results = model.classify(decoded, [bool(cams[i]) for i in good], finder)
+            results = model.classify(decoded, [bool(gradcam[i]) for i in good], finder)
             total_ms = (time.perf_counter() - t0) * 1000
             for i, r in zip(good, results):
                 labels[i] = model.top(r.subjects[0].probs)
@@ -160,9 +162,9 @@ def model_tab(model: ServedModel, title: str, finder: FaceFinder, mlflow_ui: str
                             examples_per_page=12)
         with gr.Column(scale=1):
             label = gr.Label(num_top_classes=3, label="Prediction", elem_classes="prediction")
-            status = gr.Markdown(elem_classes="status")
+            status = gr.Markdown(label="status", elem_classes="status")
             seen = gr.Gallery(label="What the model saw" + (" and where it looked" if model.gradcam_ok else ""),
-                              columns=4, height=230, object_fit="contain", allow_preview=True)
+                              columns=2, height="auto", object_fit="contain", allow_preview=True)
             annotated = gr.Image(label="Faces found", visible=model.faces, interactive=False, height=260)
     with gr.Accordion("Model card", open=True):
         gr.Markdown(model.card.markdown(model.config, mlflow_ui))
@@ -201,13 +203,32 @@ def build_app(entries: list[ServedModel | Missing], mlflow_ui: str | None = None
     return app
 
 
+def wait_until_up(url: str, timeout: float = 60.0) -> None:
+    """Block until the server answers (raise TimeoutError with the URL if it never does)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the demo did not answer on {url} within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 THEME = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts
 
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            max_file_size: str | int = UPLOAD_LIMIT, block: bool = True) -> gr.Blocks:
+    # _frontend=False skips Gradio's 3-second reachability probe, which fails on a busy machine;
+    # wait_until_up checks the same thing with patience.
     app.launch(server_name=host, server_port=port, share=share, max_file_size=max_file_size, quiet=True,
-               prevent_thread_lock=True, show_error=True, ssr_mode=False, theme=gr.themes.Default(**THEME))
+               prevent_thread_lock=True, show_error=True, ssr_mode=False, theme=gr.themes.Default(**THEME),
+               _frontend=False)
+    wait_until_up(app.local_url)
     if block:
         print(f"reslab demo running on {app.local_url}" + (f" and {app.share_url}" if app.share_url else "")
               + "  (Ctrl+C to stop)", flush=True)

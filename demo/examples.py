@@ -32,7 +32,8 @@ def test_examples(dataset: str, per_class: int = 1, enlarge: int = 4) -> list[st
         for j in np.flatnonzero(data.test_y == c)[:per_class]:
             paths.append(_save(data.test_x[j], out_dir / f"{name}-{j}.png", enlarge))
     if dataset == "fer2013":
-        picks = [int(np.flatnonzero(data.test_y == c)[0]) for c in range(min(3, data.num_classes))]
+        wanted = [data.classes.index(c) for c in ("happy", "angry", "neutral") if c in data.classes]
+        picks = [int(np.flatnonzero(data.test_y == c)[0]) for c in wanted]
         row = np.concatenate([np.pad(data.test_x[j], ((24, 24), (24, 24), (0, 0)), mode="edge") for j in picks], axis=1)
         paths.append(_save(row, out_dir / "three-faces.png", enlarge))
     return paths

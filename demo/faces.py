@@ -53,16 +53,31 @@ class FaceFinder:
                               interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         gray = cv2.equalizeHist(gray)
         side = max(24, int(min(gray.shape) * self.min_face_fraction))
+        # A face that fills the frame (every FER-2013 image) has no context around it for the cascade's
+        # windows; a replicated border gives it some.
+        pad = max(gray.shape) // 6
+        gray = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
         with self._lock:
             found = self.cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(side, side))
         boxes = []
         for fx, fy, fw, fh in (found if len(found) else []):
-            m = self.margin
+            fx, fy, m = fx - pad, fy - pad, self.margin
             x0, y0 = (fx - m * fw) / scale, (fy - m * fh) / scale
             x1, y1 = (fx + fw * (1 + m)) / scale, (fy + fh * (1 + m)) / scale
             x0, y0, x1, y1 = max(0, int(x0)), max(0, int(y0)), min(w, int(round(x1))), min(h, int(round(y1)))
             boxes.append(Box(x0, y0, x1 - x0, y1 - y0))
-        return sorted(boxes, key=lambda b: b.area, reverse=True)
+        kept: list[Box] = []
+        for b in sorted(boxes, key=lambda b: b.area, reverse=True):
+            if all(_inside(b, k) < 0.5 for k in kept):  # a face within a face is a false detection
+                kept.append(b)
+        return kept
+
+
+def _inside(small: Box, big: Box) -> float:
+    """Share of ``small``'s area that lies within ``big``."""
+    w = min(small.x + small.w, big.x + big.w) - max(small.x, big.x)
+    h = min(small.y + small.h, big.y + big.h) - max(small.y, big.y)
+    return max(0, w) * max(0, h) / max(1, small.area)
 
 
 def crop(rgb: np.ndarray, box: Box) -> np.ndarray:

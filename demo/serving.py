@@ -78,7 +78,7 @@ class ModelCard:
 
         title = f"{self.name} v{self.version}" if self.name else self.uri
         lines = [f"### {title}", "",
-                 "| | |", "|---|---|",
+                 "| field | value |", "|---|---|",
                  f"| registered name | `{self.name or '-'}` |",
                  f"| version | {self.version or '-'} |",
                  f"| alias | {', '.join(f'`{a}`' for a in self.aliases) or '-'} |",
