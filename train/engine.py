@@ -391,6 +391,8 @@ def fit(
         meta = {**ck.get("meta", {}), **(meta or {})}
         print(f"resumed from {resume} at epoch {start_epoch}")
     ckpt_path = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
+    # wall clock of training *and* per-epoch evaluation: the x axis of time-to-accuracy curves
+    wall_start = time.perf_counter() - (history[-1].get("wall_seconds", 0.0) if history else 0.0)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -433,6 +435,7 @@ def fit(
         if len(x_val):
             v = evaluate(eval_model, x_val, y_val, device, precision, mean, std, cfg.channels_last, cfg.tta, dctx)
             metrics.update(val_loss=v.loss, val_acc=v.accuracy)
+        metrics["wall_seconds"] = time.perf_counter() - wall_start
         history.append(metrics)
         if ckpt_path and dctx.is_main:  # one writer; every rank resumes from the same file
             save_checkpoint(ckpt_path, {

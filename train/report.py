@@ -45,9 +45,17 @@ def plot_confusion(cm: list[list[int]] | np.ndarray, classes: list[str], path: P
 
 
 def plot_curves(history: list[dict[str, float]], path: Path, title: str = "") -> Path:
-    """Loss and accuracy against epoch, train and validation side by side."""
+    """Loss and accuracy against epoch, train and validation side by side (plus validation accuracy
+    against wall-clock minutes, the time-to-accuracy curve, when the history has the times)."""
     ep = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    timed = [h for h in history if "val_acc" in h and "wall_seconds" in h]
+    fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(15 if timed else 10, 4))
+    a1, a2 = axes[0], axes[1]
+    if timed:
+        axes[2].plot([h["wall_seconds"] / 60 for h in timed], [h["val_acc"] for h in timed], "s-", color="C1")
+        axes[2].set(xlabel="wall-clock minutes (training + evaluation)", ylabel="validation accuracy",
+                    title="time to accuracy")
+        axes[2].grid(alpha=0.3)
     for ax, key, name in ((a1, "loss", "loss"), (a2, "acc", "accuracy")):
         ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label="train")
         if any(f"val_{key}" in h for h in history):

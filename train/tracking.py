@@ -130,6 +130,8 @@ def flat_params(cfg: TrainConfig) -> dict[str, str]:
 def epoch_logger(epoch: int, metrics: dict[str, float]) -> None:
     """Engine callback: one MLflow step per epoch."""
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k not in ("epoch", "step")}, step=epoch + 1)
+    if "val_acc" in metrics and "wall_seconds" in metrics:  # time-to-accuracy: step = wall-clock seconds
+        mlflow.log_metric("val_acc_by_wall_second", float(metrics["val_acc"]), step=round(metrics["wall_seconds"]))
 
 
 # --------------------------------------------------------------------------- models
