@@ -198,6 +198,7 @@ def _split_members(names: list[str], where: Path) -> dict[str, dict[str, list[st
         for cls, members in tree[split].items():
             if not members:
                 raise DataError(f"{where}: class folder {split}/{cls} holds no images")
+            members.sort()  # the same order from a folder as from its zip
     return tree
 
 

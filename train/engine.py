@@ -177,7 +177,8 @@ def predict(
     batch_size: int = 500,
 ) -> torch.Tensor:
     """Logits (float32, CPU) for NHWC uint8 images."""
-    model.eval()
+    with contextlib.suppress(NotImplementedError):  # an exported (pt2) module is frozen in eval mode
+        model.eval()
     out = []
     for i in range(0, len(x), batch_size):
         xb = normalize(torch.from_numpy(x[i : i + batch_size]).to(device), mean, std, channels_last)

@@ -1,0 +1,220 @@
+"""Every data source format and every bad-input case, on small archives cut from the real data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train.data import DataError, load_dataset, split_validation, stratified_subset
+
+
+def real_members(zip_path: Path, per_class: int) -> dict[str, bytes]:
+    """The first ``per_class`` real images of every class in both splits."""
+    out: dict[str, bytes] = {}
+    counts: dict[tuple[str, str], int] = {}
+    with zipfile.ZipFile(zip_path) as z:
+        for name in z.namelist():
+            split, cls = name.split("/")[:2]
+            if counts.get((split, cls), 0) < per_class:
+                counts[(split, cls)] = counts.get((split, cls), 0) + 1
+                out[name] = z.read(name)
+    return out
+
+
+def write_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, raw in members.items():
+            z.writestr(name, raw)
+    return path
+
+
+def write_tree(root: Path, members: dict[str, bytes]) -> Path:
+    for name, raw in members.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(raw)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch, cifar, fer):
+    """Small archives get a cache of their own (the full datasets are loaded first, from the shared one)."""
+    monkeypatch.setenv("RESLAB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def cifar_members(data_dir):
+    return real_members(data_dir / "cifar10.zip", 6)
+
+
+@pytest.fixture(scope="module")
+def fer_members(data_dir):
+    return real_members(data_dir / "fer2013.zip", 6)
+
+
+def decode(raw: bytes, mode: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(raw)).convert(mode))
+
+
+# --------------------------------------------------------------------------- the real archives
+
+
+def test_full_real_datasets_match_their_readme(cifar, fer):
+    assert cifar.train_x.shape == (50000, 32, 32, 3) and cifar.test_x.shape == (10000, 32, 32, 3)
+    assert cifar.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert np.bincount(cifar.train_y).tolist() == [5000] * 10
+    assert fer.train_x.shape == (28709, 48, 48, 1) and fer.test_x.shape == (7178, 48, 48, 1)
+    assert fer.classes == ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
+    assert np.bincount(fer.train_y).tolist() == [3995, 436, 4097, 7215, 4965, 4830, 3171]
+    # normalisation comes from each dataset's own train split (CIFAR-10's well-known values)
+    np.testing.assert_allclose(cifar.mean, [0.4914, 0.4822, 0.4465], atol=1e-3)
+    np.testing.assert_allclose(cifar.std, [0.2470, 0.2435, 0.2616], atol=1e-3)
+    assert 0.4 < fer.mean[0] < 0.6 and len(fer.std) == 1
+
+
+# --------------------------------------------------------------------------- source formats
+
+
+def test_zip_and_folder_give_the_same_pixels(tmp_path, cifar_members):
+    z = load_dataset("cifar10", write_zip(tmp_path / "c.zip", cifar_members), progress=False)
+    f = load_dataset("cifar10", write_tree(tmp_path / "tree", cifar_members), progress=False)
+    assert z.train_x.shape == (60, 32, 32, 3) and z.test_x.shape == (60, 32, 32, 3)
+    np.testing.assert_array_equal(z.train_x, f.train_x)
+    np.testing.assert_array_equal(z.test_y, f.test_y)
+    first = next(n for n in cifar_members if n.startswith("train/airplane/"))
+    np.testing.assert_array_equal(z.train_x[0], decode(cifar_members[first], "RGB"))
+
+
+def test_zip_with_one_wrapping_folder(tmp_path, fer_members):
+    ds = load_dataset("fer2013", write_zip(tmp_path / "f.zip", {f"fer2013/{k}": v for k, v in fer_members.items()}), progress=False)
+    assert ds.train_x.shape == (42, 48, 48, 1) and ds.num_classes == 7
+
+
+def test_folder_holding_several_datasets_picks_by_name(tmp_path, cifar_members, fer_members):
+    write_zip(tmp_path / "cifar10.zip", cifar_members)
+    write_zip(tmp_path / "fer2013.zip", fer_members)
+    assert load_dataset("cifar10", tmp_path, progress=False).channels == 3
+    assert load_dataset("fer2013", tmp_path, progress=False).channels == 1
+
+
+def test_cifar_python_batches(tmp_path, cifar_members):
+    """The official pickled batches, built from real images, load to the same pixels."""
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    classes = sorted({n.split("/")[1] for n in cifar_members})
+    def batch(split: str) -> dict:
+        names = [n for n in cifar_members if n.startswith(split + "/")]
+        x = np.stack([decode(cifar_members[n], "RGB").transpose(2, 0, 1).reshape(-1) for n in names])
+        return {b"data": x, b"labels": [classes.index(n.split("/")[1]) for n in names]}
+    train = batch("train")
+    for i in range(1, 6):
+        part = {b"data": train[b"data"][i - 1 :: 5], b"labels": train[b"labels"][i - 1 :: 5]}
+        (root / f"data_batch_{i}").write_bytes(pickle.dumps(part))
+    (root / "test_batch").write_bytes(pickle.dumps(batch("test")))
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in classes]}))
+    ds = load_dataset("cifar10", tmp_path, progress=False)  # found inside the parent folder
+    assert ds.train_x.shape == (60, 32, 32, 3) and ds.classes == classes
+    first_train = next(n for n in cifar_members if n.startswith("train/"))  # first image of data_batch_1
+    np.testing.assert_array_equal(ds.train_x[0], decode(cifar_members[first_train], "RGB"))
+    assert ds.train_y[0] == classes.index(first_train.split("/")[1])
+    assert np.bincount(ds.test_y).tolist() == [6] * 10
+
+
+def test_fer_challenge_csv(tmp_path, fer_members):
+    """FER-2013's original CSV (emotion,pixels,Usage) with its own label order."""
+    csv_order = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+    path = tmp_path / "fer2013.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["emotion", "pixels", "Usage"])
+        for name, raw in fer_members.items():
+            split, cls = name.split("/")[:2]
+            px = " ".join(map(str, decode(raw, "L").reshape(-1)))
+            w.writerow([csv_order.index(cls), px, "Training" if split == "train" else "PublicTest"])
+        w.writerow([3, "1 2 3", "Training"])  # a broken row is skipped, not fatal
+    ds = load_dataset("fer2013", path, progress=False)
+    ref = load_dataset("fer2013", write_zip(tmp_path / "f.zip", fer_members), progress=False)
+    assert ds.classes == ref.classes and ds.skipped == 1
+    assert sorted(map(tuple, ds.train_x.reshape(len(ds.train_x), -1)[:, :8].tolist())) == sorted(
+        map(tuple, ref.train_x.reshape(len(ref.train_x), -1)[:, :8].tolist()))
+    assert sorted(ds.train_y.tolist()) == sorted(ref.train_y.tolist())
+
+
+def test_cache_makes_the_second_load_fast_and_identical(tmp_path, cifar_members):
+    src = write_zip(tmp_path / "c.zip", cifar_members)
+    first = load_dataset("cifar10", src, progress=False)
+    assert list((tmp_path / "cache").glob("cifar10-*.npz"))
+    t0 = time.perf_counter()
+    second = load_dataset("cifar10", src, progress=False)
+    assert time.perf_counter() - t0 < 1.0
+    np.testing.assert_array_equal(first.train_x, second.train_x)
+    assert first.fingerprint == second.fingerprint
+
+
+def test_validation_split_is_stratified_disjoint_and_fixed(cifar):
+    tr, va = split_validation(cifar.train_y, 0.1, seed=0)
+    assert len(va) == 5000 and len(tr) == 45000 and not set(tr) & set(va)
+    assert np.bincount(cifar.train_y[va]).tolist() == [500] * 10
+    np.testing.assert_array_equal(va, split_validation(cifar.train_y, 0.1, seed=0)[1])
+    sub = stratified_subset(cifar.train_y, 1000, seed=1)
+    assert len(sub) == 1000 and np.bincount(cifar.train_y[sub]).tolist() == [100] * 10
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_dataset("cifar10", tmp_path / "nope.zip")
+
+
+def test_zip_without_train_and_test(tmp_path, cifar_members):
+    only_train = {k.replace("test/", "valid/"): v for k, v in cifar_members.items()}
+    with pytest.raises(DataError, match=r"no test/<class>/<image>"):
+        load_dataset("cifar10", write_zip(tmp_path / "x.zip", only_train))
+
+
+def test_class_folders_differ(tmp_path, cifar_members):
+    members = {k: v for k, v in cifar_members.items() if not k.startswith("test/truck/")}
+    with pytest.raises(DataError, match=r"class folders differ.*only in train: \['truck'\]"):
+        load_dataset("cifar10", write_zip(tmp_path / "x.zip", members))
+
+
+def test_empty_class(tmp_path, cifar_members):
+    root = write_tree(tmp_path / "tree", {k: v for k, v in cifar_members.items() if not k.startswith("train/cat/")})
+    (root / "train" / "cat").mkdir()
+    with pytest.raises(DataError, match="train/cat holds no images"):
+        load_dataset("cifar10", root)
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, cifar_members):
+    members = dict(cifar_members)
+    members["train/cat/broken.png"] = b"not an image at all"
+    members["train/dog/truncated.webp"] = cifar_members[next(k for k in members if k.startswith("train/dog/"))][:20]
+    with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+        ds = load_dataset("cifar10", write_zip(tmp_path / "x.zip", members), progress=False)
+    assert ds.skipped == 2 and len(ds.train_x) == 60
+
+
+def test_all_images_unreadable(tmp_path):
+    members = {f"{s}/{c}/{i}.png": b"garbage" for s in ("train", "test") for c in ("a", "b") for i in range(3)}
+    with pytest.raises(DataError, match="none of the train images could be decoded"):
+        load_dataset("cifar10", write_zip(tmp_path / "x.zip", members))
+
+
+def test_not_a_zip_and_unknown_dataset(tmp_path):
+    bad = tmp_path / "fake.zip"
+    bad.write_bytes(b"PK but not really")
+    with pytest.raises(DataError, match="not a readable zip"):
+        load_dataset("cifar10", bad)
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_dataset("mnist", bad)
+    with pytest.raises(DataError, match="cannot be downloaded"):
+        load_dataset("fer2013", download=True)

@@ -1,0 +1,135 @@
+"""Training really learns, resumes exactly, fails clearly, and lands complete in MLflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from train.cli import main
+from train.config import TrainConfig
+from train.engine import DivergedError, fit, load_pretrained, predict
+from train.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(progress=False, batch_size=64)
+
+
+class StopAfter(Exception):
+    pass
+
+
+def test_short_training_learns_well_above_chance(cifar):
+    result = fit(TrainConfig(dataset="cifar10", subset=3000, epochs=3, **FAST), cifar)
+    # evaluated on all 10,000 held-out test images; chance is 10%
+    assert result.test is not None and len(result.test.labels) == 10000
+    assert result.test.accuracy > 0.30, result.test.accuracy
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert all(h["images_per_sec"] > 0 and 0 <= h["val_acc"] <= 1 for h in result.history)
+
+
+def test_resume_ends_with_the_same_metrics(cifar, tmp_path):
+    """Interrupted after epoch 2 of 3 and resumed == uninterrupted (CPU, fixed seed)."""
+    cfg = TrainConfig(dataset="cifar10", subset=800, epochs=3, seed=7, evaluate_test=False, **FAST)
+    full = fit(TrainConfig(**{**cfg.to_dict(), "checkpoint_dir": str(tmp_path / "a")}), cifar)
+
+    def stop(epoch, metrics):
+        if epoch == 1:
+            raise StopAfter
+
+    interrupted = TrainConfig(**{**cfg.to_dict(), "checkpoint_dir": str(tmp_path / "b")})
+    with pytest.raises(StopAfter):
+        fit(interrupted, cifar, callbacks=[stop])
+    resumed = fit(interrupted, cifar, resume=tmp_path / "b")
+    assert len(resumed.history) == 3
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert resumed.history[-1][key] == full.history[-1][key], key
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_nan_loss_stops_with_a_clear_error(cifar):
+    with pytest.raises(DivergedError, match="loss became (nan|inf).*lower --lr"):
+        fit(TrainConfig(dataset="cifar10", subset=300, epochs=1, lr=1e20, schedule="constant", evaluate_test=False, **FAST), cifar)
+
+
+def test_transfer_from_cifar_to_fer_keeps_matching_layers(tmp_path):
+    src = create_model("resnet20", 10, 3)
+    torch.save(src.state_dict(), tmp_path / "cifar.pt")
+    dst = create_model("resnet20", 7, 1)
+    n, skipped = load_pretrained(dst, str(tmp_path / "cifar.pt"))
+    assert set(skipped) == {"stem.0.weight", "fc.weight", "fc.bias"}  # other channel and class counts
+    assert n == len(src.state_dict()) - 3
+    assert torch.equal(dst.layers[2][0].conv1.weight, src.layers[2][0].conv1.weight)
+
+
+def run_cli(*args: str) -> None:
+    main(["train", "--no-progress", *args])
+
+
+def test_cli_run_is_complete_in_mlflow_and_the_model_loads_back(mlflow_store, data_dir, cifar, capsys):
+    run_cli("--data", str(data_dir), "--subset", "1000", "--epochs", "2", "--batch-size", "64",
+            "--register", "cifar10-resnet", "--run-name", "t1")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("cifar10")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "t1"
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    assert p["model"] == "resnet20" and p["epochs"] == "2" and p["batch_size"] == "64" and p["subset"] == "1000"
+    for key in ("git_commit", "device", "torch_version", "dataset_source", "dataset_hash", "precision"):
+        assert t.get(key), key
+    assert t["dataset_hash"] == cifar.fingerprint
+    assert [x.step for x in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
+    for key in ("test_acc", "test_precision_macro", "test_recall_macro", "test_f1_macro", "test_f1_cat", "train_images_per_sec"):
+        assert key in m, key
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/curves.png", "plots/confusion_matrix.png", "test_report.json", "history.json"} <= arts
+    report = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="test_report.json")).read_text())
+    assert np.asarray(report["confusion_matrix"]).sum() == 10000
+    assert abs(report["accuracy"] - m["test_acc"]) < 1e-9
+
+    # registered, with the champion alias; loads back through MLflow's pt2 path (no pickle)
+    mv = client.get_model_version_by_alias("cifar10-resnet", "champion")
+    assert str(mv.version) == "1" and mv.tags["run_id"] == run.info.run_id
+    loaded = mlflow.pytorch.load_model("models:/cifar10-resnet@champion")
+    info = mlflow.models.get_model_info("models:/cifar10-resnet@champion")
+    meta = info.metadata
+    assert meta["classes"] == cifar.classes and meta["image_size"] == 32 and meta["channels"] == 3
+    mean, std = torch.tensor(meta["mean"]), torch.tensor(meta["std"])
+    x = cifar.test_x[:256]
+    logits = predict(loaded, x, torch.device("cpu"), "fp32", mean, std, channels_last=False)
+    from train.tracking import rebuild_module
+
+    module, _ = rebuild_module("models:/cifar10-resnet@champion")
+    ref = predict(module, x, torch.device("cpu"), "fp32", mean, std, channels_last=False)
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    # the pt2 model reproduces the logged test accuracy (training evaluated it in bf16)
+    all_logits = predict(loaded, cifar.test_x, torch.device("cpu"), "fp32", mean, std, channels_last=False)
+    acc = (all_logits.argmax(1).numpy() == cifar.test_y).mean()
+    assert abs(acc - m["test_acc"]) < 0.02
+    assert "registered cifar10-resnet version 1 (alias: champion)" in capsys.readouterr().out
+
+    # transfer learning: FER-2013 initialised from our own registered CIFAR-10 model
+    run_cli("--dataset", "fer2013", "--data", str(data_dir), "--subset", "300", "--epochs", "1",
+            "--init-from", "models:/cifar10-resnet@champion", "--run-name", "transfer")
+    fer_run = client.search_runs([client.get_experiment_by_name("fer2013").experiment_id])[0]
+    assert fer_run.data.tags["init_from"] == "models:/cifar10-resnet@champion"
+    expected = len(create_model("resnet20", 7, 1).state_dict()) - 3  # all but the stem conv and the classifier
+    assert f"initialised {expected} tensors" in capsys.readouterr().out
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path):
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path), "RESLAB_MLRUNS": str(tmp_path / "mlruns")}
+    out = subprocess.run([str(Path(sys.executable).parent / "reslab"), "train", "--data", str(tmp_path / "missing.zip")],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines == [f"reslab: error: {tmp_path / 'missing.zip'}: no such file or folder (expected a cifar10 zip, image folder, or archive)"]
