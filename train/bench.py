@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cli import fail
-from .config import TrainConfig
+from .config import TrainConfig, recipe
 from .data import DATASETS, ImageData, load_dataset, resolve_source, split_validation
 from .engine import (
     batch_augment,
@@ -85,13 +85,15 @@ class Pipeline:
 
 
 def _bench_config(args: argparse.Namespace) -> TrainConfig:
-    """The dataset's default training configuration, with the benchmark's overrides."""
-    over = {k: v for k, v in {"dataset": args.dataset, "data": args.data, "model": args.model, "batch_size": args.batch_size,
-                               "device": args.device, "precision": args.precision, "workers": args.workers}.items()
-            if v is not None}
-    if args.augment:
-        over["augment"] = args.augment
-    return TrainConfig(**over, progress=False).resolved()
+    """The dataset's default training configuration (or a recipe's), with the benchmark's overrides."""
+    merged: dict[str, Any] = {"dataset": args.dataset}
+    if args.recipe:
+        merged.update(recipe(args.recipe, args.dataset))
+    merged.update({k: v for k, v in {"data": args.data, "model": args.model, "batch_size": args.batch_size,
+                                     "device": args.device, "precision": args.precision, "workers": args.workers,
+                                     "augment": args.augment}.items() if v is not None})
+    merged["progress"] = False
+    return TrainConfig.from_dict(merged).resolved()
 
 
 def _cycle_epochs(epoch_iter: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
@@ -363,7 +365,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         model = next(p.model for p in pipes if p.name == "reslab").eval()
         serving = serving_metrics(model, data, cfg, device, precision, args.model_uri, args.eval_images, args.latency_calls)
     return {
-        "dataset": cfg.dataset, "model": cfg.model, "model_args": cfg.model_args, "batch_size": cfg.batch_size,
+        "dataset": cfg.dataset, "recipe": args.recipe, "model": cfg.model, "model_args": cfg.model_args, "batch_size": cfg.batch_size,
         "precision": precision, "augment": cfg.augment, "device": str(device),
         "steps_per_pipeline": args.steps, "rounds": args.rounds, "warmup_steps": args.warmup,
         "settle_steps": args.settle, "pipelines": pipelines, "ratios": ratios, "serving": serving,
@@ -375,7 +377,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 def format_table(res: dict[str, Any]) -> str:
     """The human-readable report: one row per pipeline, then the ratios and the serving numbers."""
     m = res["machine"]
-    lines = [f"reslab bench: {res['model']} on {res['dataset']}, batch {res['batch_size']}, {res['device']} "
+    margs = "(" + ", ".join(f"{k}={v}" for k, v in res["model_args"].items()) + ")" if res["model_args"] else ""
+    lines = [f"reslab bench: {res['model']}{margs} on {res['dataset']}, batch {res['batch_size']}, {res['device']} "
              f"({m['cpu']}, {m['cores']} cores, bf16 {'yes' if m['cpu_bf16'] else 'no'}), "
              f"{res['rounds']} rounds x {res['steps_per_pipeline'] // res['rounds']} timed steps",
              "",
@@ -429,6 +432,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
     p.add_argument("--data", metavar="PATH", help="dataset zip or folder holding it (default: $RESLAB_DATA, else ../shared/datasets)")
     p.add_argument("--model", help="architecture (default: the dataset's default model)")
+    p.add_argument("--recipe", metavar="NAME", help="take model, batch size, augmentation, ... from a recipe (e.g. fast-cpu)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the dataset's default)")
     p.add_argument("--steps", type=int, default=24, help="timed training steps per pipeline, split over the rounds")
     p.add_argument("--rounds", type=int, default=3, help="alternating measurement windows per pipeline")

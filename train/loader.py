@@ -36,7 +36,7 @@ class BatchLoader:
         self.x, self.y = x, torch.from_numpy(np.asarray(y, dtype=np.int64))
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.seed, self.album_strength = seed, album_strength
-        self.workers, self.prefetch = max(1, workers), max(1, prefetch)
+        self.workers, self.prefetch = max(0, workers), max(1, prefetch)  # workers 0: augment inline
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         self._local = threading.local()
 
@@ -72,7 +72,7 @@ class BatchLoader:
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield CPU (uint8 NHWC images, int64 labels); the engine moves them to the device."""
         batches = self._batches(epoch)
-        if not self.album_strength:
+        if not self.album_strength or not self.workers:
             for b, idx in enumerate(batches):
                 yield self._make(epoch, b, idx)
             return
