@@ -176,7 +176,7 @@ def model_tab(model: ServedModel, title: str, finder: FaceFinder, mlflow_ui: str
 def build_app(entries: list[ServedModel | Missing], mlflow_ui: str | None = None, batch_size: int = BATCH_SIZE,
               examples: bool = True, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
     """The Gradio Blocks for ``entries`` (a tab each), with a bounded queue."""
-    from .examples import test_examples
+    from .examples import dataset_examples
 
     try:
         finder: FaceFinder | None = FaceFinder()
@@ -198,7 +198,7 @@ def build_app(entries: list[ServedModel | Missing], mlflow_ui: str | None = None
                     continue
                 title = tab_title(e, entries)
                 with gr.Tab(title):
-                    model_tab(e, title, finder, mlflow_ui, batch_size, test_examples(e.dataset) if examples else [])
+                    model_tab(e, title, finder, mlflow_ui, batch_size, dataset_examples(e.dataset) if examples else [])
     app.queue(max_size=queue_size, default_concurrency_limit=1)
     return app
 

@@ -18,7 +18,7 @@ def example_dir() -> Path:
     return d
 
 
-def test_examples(dataset: str, per_class: int = 1, enlarge: int = 4) -> list[str]:
+def dataset_examples(dataset: str, per_class: int = 1, enlarge: int = 4) -> list[str]:
     """One test image per class (the first of each, so the set is stable), saved enlarged as PNG.
     For face datasets a collage of three test faces is added, to show one label per face."""
     try:
