@@ -123,6 +123,11 @@ def run_study(opts: TuneOptions) -> dict[str, Any]:
             parent.end(inv, "KILLED")
         print(f"\ninterrupted; resume with: reslab tune --study {opts.study} ...")
         raise
+    except Exception:  # a bug or a broken store: do not leave the parent RUNNING for the next invocation to join
+        progress.close()
+        if not inv.running(study):
+            parent.end(inv, "FAILED")
+        raise
     progress.close()
     return finish(study, inv, worker, opts, data, exp)
 
