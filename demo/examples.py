@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -40,7 +41,9 @@ def dataset_examples(dataset: str, per_class: int = 1, enlarge: int = 4) -> list
 
 
 def _save(img: np.ndarray, path: Path, enlarge: int) -> str:
-    if not path.exists():
+    if not path.exists():  # written under a temporary name, so a second server never reads half a file
         pil = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img)
-        pil.resize((pil.width * enlarge, pil.height * enlarge), Image.Resampling.LANCZOS).save(path)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.png")
+        pil.resize((pil.width * enlarge, pil.height * enlarge), Image.Resampling.LANCZOS).save(tmp)
+        os.replace(tmp, path)
     return str(path)

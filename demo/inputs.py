@@ -43,7 +43,7 @@ def _to_8bit(im: Image.Image) -> Image.Image:
         lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
         arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
         arr = np.nan_to_num(arr).round().astype(np.uint8)
-    return Image.fromarray(arr, mode="L")
+    return Image.fromarray(arr)
 
 
 def decode_image(path: str | Path | None) -> Decoded:
