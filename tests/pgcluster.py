@@ -113,7 +113,7 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[Mlfl
         if proc.poll() is None:
             os.killpg(proc.pid, 15)
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=3)  # a throw-away server: no need for uvicorn's graceful drain
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
                 proc.wait()

@@ -101,6 +101,7 @@ def test_two_process_ddp_matches_one_process(team, cifar, tmp_path):
     steps = [x.value for x in team.client.get_metric_history(run.info.run_id, "train_loss")]
     assert len(steps) == 1
     assert run.data.params["batch_size"] == "32"
+    print("ddp vs one process:", {k: (round(m[k], 5), round(h[k], 5)) for k in ("train_loss", "val_loss", "train_acc", "val_acc")})
     assert abs(m["train_loss"] - h["train_loss"]) < 0.02, (m["train_loss"], h["train_loss"])
     assert abs(m["val_loss"] - h["val_loss"]) < 0.02, (m["val_loss"], h["val_loss"])
     assert abs(m["val_acc"] - h["val_acc"]) < 0.04, (m["val_acc"], h["val_acc"])  # 500 images: 20 of them
@@ -172,7 +173,7 @@ def test_demo_loads_the_champion_from_the_server(team, shared_study, cifar, monk
 @pytest.fixture(scope="module")
 def killed_study(team):
     """Worker A starts alone with --heartbeat 2 and is SIGKILLed inside its first trial; once its
-    heartbeat is stale (2 x 2 s), workers B and C join and must finish the budget of 4 trials."""
+    heartbeat is stale (2 x 2 s), worker B joins and must finish the budget of 4 trials."""
     name = "killed"
     args = ["tune", *TRIAL, "--storage", team.storage, "--study", name, "--trials", "4", "--heartbeat", "2",
             "--experiment", name, "--no-register"]
@@ -191,7 +192,7 @@ def killed_study(team):
     a.send_signal(signal.SIGKILL)
     assert a.wait(30) == -signal.SIGKILL
     time.sleep(4.5)  # the grace period (2 x heartbeat) passes: A's trial is stale now
-    logs = finish(team, {n: start(team, args, n) for n in ("killed-worker-b", "killed-worker-c")})
+    logs = finish(team, {"killed-worker-b": start(team, args, "killed-worker-b")})
     return SimpleNamespace(study=optuna.load_study(study_name=name, storage=team.storage), victim=victim, logs=logs)
 
 
