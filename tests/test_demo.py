@@ -122,6 +122,9 @@ def test_grad_cam_and_faces(in_store, fer, tmp_path):
     from demo.faces import FaceFinder
     from demo.serving import ServedModel, default_uri
 
+    import cv2
+
+    assert hasattr(cv2, "CascadeClassifier"), f"OpenCV {cv2.__version__} ships no Haar cascades: needs opencv-python-headless<5"
     model = ServedModel(default_uri("fer2013"))
     assert model.gradcam_ok, "the rebuilt module must match the pt2 graph"
     collage = [p for p in dataset_examples("fer2013") if p.endswith("three-faces.png")][0]
