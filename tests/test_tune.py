@@ -128,7 +128,7 @@ def test_registered_version_matches_its_trial(first_study):
     best = first_study.best_trial
     client = MlflowClient()
     mv = client.get_model_version_by_alias("cifar10-resnet", "champion")
-    assert mv.version == "1"
+    assert str(mv.version) == "1"
     assert mv.tags["study"] == "t1" and mv.tags["trial"] == str(best.number) == "0"
     assert json.loads(mv.tags["params"]) == best.params
     assert float(mv.tags["val_acc"]) == pytest.approx(best.value)
@@ -136,7 +136,8 @@ def test_registered_version_matches_its_trial(first_study):
     run = client.get_run(mv.run_id)
     # the test split was used once, on the chosen model only
     assert float(mv.tags["test_acc"]) == pytest.approx(run.data.metrics["test_acc"])
-    assert [r for r in child_runs(run.data.tags["mlflow.parentRunId"]).values() if "test_acc" in r.data.metrics] == [run]
+    tested = [r.info.run_id for r in child_runs(run.data.tags["mlflow.parentRunId"]).values() if "test_acc" in r.data.metrics]
+    assert tested == [run.info.run_id]
     assert float(run.data.params["batch_size"]) == best.params["batch_size"]
     assert run.info.status == "FINISHED"
     model = mlflow.pytorch.load_model(f"models:/cifar10-resnet/{mv.version}")
@@ -146,20 +147,29 @@ def test_registered_version_matches_its_trial(first_study):
     assert tuple(model(torch.from_numpy(x)).shape) == (1, 10)
 
 
-def test_resume_extends_the_same_study(first_study, store):
-    main(["tune", "--data", store["data"], "--study", "t1", "--trials", "1", *COMMON])
+def test_resume_extends_the_same_study_and_refits(first_study, store):
+    main(["tune", "--data", store["data"], "--study", "t1", "--trials", "1", "--refit", *COMMON])
     study = journal_study(store, "t1")
     assert study._study_id == first_study._study_id
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert study.trials[3].state.is_finished()
     first, second = parent_runs("t1")
     assert (first.data.tags["invocation"], second.data.tags["invocation"]) == ("1", "2")
-    assert sorted(child_runs(second.info.run_id)) == [3]
     assert second.data.metrics["trials_this_invocation"] == 1
-    # the best trial of the study is registered once: a new version only if trial 3 beat trial 0
-    registered = study.user_attrs["registered_versions"]
-    assert registered.get(str(study.best_trial.number)) is not None
-    assert len(MlflowClient().search_model_versions("name='cifar10-resnet'")) == len(registered)
+    children = MlflowClient().search_runs([first.info.experiment_id], f"tags.mlflow.parentRunId = '{second.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == sorted(["trial-3", f"refit-trial-{study.best_trial.number}"])
+    # --refit: the best configuration retrained on train+val, then tested and registered as version 2
+    client = MlflowClient()
+    mv = client.get_model_version("cifar10-resnet", "2")
+    refit = client.get_run(mv.run_id)
+    assert refit.info.run_name == f"refit-trial-{study.best_trial.number}"
+    assert refit.data.params["val_fraction"] == "0.0" and mv.tags["refit"] == "True"
+    assert mv.tags["trial"] == str(study.best_trial.number)
+    assert json.loads(mv.tags["params"]) == study.best_trial.params
+    assert study.user_attrs["registered_versions"][str(study.best_trial.number)] == "2"
+    v1 = client.get_model_version("cifar10-resnet", "1")
+    expected = "champion" if float(mv.tags["test_acc"]) > float(v1.tags["test_acc"]) else "challenger"
+    assert str(client.get_model_version_by_alias("cifar10-resnet", expected).version) == "2"
 
 
 def test_worse_model_does_not_take_champion(first_study, store, tmp_path):
