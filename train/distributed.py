@@ -91,11 +91,6 @@ def sync_buffers(module: nn.Module, ctx: Context) -> None:
             dist.broadcast(b, 0)
 
 
-def any_rank(flag: bool, ctx: Context, device: torch.device) -> bool:
-    """True on every rank if it is true on any (e.g. one rank's callback asked to stop)."""
-    return bool(all_sum([float(flag)], ctx, device)[0]) if ctx.enabled else flag
-
-
 # --------------------------------------------------------------------------- launching
 
 
