@@ -35,12 +35,19 @@ class Invocation:
 
     def finished(self, study: optuna.Study) -> int:
         """Trials of this invocation that are finished (complete, pruned or failed)."""
-        return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False)) - self.finished_before
+        return finished_count(study) - self.finished_before
 
     def running(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         """Trials of this invocation still running, in any worker."""
         return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if t.datetime_start is not None and t.datetime_start.timestamp() >= self.started - 1]
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Finished trials, not counting those a heartbeat retry replaced (their copy runs instead)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
+    return sum(t.state.is_finished() and t.number not in retried for t in trials)
 
 
 def claim(study: optuna.Study, key: str, value: Any) -> Any:
@@ -58,7 +65,7 @@ def join_or_start(study: optuna.Study, experiment_id: str, trials: int, params: 
     if current and _is_running(client, current["parent_run_id"]):
         return Invocation(**current), False
     number = (current or {}).get("number", 0) + 1
-    finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    finished = finished_count(study)
     run = client.create_run(experiment_id, run_name=f"{study.study_name}#{number}",
                             tags={**tags, "optuna.study": study.study_name, "invocation": str(number), "kind": "study"})
     mine = Invocation(run.info.run_id, number, finished, finished + trials, time.time())

@@ -38,7 +38,9 @@ class EndStaleTrialRun:
     as KILLED (not left RUNNING), then let Optuna re-queue its parameters."""
 
     def __init__(self, max_retry: int = 1) -> None:
-        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")

@@ -57,7 +57,8 @@ def make_pruner(opts: TuneOptions) -> BasePruner:
     if opts.pruner == "median":
         return MedianPruner(n_startup_trials=opts.prune_after, n_warmup_steps=opts.prune_warmup)
     if opts.pruner == "hyperband":
-        return HyperbandPruner(min_resource=max(1, opts.prune_warmup), max_resource=opts.base.epochs, reduction_factor=3)
+        epochs = "auto" if "epochs" in opts.space.distributions else opts.space.fixed.get("epochs", opts.base.epochs)
+        return HyperbandPruner(min_resource=max(1, opts.prune_warmup), max_resource=epochs, reduction_factor=3)
     if opts.pruner == "none":
         return NopPruner()
     raise ValueError(f"unknown pruner {opts.pruner!r}; choose median, hyperband or none")
@@ -79,8 +80,8 @@ def run_study(opts: TuneOptions) -> dict[str, Any]:
     """Run (or join) a study invocation; the last worker registers the best model."""
     setup_tracking()
     base = opts.base
+    storage = open_storage(opts.storage, opts.heartbeat)  # a bad URL fails before any data is decoded
     data = load_dataset(base.dataset, base.data, base.download, progress=base.progress)
-    storage = open_storage(opts.storage, opts.heartbeat)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial replaces Optuna's
     study = optuna.create_study(study_name=opts.study, storage=storage, direction="maximize",
                                 pruner=make_pruner(opts), load_if_exists=True)
@@ -106,6 +107,8 @@ def run_study(opts: TuneOptions) -> dict[str, Any]:
           f"{'started' if created else 'joined'} parent run {inv.parent_run_id}; budget {inv.target - inv.finished_before} trials"
           + (f", timeout {opts.timeout:.0f} s" if opts.timeout else "") + f"; worker {worker}", flush=True)
 
+    if opts.heartbeat:
+        fail_stale(study)  # a dead worker's trial is failed (and queued again) before the budget is counted
     spent = inv.finished(study) + len(inv.running(study))
     remaining = inv.target - inv.finished_before - spent
     timeout = None if opts.timeout is None else max(0.0, inv.started + opts.timeout - time.time())
@@ -132,6 +135,12 @@ def run_study(opts: TuneOptions) -> dict[str, Any]:
     return finish(study, inv, worker, opts, data, exp)
 
 
+def fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def trial_base(base: TrainConfig) -> TrainConfig:
     """Trials never see the test split and keep their output to the study's one line each."""
     return dataclasses.replace(base, evaluate_test=False, progress=False, checkpoint_dir=None)
@@ -140,9 +149,7 @@ def trial_base(base: TrainConfig) -> TrainConfig:
 def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneOptions, data, exp: str) -> dict[str, Any]:
     """Summary and registration, by the last worker of the invocation only."""
     if opts.heartbeat:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+        fail_stale(study)
     others = inv.running(study)
     if others:
         print(f"{len(others)} trial(s) still running in other workers; the last worker registers the best model")
