@@ -42,7 +42,10 @@ class UploadImage(gr.Image):
         if payload is None:
             return None
         if payload.url and payload.url.startswith("data:"):  # pasted or webcam images may come inline
-            return save_base64_to_cache(payload.url, self.GRADIO_CACHE)
+            try:
+                return save_base64_to_cache(payload.url, self.GRADIO_CACHE)
+            except (ValueError, OSError) as e:
+                raise gr.Error(f"The pasted image could not be read ({e}).") from None
         return payload.path
 
 
@@ -56,7 +59,7 @@ def load_models(specs: list[str] | None) -> list[ServedModel | Missing]:
     served: list[ServedModel | Missing] = []
     replaced: set[str] = set()
     for spec in specs or []:
-        dataset, _, uri = spec.rpartition("=") if "=" in spec and not spec.startswith("models:") else ("", "", spec)
+        dataset, _, uri = spec.partition("=") if "=" in spec and not spec.startswith("models:") else ("", "", spec)
         if dataset and dataset not in REGISTERED_NAMES:
             fail(f"--model {spec}: unknown dataset {dataset!r}; use one of {', '.join(REGISTERED_NAMES)}")
         try:

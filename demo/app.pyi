@@ -41,7 +41,10 @@ class UploadImage(gr.Image):
         if payload is None:
             return None
         if payload.url and payload.url.startswith("data:"):  # pasted or webcam images may come inline
-            return save_base64_to_cache(payload.url, self.GRADIO_CACHE)
+            try:
+                return save_base64_to_cache(payload.url, self.GRADIO_CACHE)
+            except (ValueError, OSError) as e:
+                raise gr.Error(f"The pasted image could not be read ({e}).") from None
         return payload.path
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block

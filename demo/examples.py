@@ -35,7 +35,8 @@ def dataset_examples(dataset: str, per_class: int = 1, enlarge: int = 4) -> list
     if dataset == "fer2013":
         wanted = [data.classes.index(c) for c in ("happy", "angry", "neutral") if c in data.classes]
         picks = [int(np.flatnonzero(data.test_y == c)[0]) for c in wanted]
-        row = np.concatenate([np.pad(data.test_x[j], ((24, 24), (24, 24), (0, 0)), mode="edge") for j in picks], axis=1)
+        framed = [np.pad(data.test_x[j], ((24, 24), (24, 24), (0, 0)), constant_values=128) for j in picks]
+        row = np.concatenate(framed, axis=1)
         paths.append(_save(row, out_dir / "three-faces.png", enlarge))
     return paths
 
