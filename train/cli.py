@@ -15,7 +15,6 @@ from typing import Any
 
 from .config import TrainConfig, load_yaml, recipe
 from .data import DATASETS
-from .models import list_models
 
 EXIT_USAGE = 2
 
@@ -104,6 +103,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "shortcut", None):
         merged["model_args"] = {**merged.get("model_args", {}), "shortcut": args.shortcut}
     cfg = TrainConfig.from_dict(merged).resolved()
+    from .models import list_models  # torch loads only when a command needs it
+
     if cfg.model not in list_models():
         fail(f"unknown model {cfg.model!r}; run `reslab train --list-models`")
     if cfg.subset is not None and cfg.subset < 10:
@@ -134,6 +135,8 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     if args.list_models:
+        from .models import list_models
+
         print("\n".join(list_models()))
         return
     from .run import train_and_log  # heavy imports only when training
