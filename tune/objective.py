@@ -8,6 +8,8 @@ its reason recorded; the study goes on.
 
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +28,11 @@ from .space import SearchSpace
 
 WEIGHTS_ARTIFACT = "trial_model"  # safetensors weights of every finished trial; only the winner gets a full model
 MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+
+
+def worker_id() -> str:
+    """host:pid of this process, so a worker on the same host can tell that it died."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class TrialFailed(Exception):
@@ -58,6 +65,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.space.config(self.base, self.space.suggest(trial))
         trial.set_user_attr("config", cfg.to_dict())
+        trial.set_user_attr("worker", worker_id())
         run = mlflow.start_run(
             experiment_id=self.experiment_id, run_name=f"trial-{trial.number}", parent_run_id=self.parent_run_id,
             tags={"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number), "kind": "trial"},

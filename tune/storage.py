@@ -8,7 +8,9 @@ storage URL (``sqlite:///...``, ``postgresql+psycopg://...``, ``mysql+pymysql://
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import warnings
 from pathlib import Path
 
@@ -17,11 +19,11 @@ from mlflow.tracking import MlflowClient
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from train.tracking import mlruns_dir
 
-STALE_REASON = "worker stopped sending heartbeats (killed or hung)"
+STALE_REASON = "its worker died (no heartbeat, or its process is gone)"
 
 
 def default_journal() -> Path:
@@ -73,3 +75,33 @@ def open_storage(url: str | None = None, heartbeat: int | None = None) -> optuna
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         return RDBStorage(url, **kwargs)
+
+
+def reap_dead_local_trials(study: optuna.Study) -> int:
+    """Without heartbeats (journal storage) a ``kill -9``'d worker leaves its trial RUNNING forever.
+    Trials whose worker ran on this host and whose process is gone are failed here, their MLflow
+    run ended KILLED and their parameters queued again, as a heartbeat would."""
+    host, reaped = socket.gethostname(), 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        who = t.user_attrs.get("worker", "")
+        if not who.startswith(f"{host}:") or _alive(int(who.rsplit(":", 1)[1])):
+            continue
+        try:
+            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker reaped it first
+        EndStaleTrialRun()(study, study._storage.get_trial(t._trial_id))
+        reaped += 1
+    return reaped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
 import time
 import uuid
 import warnings
@@ -29,10 +27,10 @@ from train.tracking import experiment_id, flat_params, setup_tracking
 
 from . import parent
 from .finalize import register_best
-from .objective import Objective, TrialFailed
+from .objective import Objective, TrialFailed, worker_id
 from .progress import StudyProgress
 from .space import SearchSpace
-from .storage import describe, open_storage
+from .storage import describe, open_storage, reap_dead_local_trials
 
 
 @dataclass
@@ -91,7 +89,7 @@ def run_study(opts: TuneOptions) -> dict[str, Any]:
     if not known:
         study.set_user_attr("dataset", base.dataset)
     exp = experiment_id(opts.experiment or base.dataset)
-    worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    worker = f"{worker_id()}:{uuid.uuid4().hex[:6]}"
     params = {
         "study": opts.study, "storage": describe(opts.storage), "pruner": opts.pruner, "prune_after": opts.prune_after,
         "prune_warmup": opts.prune_warmup, "trials": opts.trials, "timeout": opts.timeout, "refit": opts.refit,
@@ -107,8 +105,7 @@ def run_study(opts: TuneOptions) -> dict[str, Any]:
           f"{'started' if created else 'joined'} parent run {inv.parent_run_id}; budget {inv.target - inv.finished_before} trials"
           + (f", timeout {opts.timeout:.0f} s" if opts.timeout else "") + f"; worker {worker}", flush=True)
 
-    if opts.heartbeat:
-        fail_stale(study)  # a dead worker's trial is failed (and queued again) before the budget is counted
+    fail_stale(study, opts.heartbeat)  # a dead worker's trial is failed (and queued again) before the budget is counted
     spent = inv.finished(study) + len(inv.running(study))
     remaining = inv.target - inv.finished_before - spent
     timeout = None if opts.timeout is None else max(0.0, inv.started + opts.timeout - time.time())
@@ -135,10 +132,13 @@ def run_study(opts: TuneOptions) -> dict[str, Any]:
     return finish(study, inv, worker, opts, data, exp)
 
 
-def fail_stale(study: optuna.Study) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+def fail_stale(study: optuna.Study, heartbeat: int | None) -> None:
+    """Fail the trials of dead workers: by heartbeat (RDB), or by process id on this host."""
+    if heartbeat:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+    reap_dead_local_trials(study)
 
 
 def trial_base(base: TrainConfig) -> TrainConfig:
@@ -148,8 +148,7 @@ def trial_base(base: TrainConfig) -> TrainConfig:
 
 def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneOptions, data, exp: str) -> dict[str, Any]:
     """Summary and registration, by the last worker of the invocation only."""
-    if opts.heartbeat:
-        fail_stale(study)
+    fail_stale(study, opts.heartbeat)
     others = inv.running(study)
     if others:
         print(f"{len(others)} trial(s) still running in other workers; the last worker registers the best model")
