@@ -91,7 +91,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
     )
     t0 = time.perf_counter()
     out = run_study(opts)
-    if out.get("finalized_by") and opts.register and not out.get("registered"):
+    # a worker that lost the race to finalize has no "registered" key: another worker registers
+    if out.get("finalized_by") and opts.register and "registered" in out and not out["registered"]:
         fail(f"no trial of study {opts.study} completed, so nothing was registered (see the trials' fail_reason)")
     if args.preset == "make-run" and out.get("registered"):
         reg = out["registered"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import DBAPIError
 
 from train.tracking import mlruns_dir
 
@@ -74,7 +76,14 @@ def open_storage(url: str | None = None, heartbeat: int | None = None) -> optuna
                       heartbeat_stale_trial_callback=EndStaleTrialRun())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return RDBStorage(url, **kwargs)
+        for attempt in range(5):  # workers starting together on a fresh database race to create its tables
+            try:
+                return RDBStorage(url, **kwargs)
+            except DBAPIError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
 
 
 def reap_dead_local_trials(study: optuna.Study) -> int:
