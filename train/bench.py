@@ -91,7 +91,7 @@ def _bench_config(args: argparse.Namespace) -> TrainConfig:
         merged.update(recipe(args.recipe, args.dataset))
     merged.update({k: v for k, v in {"data": args.data, "model": args.model, "batch_size": args.batch_size,
                                      "device": args.device, "precision": args.precision, "workers": args.workers,
-                                     "augment": args.augment}.items() if v is not None})
+                                     "augment": args.augment, "compile": args.compile}.items() if v is not None})
     merged["progress"] = False
     return TrainConfig.from_dict(merged).resolved()
 
@@ -375,7 +375,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         serving = serving_metrics(model, data, cfg, device, precision, args.model_uri, args.eval_images, args.latency_calls)
     return {
         "dataset": cfg.dataset, "recipe": args.recipe, "model": cfg.model, "model_args": cfg.model_args, "batch_size": cfg.batch_size,
-        "precision": precision, "augment": cfg.augment, "device": str(device),
+        "precision": precision, "augment": cfg.augment, "compile": cfg.compile, "device": str(device),
         "steps_per_pipeline": args.steps, "rounds": args.rounds, "warmup_steps": args.warmup,
         "settle_steps": args.settle, "pipelines": pipelines, "ratios": ratios, "serving": serving,
         "machine": machine_info(device), "seconds": time.perf_counter() - t_start,
@@ -449,6 +449,8 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--settle", type=int, default=1, help="untimed steps at the start of every window (refill queues)")
     p.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="precision of ceiling and reslab (default auto)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the step of ceiling and reslab (compilation happens in the untimed warm-up)")
     p.add_argument("--augment", choices=["auto", "none", "flip", "crop-flip", "album"], help="reslab's augmentation (default: the dataset's)")
     p.add_argument("--workers", type=int, help="reslab's albumentations threads (default: TrainConfig's)")
     p.add_argument("--loader-workers", type=int, default=min(4, os.cpu_count() or 2),
