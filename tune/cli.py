@@ -46,7 +46,7 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
                    "or a journal .log path (default: journal file mlruns/optuna/journal.log)")
     g.add_argument("--trials", type=int, metavar="N", help="trial budget of this invocation, shared by all its workers (default 20)")
     g.add_argument("--timeout", metavar="DURATION", help="stop starting trials after this long, e.g. 90m or 2h")
-    g.add_argument("--space", metavar="FILE.yaml", help="add or override searched dimensions (see docs/tune.md)")
+    g.add_argument("--space", metavar="FILE.yaml", help="add or override searched dimensions (see README, Hyperparameter search)")
     g.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median", help="(default: median)")
     g.add_argument("--prune-after", type=int, metavar="N", help="completed trials before the median pruner acts (default 3)")
     g.add_argument("--prune-warmup", type=int, default=1, metavar="EPOCHS",
