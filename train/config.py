@@ -89,13 +89,14 @@ class TrainConfig:
         return cls(**d)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, what: str = "config file", keys: str = "config keys") -> dict[str, Any]:
+    """A YAML mapping, with one-line errors naming the file and what it should hold."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{p}: config file not found")
+        raise FileNotFoundError(f"{p}: {what} not found")
     d = yaml.safe_load(p.read_text()) or {}
     if not isinstance(d, dict):
-        raise ValueError(f"{p}: expected a mapping of config keys")
+        raise ValueError(f"{p}: expected a mapping of {keys}")
     return d
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -28,7 +27,7 @@ from optuna.distributions import (
     distribution_to_json,
 )
 
-from train.config import TrainConfig
+from train.config import TrainConfig, load_yaml
 from train.models import list_models
 
 # Fields a search must not touch: they decide what data the study is about or how it is run.
@@ -78,11 +77,7 @@ class SearchSpace:
         if path is None:
             return space
         p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"{p}: search-space file not found")
-        spec = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(spec, dict):
-            raise ValueError(f"{p}: expected a mapping of TrainConfig fields")
+        spec = load_yaml(p, "search-space file", "TrainConfig fields")
         fields = set(TrainConfig.__dataclass_fields__)
         for key, value in spec.items():
             if key not in fields or key in NOT_SEARCHABLE:
