@@ -75,3 +75,21 @@ def test_bench_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--pipelines", "ceiling", "magic"])
     assert "unknown pipeline(s) magic" in capsys.readouterr().err
+
+
+needs_cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (none here)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_bench_on_cuda(data_dir, tmp_path, precision):
+    """The same table on a GPU: data resident on the device, autocast (fp16 with a grad scaler)."""
+    out = tmp_path / "cuda.json"
+    main(["bench", "--dataset", "cifar10", "--data", str(data_dir), "--device", "cuda", "--precision", precision,
+          "--batch-size", "64", "--steps", "4", "--rounds", "2", "--warmup", "2", "--settle", "1",
+          "--loader-workers", "1", "--eval-images", "256", "--latency-calls", "5", "--out", str(out), "--no-progress"])
+    res = json.loads(out.read_text())
+    assert res["device"].startswith("cuda") and res["precision"] == precision and "gpu" in res["machine"]
+    for name in PIPELINES:
+        r = res["pipelines"][name]
+        assert r["loss_finite"] and r["params_changed"], name

@@ -218,3 +218,32 @@ def test_not_a_zip_and_unknown_dataset(tmp_path):
         load_dataset("mnist", bad)
     with pytest.raises(DataError, match="cannot be downloaded"):
         load_dataset("fer2013", download=True)
+
+
+def test_batch_loader_orders_shards_and_device_resident_data(cifar):
+    """The loader's contract: a fixed permutation per (seed, epoch), DDP ranks taking disjoint equal
+    shards of it, and the device-resident path (what a GPU run uses) gathering the very same batches."""
+    import torch
+
+    from train.loader import BatchLoader
+
+    x, y = cifar.train_x[:1000], cifar.train_y[:1000]
+    host = BatchLoader(x, y, 64, drop_last=True, seed=3)
+    a, b = list(host.epoch(0)), list(host.epoch(0))
+    assert len(a) == len(host) == 1000 // 64
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))  # same seed+epoch
+    assert not torch.equal(a[0][0], next(iter(host.epoch(1)))[0])  # another epoch, another order
+    first = a[0][0].numpy()
+    assert first.dtype == np.uint8 and first.shape == (64, 32, 32, 3)
+    assert any(np.array_equal(first[0], img) for img in x)  # real images, not copies of one
+
+    ranks = [BatchLoader(x, y, 32, drop_last=True, seed=3, rank=r, world_size=2) for r in range(2)]
+    shards = [ranks[r]._indices(0) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 500 and not set(shards[0]) & set(shards[1])
+
+    resident = BatchLoader(x, y, 64, drop_last=True, seed=3, device=torch.device("cpu"))
+    assert resident.resident is not None
+    for (hx, hy), (dx, dy) in zip(host.epoch(0), resident.epoch(0)):
+        assert torch.equal(hx, dx) and torch.equal(hy, dy)
+    album = BatchLoader(x, y, 64, seed=3, album_strength=1.0, device=torch.device("cpu"))
+    assert album.resident is None  # per-image augmentation works on host arrays

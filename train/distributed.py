@@ -107,13 +107,14 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def torchrun_command(nproc: int, train_argv: list[str]) -> list[str]:
+def torchrun_command(nproc: int, argv: list[str], module: str = "train") -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "train", *strip_nproc(train_argv)]
+            "-m", module, *strip_nproc(argv)]
 
 
-def launch(nproc: int, argv: list[str] | None = None) -> None:
-    """Re-exec this ``reslab train`` command through torchrun with ``nproc`` workers.
+def launch(nproc: int, argv: list[str] | None = None, command: str = "train") -> None:
+    """Re-exec this ``reslab <command>`` through torchrun with ``nproc`` workers (``python -m <command>``:
+    ``train`` runs one DDP training, ``tune`` a study whose trials train with DDP).
 
     The tracking store is checked here first, so a bad store fails in one line before N processes
     start. ``argv`` is the command line after ``reslab`` (default: this process's).
@@ -124,10 +125,10 @@ def launch(nproc: int, argv: list[str] | None = None) -> None:
         raise ValueError("--nproc given inside a torchrun worker; launch once, either way")
     setup_tracking()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
+    if argv and argv[0] == command:
         argv = argv[1:]
-    cmd = torchrun_command(nproc, argv)
-    print(f"launching {nproc} data-parallel processes: torchrun --standalone --nproc-per-node={nproc} -m train "
+    cmd = torchrun_command(nproc, argv, command)
+    print(f"launching {nproc} data-parallel processes: torchrun --standalone --nproc-per-node={nproc} -m {command} "
           + " ".join(strip_nproc(argv)), flush=True)
     sys.stderr.flush()
     os.execv(cmd[0], cmd)

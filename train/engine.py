@@ -293,7 +293,8 @@ def make_loader(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, device: torch.de
     album = cfg.aug_strength if cfg.augment == "album" else None
     return BatchLoader(x, y, distributed.per_rank_batch(cfg.batch_size, dctx), shuffle=True,
                        drop_last=len(x) > cfg.batch_size, seed=cfg.seed, album_strength=album,
-                       workers=cfg.workers, pin_memory=device.type == "cuda", rank=dctx.rank, world_size=dctx.world_size)
+                       workers=cfg.workers, pin_memory=device.type == "cuda", rank=dctx.rank, world_size=dctx.world_size,
+                       device=device if device.type == "cuda" else None)
 
 
 def batch_augment(cfg: TrainConfig) -> tuple[int, bool]:

@@ -32,8 +32,14 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         pin_memory: bool = False,
+        device: torch.device | None = None,
     ) -> None:
         self.x, self.y = x, torch.from_numpy(np.asarray(y, dtype=np.int64))
+        # On a GPU the whole uint8 set (150 MB for CIFAR-10) lives in device memory and batches are
+        # gathered there: no host-to-device copy per batch. Per-image albumentations need host arrays.
+        self.resident = None
+        if device is not None and album_strength is None:
+            self.resident = (torch.from_numpy(np.ascontiguousarray(x)).to(device), self.y.to(device))
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.seed, self.album_strength = seed, album_strength
         self.workers, self.prefetch = max(0, workers), max(1, prefetch)  # workers 0: augment inline
@@ -58,6 +64,10 @@ class BatchLoader:
         return [idx[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
 
     def _make(self, epoch: int, b: int, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.resident is not None:
+            x_dev, y_dev = self.resident
+            i = torch.from_numpy(idx).to(x_dev.device, non_blocking=True)
+            return x_dev[i], y_dev[i]
         xb = self.x[idx]
         if self.album_strength:
             pipe = getattr(self._local, "pipe", None)
@@ -70,7 +80,8 @@ class BatchLoader:
         return xt, self.y[idx]
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield CPU (uint8 NHWC images, int64 labels); the engine moves them to the device."""
+        """Yield (uint8 NHWC images, int64 labels), on the CPU (the engine moves them) or already on
+        the device the data lives on."""
         batches = self._batches(epoch)
         if not self.album_strength or not self.workers:
             for b, idx in enumerate(batches):

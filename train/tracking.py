@@ -27,6 +27,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import ImageData, project_root
+from .distributed import env_context
 from .engine import FitResult
 from .report import classification_metrics, plot_confusion, plot_curves
 
@@ -114,6 +115,7 @@ def run_tags(cfg: TrainConfig, data: ImageData, device: str, precision: str) -> 
         "dataset_source": data.source,
         "dataset_hash": data.fingerprint,
         "model": cfg.model,
+        "world_size": str(env_context().world_size),  # processes training it (reslab train/tune --nproc)
     }
 
 

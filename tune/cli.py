@@ -29,6 +29,19 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
 
 
+def check_batch_split(space: Any, batch_size: int, nproc: int) -> None:
+    """Every batch size a trial may get must split evenly over the processes (a global batch)."""
+    from optuna.distributions import CategoricalDistribution
+
+    dist = space.distributions.get("batch_size")
+    sizes = list(dist.choices) if isinstance(dist, CategoricalDistribution) else [space.fixed.get("batch_size", batch_size)]
+    if dist is not None and not isinstance(dist, CategoricalDistribution):
+        fail("--nproc needs batch sizes as a list of choices in --space (each a multiple of --nproc)")
+    bad = [b for b in sizes if int(b) % nproc]
+    if bad:
+        fail(f"batch size(s) {bad} cannot be split over --nproc {nproc} processes; search multiples of {nproc} (--space)")
+
+
 def add_tune_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tune", help="search hyperparameters with Optuna; track trials in MLflow; register the best model",
@@ -56,6 +69,8 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--refit", action="store_true", help="retrain the best configuration on train+val before testing it")
     g.add_argument("--no-register", dest="register", action="store_false", help="do not test or register the best model")
     g.add_argument("--experiment", help="MLflow experiment (default: the dataset name)")
+    g.add_argument("--nproc", type=int, default=1, metavar="N", help="train every trial data-parallel on N processes "
+                   "(torchrun; DDP over gloo on CPU, NCCL on GPUs); the batch size is the global one (default 1)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="make-run: a ~15-minute CIFAR-10 study on 2 CPU cores "
                    "(10000-image subset, 6 epochs per trial, 30 trials or 13 minutes of search)")
     p.set_defaults(func=cmd_tune)
@@ -81,6 +96,10 @@ def cmd_tune(args: argparse.Namespace) -> None:
         setup_tracking()
         base.pretrained = str(model_files(args.init_from)[1])
     space = SearchSpace.build(base.optimizer, args.space)
+    if args.nproc < 1:
+        fail("--nproc must be at least 1")
+    if args.nproc > 1:
+        check_batch_split(space, base.batch_size, args.nproc)
     prefix = preset.get("study_prefix", f"{base.dataset}-{base.model}")
     opts = TuneOptions(
         base=base, space=space, study=args.study or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -90,6 +109,13 @@ def cmd_tune(args: argparse.Namespace) -> None:
         prune_warmup=args.prune_warmup, heartbeat=args.heartbeat, refit=args.refit, register=args.register,
         experiment=args.experiment, progress=base.progress,
     )
+    if args.nproc > 1:
+        from train.distributed import launch
+
+        if not args.study:  # every worker process of the launch must join the same study
+            args.argv = [*args.argv, "--study", opts.study]
+        launch(args.nproc, args.argv, "tune")
+        return
     t0 = time.perf_counter()
     out = run_study(opts)
     # a worker that lost the race to finalize has no "registered" key: another worker registers

@@ -25,6 +25,7 @@ from train.engine import FitResult, evaluate, fit, resolve_precision, select_dev
 from train.models import create_model
 from train.tracking import epoch_logger, flat_params, log_fit, promote, register_model, run_tags
 
+from . import ddp
 from .objective import WEIGHTS_ARTIFACT
 
 REGISTERED_ATTR = "registered_versions"  # {trial number: model version}
@@ -75,6 +76,7 @@ def _refit(study: optuna.Study, best: optuna.trial.FrozenTrial, cfg: TrainConfig
                           parent_run_id=parent_run_id, tags=tags) as run:
         mlflow.log_params(flat_params(cfg))
         print(f"refitting trial {best.number}'s configuration on train+val ({cfg.epochs} epochs)", flush=True)
+        ddp.tell(ddp.REFIT, cfg.to_dict())  # under --nproc the other ranks train it with us
         result = fit(cfg, data, [epoch_logger])
         return run.info.run_id, log_fit(result, data)
 

@@ -24,6 +24,7 @@ from train.data import ImageData
 from train.engine import DivergedError, EpochCallback, fit, resolve_precision, select_device
 from train.tracking import epoch_logger, flat_params, log_fit, run_tags
 
+from . import ddp
 from .space import SearchSpace
 
 WEIGHTS_ARTIFACT = "trial_model"  # safetensors weights of every finished trial; only the winner gets a full model
@@ -39,8 +40,9 @@ class TrialFailed(Exception):
     """A trial that cannot finish (diverged, out of memory); Optuna records it as FAIL and goes on."""
 
 
-def pruning_callback(trial: optuna.Trial) -> EpochCallback:
-    """Engine callback: report val_acc per epoch; raise TrialPruned when the pruner says so."""
+def pruning_callback(trial: Any) -> EpochCallback:
+    """Engine callback: report val_acc per epoch; raise TrialPruned when the pruner says so (on every
+    rank at once under --nproc, where ``trial`` is a TorchDistributedTrial)."""
 
     def report(epoch: int, metrics: dict[str, float]) -> None:
         if "val_acc" not in metrics:
@@ -63,7 +65,9 @@ class Objective:
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
 
     def __call__(self, trial: optuna.Trial) -> float:
-        cfg = self.space.config(self.base, self.space.suggest(trial))
+        ddp.tell(ddp.TRIAL)  # under --nproc, the other ranks train this trial with us
+        shared = ddp.shared_trial(trial)
+        cfg = self.space.config(self.base, self.space.suggest(shared))
         trial.set_user_attr("config", cfg.to_dict())
         trial.set_user_attr("worker", worker_id())
         run = mlflow.start_run(
@@ -76,7 +80,7 @@ class Objective:
             device = select_device(cfg.device)
             mlflow.log_params(flat_params(cfg))
             mlflow.set_tags(run_tags(cfg, self.data, str(device), resolve_precision(cfg.precision, device)))
-            value = self._train(trial, cfg)
+            value = self._train(trial, shared, cfg)
             state = "complete"
             return value
         except optuna.TrialPruned as e:
@@ -100,8 +104,8 @@ class Objective:
             mlflow.set_tag("state", state)
             mlflow.end_run(MLFLOW_STATUS.get(state, "KILLED"))
 
-    def _train(self, trial: optuna.Trial, cfg: TrainConfig) -> float:
-        result = fit(cfg, self.data, [epoch_logger, pruning_callback(trial)])
+    def _train(self, trial: optuna.Trial, shared: Any, cfg: TrainConfig) -> float:
+        result = fit(cfg, self.data, [epoch_logger, pruning_callback(shared)])
         log_fit(result, self.data, log_model_=False)  # curves, history, summary metrics
         save_weights(result.model)
         value = result.val.accuracy

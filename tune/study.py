@@ -23,9 +23,10 @@ from optuna.samplers import TPESampler
 
 from train.config import TrainConfig
 from train.data import load_dataset
+from train.distributed import is_main_process
 from train.tracking import experiment_id, flat_params, setup_tracking
 
-from . import parent
+from . import ddp, parent
 from .finalize import register_best
 from .objective import Objective, TrialFailed, worker_id
 from .progress import StudyProgress
@@ -75,7 +76,22 @@ def budget_callback(inv: parent.Invocation):
 
 
 def run_study(opts: TuneOptions) -> dict[str, Any]:
-    """Run (or join) a study invocation; the last worker registers the best model."""
+    """Run (or join) a study invocation; the last worker registers the best model. Under torchrun
+    (``--nproc``) rank 0 is the worker and the other ranks train its trials with it."""
+    if not ddp.enabled():
+        return _run_study(opts)
+    ddp.join(opts.base.device)
+    if not is_main_process():
+        data = load_dataset(opts.base.dataset, opts.base.data, opts.base.download, progress=False)
+        out = {"study": opts.study, "finalized_by": None, "followed": ddp.follow(trial_base(opts.base), opts.space, data)}
+    else:
+        out = _run_study(opts)
+        ddp.tell(ddp.STOP)  # only on success: after an exception torchrun stops the other ranks
+    ddp.leave()
+    return out
+
+
+def _run_study(opts: TuneOptions) -> dict[str, Any]:
     setup_tracking()
     base = opts.base
     storage = open_storage(opts.storage, opts.heartbeat)  # a bad URL fails before any data is decoded
@@ -114,7 +130,9 @@ def run_study(opts: TuneOptions) -> dict[str, Any]:
         if remaining > 0 and (timeout is None or timeout > 0):
             study.optimize(
                 Objective(trial_base(base), opts.space, data, exp, inv.parent_run_id),
-                n_trials=remaining, timeout=timeout, catch=(TrialFailed,), gc_after_trial=True,
+                # no n_trials: the budget callback stops at the shared budget, which also counts the
+                # retry of a trial whose worker died after this one started
+                timeout=timeout, catch=(TrialFailed,), gc_after_trial=True,
                 callbacks=[budget_callback(inv), progress],
             )
     except KeyboardInterrupt:
