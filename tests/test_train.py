@@ -118,7 +118,7 @@ def test_cli_run_is_complete_in_mlflow_and_the_model_loads_back(mlflow_store, da
     assert "registered cifar10-resnet version 1 (alias: champion)" in capsys.readouterr().out
 
     # transfer learning: FER-2013 initialised from our own registered CIFAR-10 model
-    run_cli("--dataset", "fer2013", "--data", str(data_dir), "--subset", "300", "--epochs", "1",
+    run_cli("--dataset", "fer2013", "--model", "resnet20", "--data", str(data_dir), "--subset", "300", "--epochs", "1",
             "--init-from", "models:/cifar10-resnet@champion", "--run-name", "transfer")
     fer_run = client.search_runs([client.get_experiment_by_name("fer2013").experiment_id])[0]
     assert fer_run.data.tags["init_from"] == "models:/cifar10-resnet@champion"

@@ -42,7 +42,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     """Flags that map onto :class:`TrainConfig` fields (None means: not given)."""
     add_data_args(p)
     g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="NAME", help="architecture (default resnet20); see --list-models")
+    g.add_argument("--model", metavar="NAME", help="architecture (default: resnet20 for CIFAR-10, resnet9 at width 32 for FER-2013); see --list-models")
     g.add_argument("--shortcut", choices=["A", "B"], help="CIFAR ResNet shortcut: A zero-padding (paper), B projection")
     g.add_argument("--pretrained", metavar="PATH", help="initialise from a state dict (.pt/.safetensors) or 'torchvision'")
     g.add_argument("--init-from", metavar="MODEL_URI", help="initialise from a logged model, e.g. models:/cifar10-resnet@champion")

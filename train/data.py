@@ -33,7 +33,6 @@ class DatasetInfo:
     classes: tuple[str, ...]
     image_size: int
     channels: int
-    default_model: str = "resnet20"
 
 
 DATASETS: dict[str, DatasetInfo] = {
