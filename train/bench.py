@@ -419,6 +419,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     unknown = set(args.pipelines) - set(PIPELINES)
     if unknown:
         fail(f"unknown pipeline(s) {', '.join(sorted(unknown))}; choose from {', '.join(PIPELINES)}")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the table, not download bars
     res = run_bench(args)
     print(format_table(res))
     if args.out:
