@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -54,3 +56,21 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@contextlib.contextmanager
+def module_store(folder: Path, **env: str) -> Iterator[Path]:
+    """A throw-away embedded MLflow store in ``folder`` (also the working directory) for a whole test
+    module, which ``monkeypatch`` (function-scoped) cannot provide; ``env`` sets more variables."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RESLAB_MLRUNS", str(folder / "mlruns"))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+    for key, value in env.items():
+        mp.setenv(key, value)
+    mp.chdir(folder)
+    try:
+        yield folder
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        mp.undo()

@@ -14,6 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from conftest import module_store
 from train.cli import main
 from train.config import TrainConfig
 from train.engine import fit
@@ -26,16 +27,8 @@ SUBSET, TEST_IMAGES, CURVE_IMAGES = 300, 200, 100
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, data_dir):
     """One MLflow store for the module: the experiment runs once, compare reads it back."""
-    tmp = tmp_path_factory.mktemp("experiment")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RESLAB_MLRUNS", str(tmp / "mlruns"))
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}")
-    mp.setenv("RESLAB_DATA", str(data_dir))
-    mp.chdir(tmp)
-    yield tmp
-    while mlflow.active_run():
-        mlflow.end_run()
-    mp.undo()
+    with module_store(tmp_path_factory.mktemp("experiment"), RESLAB_DATA=str(data_dir)) as tmp:
+        yield tmp
 
 
 @pytest.fixture(scope="module")

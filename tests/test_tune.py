@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import free_port
+from conftest import free_port, module_store
 from train.cli import main
 from train.data import stratified_subset
 
@@ -44,16 +43,9 @@ def store(tmp_path_factory, tiny_cifar):
     from train.tracking import setup_tracking
 
     tmp = tmp_path_factory.mktemp("tune-store")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RESLAB_MLRUNS", str(tmp / "mlruns"))
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}")
-    mp.setenv("RESLAB_CACHE", str(tmp / "cache"))
-    mp.chdir(tmp)
-    setup_tracking()
-    yield {"root": tmp, "journal": tmp / "mlruns" / "optuna" / "journal.log", "data": str(tiny_cifar)}
-    while mlflow.active_run():
-        mlflow.end_run()
-    mp.undo()
+    with module_store(tmp, RESLAB_CACHE=str(tmp / "cache")):
+        setup_tracking()
+        yield {"root": tmp, "journal": tmp / "mlruns" / "optuna" / "journal.log", "data": str(tiny_cifar)}
 
 
 def journal_study(store, name: str) -> optuna.Study:
