@@ -160,8 +160,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         launch(args.nproc, getattr(args, "argv", None))
         return
+    from .distributed import shutdown
+
     train_and_log(cfg, experiment=args.experiment, run_name=run_name, register=args.register,
                   resume=args.resume, init_from=args.init_from, run_id=run_id)
+    shutdown()  # under torchrun: leave the process group before exiting
 
 
 # --------------------------------------------------------------------------- reslab ui

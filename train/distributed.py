@@ -37,7 +37,7 @@ class Context:
 
 def env_context() -> Context:
     """Where this process stands, as torchrun's environment says (a single process without it)."""
-    return Context(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    return Context(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def is_main_process() -> bool:
@@ -55,6 +55,13 @@ def context(device: torch.device) -> tuple[Context, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return ctx, device
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly at the end of a command: exiting with it still open can abort
+    the process in the collective library's teardown."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def per_rank_batch(batch_size: int, ctx: Context) -> int:

@@ -42,12 +42,6 @@ def tell(kind: str, payload: Any = None) -> None:
         dist.broadcast_object_list([(kind, payload)], src=0)
 
 
-def leave() -> None:
-    """Leave the process group cleanly once the study is over (every rank)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _listen() -> tuple[str, Any]:
     message: list[Any] = [None]
     dist.broadcast_object_list(message, src=0)

@@ -23,7 +23,7 @@ from optuna.samplers import TPESampler
 
 from train.config import TrainConfig
 from train.data import load_dataset
-from train.distributed import is_main_process
+from train.distributed import is_main_process, shutdown
 from train.tracking import experiment_id, flat_params, setup_tracking
 
 from . import ddp, parent
@@ -87,7 +87,7 @@ def run_study(opts: TuneOptions) -> dict[str, Any]:
     else:
         out = _run_study(opts)
         ddp.tell(ddp.STOP)  # only on success: after an exception torchrun stops the other ranks
-    ddp.leave()
+    shutdown()
     return out
 
 
