@@ -12,11 +12,10 @@ from typing import Any
 import gradio as gr
 from gradio.processing_utils import save_base64_to_cache
 
+from .cli import BATCH_SIZE, QUEUE_SIZE, UPLOAD_LIMIT
 from .faces import FaceFinder
 from .inputs import BadImage, decode_image
 from .serving import REGISTERED_NAMES, NoModel, Result, ServedModel, default_uri, seen_for_display
-
-from .cli import BATCH_SIZE, QUEUE_SIZE, UPLOAD_LIMIT
 
 
 @dataclass
@@ -236,6 +235,3 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, sha
         except KeyboardInterrupt:
             pass
     return app
-
-
-# --------------------------------------------------------------------------- reslab demo

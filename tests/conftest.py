@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -74,3 +77,16 @@ def module_store(folder: Path, **env: str) -> Iterator[Path]:
         while mlflow.active_run():
             mlflow.end_run()
         mp.undo()
+
+
+def wait_for_server(url: str, proc: subprocess.Popen, timeout: float, output: Callable[[], str]) -> None:
+    """Poll ``url`` until it answers 2xx; if ``proc`` exits or ``timeout`` seconds pass first, raise
+    with the end of the server's ``output``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2):  # HTTPError is an OSError
+            return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            state = f"exited with {proc.returncode}" if proc.poll() is not None else f"no answer in {timeout:.0f} s"
+            raise RuntimeError(f"{url} did not come up ({state}):\n{output()[-3000:]}")
+        time.sleep(0.3)

@@ -13,14 +13,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import free_port
+from conftest import free_port, wait_for_server
 
 PG_USER = "postgres"  # the unix account the server runs as when the tests run as root
 
@@ -99,15 +97,7 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[Mlfl
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{log.read_text()[-3000:]}") from None
-                time.sleep(0.3)
+        wait_for_server(uri + "/health", proc, 120, log.read_text)
         yield MlflowServer(uri, artifacts, proc)
     finally:
         if proc.poll() is None:

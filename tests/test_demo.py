@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port
+from conftest import free_port
 
 # Small enough for the test budget on 2 CPU cores, big enough to be well above chance.
 # FER-2013 learns slowly: plain flips instead of its default heavy albumentations, and its full test
@@ -147,7 +147,7 @@ def test_model_card(in_store):
     assert "`cifar10-resnet`" in card and "| version | 1 |" in card and "`champion`" in card
     assert f"| test accuracy | {run['summary']['test_acc']:.2%} |" in card
     assert f"| validation accuracy | {run['summary']['final_val_acc']:.2%} |" in card
-    assert run["run_id"] in card and f"http://mlflow.example:5000/#/experiments/" in card
+    assert run["run_id"] in card and "http://mlflow.example:5000/#/experiments/" in card
     assert "lr=" in card and "model=resnet9" in card
     fer = ServedModel(default_uri("fer2013")).card.markdown({**model.config, "architecture": "x"}, None)
     assert "| test accuracy | n/a |" in fer and "MLflow" not in fer  # not evaluated on test; no UI to link

@@ -23,7 +23,7 @@ FAST = dict(progress=False, batch_size=64)
 
 
 class StopAfter(Exception):
-    pass
+    """Raised by a callback to interrupt training at a chosen epoch."""
 
 
 def test_short_training_learns_well_above_chance(cifar):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import free_port, module_store
+from conftest import free_port, module_store, wait_for_server
 from train.cli import main
 from train.data import stratified_subset
 
@@ -213,17 +212,8 @@ def test_ui_serves_the_store_and_lists_runs(first_study, store):
     proc = subprocess.Popen(ui_command("127.0.0.1", port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not come up: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else 'timeout'}")
-            time.sleep(0.5)
+        wait_for_server(f"{base}/health", proc, 90,
+                        lambda: proc.stderr.read().decode() if proc.poll() is not None else "")
         exp_id = mlflow.get_experiment_by_name("cifar10").experiment_id
         req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
                                      data=json.dumps({"experiment_ids": [exp_id], "max_results": 100}).encode(),

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .config import TrainConfig, load_yaml, recipe
 from .data import DATASETS
@@ -19,7 +19,7 @@ from .data import DATASETS
 EXIT_USAGE = 2
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """One clear line on stderr, nothing else."""
     print(f"reslab: error: {message}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)

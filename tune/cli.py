@@ -34,8 +34,11 @@ def check_batch_split(space: Any, batch_size: int, nproc: int) -> None:
     from optuna.distributions import CategoricalDistribution
 
     dist = space.distributions.get("batch_size")
-    sizes = list(dist.choices) if isinstance(dist, CategoricalDistribution) else [space.fixed.get("batch_size", batch_size)]
-    if dist is not None and not isinstance(dist, CategoricalDistribution):
+    if dist is None:
+        sizes = [space.fixed.get("batch_size", batch_size)]
+    elif isinstance(dist, CategoricalDistribution):
+        sizes = list(dist.choices)
+    else:
         fail("--nproc needs batch sizes as a list of choices in --space (each a multiple of --nproc)")
     bad = [b for b in sizes if int(b) % nproc]
     if bad:

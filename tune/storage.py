@@ -76,14 +76,12 @@ def open_storage(url: str | None = None, heartbeat: int | None = None) -> optuna
                       heartbeat_stale_trial_callback=EndStaleTrialRun())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        for attempt in range(5):  # workers starting together on a fresh database race to create its tables
+        for attempt in range(4):  # workers starting together on a fresh database race to create its tables
             try:
                 return RDBStorage(url, **kwargs)
             except DBAPIError:
-                if attempt == 4:
-                    raise
                 time.sleep(0.5 + attempt)
-    raise AssertionError("unreachable")
+        return RDBStorage(url, **kwargs)  # the last attempt: its error is the one reported
 
 
 def reap_dead_local_trials(study: optuna.Study) -> int:
@@ -107,10 +105,10 @@ def reap_dead_local_trials(study: optuna.Study) -> int:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: existence check only (PermissionError still means it exists)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
