@@ -21,7 +21,7 @@ PIPELINES = ("ceiling", "reslab", "conventional")
 def bench_run(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     args = ["bench", "--dataset", "cifar10", "--data", str(data_dir), "--batch-size", "16", "--steps", "2",
-            "--rounds", "2", "--warmup", "1", "--settle", "1", "--loader-workers", "1", "--eval-images", "64",
+            "--rounds", "2", "--warmup", "1", "--loader-workers", "1", "--eval-images", "64",
             "--latency-calls", "5", "--out", str(out), "--no-progress"]
     return args, out
 
@@ -46,10 +46,12 @@ def test_bench_table_and_json(bench_run, capsys):
     assert p["ceiling"]["precision"] == p["reslab"]["precision"] == res["precision"]
     assert (p["conventional"]["precision"], p["conventional"]["memory_format"]) == ("fp32", "NCHW")
     assert p["conventional"]["extracted_images"] >= 16 * 2
+    # one DataLoader worker queues 2 batches ahead, so every window starts with 2 + 1 untimed steps
+    assert res["queue_depths"] == {"ceiling": 0, "reslab": 0, "conventional": 2} and res["settle_steps"] == 3
     for name in PIPELINES:
         r = p[name]
-        # warm-up 1 + 2 rounds x (settle 1 + 1 timed step) = 5 real optimizer steps each
-        assert r["steps"] == 5 and r["images"] == 5 * 16
+        # warm-up 1 + 2 rounds x (settle 3 + 1 timed step) = 9 real optimizer steps each
+        assert r["steps"] == 9 and r["images"] == 9 * 16
         assert len(r["windows_images_per_sec"]) == 2 and all(w > 0 for w in r["windows_images_per_sec"])
         assert r["loss_finite"] and math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])
         assert r["params_changed"], f"{name} did not update its model"

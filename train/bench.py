@@ -10,8 +10,11 @@ Three pipelines train the same model at the same batch size, in one process and 
   extracted from the zip, PIL transforms, a ``DataLoader`` with worker processes, fp32, NCHW.
 
 The machine is shared and its load drifts, so the pipelines are measured in alternating short windows
-(rounds), each window after a few untimed steps that bring the pipeline's prefetch queues to a steady
-state, and the median window is reported. The benchmark also logs the trained model to MLflow (a
+(rounds) and the median window is reported. Pipelines that prepare batches in the background (the
+conventional DataLoader's worker processes, reslab's albumentations threads) fill their queues while
+another pipeline runs: those batches would cost nothing inside their own next window, and their
+refill would cost the next pipeline's. So every window starts with untimed steps, as many as the
+deepest of these queues holds plus one, and times each pipeline alone in its steady state. The benchmark also logs the trained model to MLflow (a
 temporary store unless ``--model-uri`` names one) and measures evaluation images/s and single-image
 inference latency of the logged model as a server would load it.
 """
@@ -52,8 +55,10 @@ from .engine import (
     resolve_precision,
     select_device,
 )
+from .loader import PREFETCH as BATCHLOADER_PREFETCH
 
 PIPELINES = ("ceiling", "reslab", "conventional")
+LOADER_PREFETCH = 2  # batches each DataLoader worker prepares ahead: torch's default prefetch_factor
 
 
 @dataclass
@@ -179,7 +184,8 @@ def conventional_pipeline(cfg: TrainConfig, data: ImageData, device: torch.devic
             transforms.Normalize(data.mean, data.std)]
     ds = datasets.ImageFolder(str(folder / "train"), transform=transforms.Compose(tfs))
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, drop_last=True,
-                                     persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+                                     persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                                     prefetch_factor=LOADER_PREFETCH if workers > 0 else None)
     model = build_model(cfg, data).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=cfg.nesterov)
@@ -233,6 +239,13 @@ def measure(pipes: list[Pipeline], batch_size: int, steps: int, rounds: int, war
                 bar.update()
             p.windows.append(per_window * batch_size / (time.perf_counter() - t0))
     bar.close()
+
+
+def queue_depths(cfg: TrainConfig, loader_workers: int) -> dict[str, int]:
+    """Batches each pipeline can have prepared in the background while another one ran."""
+    album_threads = cfg.augment == "album" and cfg.workers > 0
+    return {"ceiling": 0, "reslab": BATCHLOADER_PREFETCH if album_threads else 0,
+            "conventional": loader_workers * LOADER_PREFETCH}
 
 
 def paired_ratio(a: Pipeline, b: Pipeline) -> float:
@@ -331,9 +344,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = load_dataset(cfg.dataset, cfg.data, progress=args.progress)
-    windows = args.rounds * (args.settle + max(1, args.steps // args.rounds))
-    total = args.warmup + windows  # steps each pipeline takes: sizes the lr schedule
     selected = [p for p in PIPELINES if p in args.pipelines]
+    depths = queue_depths(cfg, args.loader_workers)
+    settle = args.settle if args.settle is not None else max(depths[p] for p in selected) + 1
+    total = args.warmup + args.rounds * (settle + max(1, args.steps // args.rounds))  # each pipeline's steps: sizes its lr schedule
     kind, src = resolve_source(cfg.dataset, cfg.data)
     if "conventional" in selected and kind != "zip":
         fail(f"the conventional pipeline reads image files from the dataset zip; {src} is a {kind}")
@@ -351,7 +365,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 extract_s = time.perf_counter() - t0
                 pipes.append(conventional_pipeline(cfg, data, device, Path(tmp), args.loader_workers))
             before = {p.name: [q.detach().clone() for q in p.model.parameters()] for p in pipes}
-            measure(pipes, cfg.batch_size, args.steps, args.rounds, args.warmup, args.settle, args.progress)
+            measure(pipes, cfg.batch_size, args.steps, args.rounds, args.warmup, settle, args.progress)
         finally:
             for p in pipes:
                 p.close()
@@ -377,7 +391,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": cfg.dataset, "recipe": args.recipe, "model": cfg.model, "model_args": cfg.model_args, "batch_size": cfg.batch_size,
         "precision": precision, "augment": cfg.augment, "compile": cfg.compile, "device": str(device),
         "steps_per_pipeline": args.steps, "rounds": args.rounds, "warmup_steps": args.warmup,
-        "settle_steps": args.settle, "pipelines": pipelines, "ratios": ratios, "serving": serving,
+        "settle_steps": settle, "queue_depths": {p: depths[p] for p in selected}, "pipelines": pipelines, "ratios": ratios, "serving": serving,
         "machine": machine_info(device), "seconds": time.perf_counter() - t_start,
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
@@ -389,7 +403,8 @@ def format_table(res: dict[str, Any]) -> str:
     margs = "(" + ", ".join(f"{k}={v}" for k, v in res["model_args"].items()) + ")" if res["model_args"] else ""
     lines = [f"reslab bench: {res['model']}{margs} on {res['dataset']}, batch {res['batch_size']}, {res['device']} "
              f"({m['cpu']}, {m['cores']} cores, bf16 {'yes' if m['cpu_bf16'] else 'no'}), "
-             f"{res['rounds']} rounds x {res['steps_per_pipeline'] // res['rounds']} timed steps",
+             f"{res['rounds']} rounds x {res['steps_per_pipeline'] // res['rounds']} timed steps "
+             f"(each after {res['settle_steps']} untimed)",
              "",
              f"{'pipeline':<13} {'images/s':>9} {'vs ceiling':>10} {'precision':>9} {'layout':>13}  what",
              f"{'-' * 13} {'-' * 9} {'-' * 10} {'-' * 9} {'-' * 13}  {'-' * 40}"]
@@ -447,7 +462,8 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=40, help="timed training steps per pipeline, split over the rounds")
     p.add_argument("--rounds", type=int, default=8, help="alternating measurement windows per pipeline")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per pipeline before the first round")
-    p.add_argument("--settle", type=int, default=1, help="untimed steps at the start of every window (refill queues)")
+    p.add_argument("--settle", type=int, help="untimed steps at the start of every window (default: the deepest "
+                   "background batch queue of the pipelines plus one, so that each window times a steady state)")
     p.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="precision of ceiling and reslab (default auto)")
     p.add_argument("--compile", action="store_true", default=None,

@@ -16,6 +16,8 @@ import torch
 
 from .augment import album_pipeline, apply_album
 
+PREFETCH = 3  # batches augmented ahead in threads while the model trains on the current one
+
 
 class BatchLoader:
     def __init__(
@@ -28,7 +30,7 @@ class BatchLoader:
         seed: int = 0,
         album_strength: float | None = None,
         workers: int = 1,
-        prefetch: int = 3,
+        prefetch: int = PREFETCH,
         rank: int = 0,
         world_size: int = 1,
         pin_memory: bool = False,
