@@ -14,9 +14,11 @@ The machine is shared and its load drifts, so the pipelines are measured in alte
 conventional DataLoader's worker processes, reslab's albumentations threads) fill their queues while
 another pipeline runs: those batches would cost nothing inside their own next window, and their
 refill would cost the next pipeline's. So every window starts with untimed steps, as many as the
-deepest of these queues holds plus one, and times each pipeline alone in its steady state. The benchmark also logs the trained model to MLflow (a
-temporary store unless ``--model-uri`` names one) and measures evaluation images/s and single-image
-inference latency of the logged model as a server would load it.
+deepest of these queues holds plus one, and times each pipeline alone in its steady state.
+
+The benchmark also logs the trained model to MLflow (a temporary store unless ``--model-uri`` names
+one) and measures evaluation images/s and single-image inference latency of the logged model as a
+server would load it.
 """
 
 from __future__ import annotations
@@ -347,7 +349,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     selected = [p for p in PIPELINES if p in args.pipelines]
     depths = queue_depths(cfg, args.loader_workers)
     settle = args.settle if args.settle is not None else max(depths[p] for p in selected) + 1
-    total = args.warmup + args.rounds * (settle + max(1, args.steps // args.rounds))  # each pipeline's steps: sizes its lr schedule
+    total = args.warmup + args.rounds * (settle + max(1, args.steps // args.rounds))  # sizes the lr schedules
     kind, src = resolve_source(cfg.dataset, cfg.data)
     if "conventional" in selected and kind != "zip":
         fail(f"the conventional pipeline reads image files from the dataset zip; {src} is a {kind}")
@@ -391,7 +393,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": cfg.dataset, "recipe": args.recipe, "model": cfg.model, "model_args": cfg.model_args, "batch_size": cfg.batch_size,
         "precision": precision, "augment": cfg.augment, "compile": cfg.compile, "device": str(device),
         "steps_per_pipeline": args.steps, "rounds": args.rounds, "warmup_steps": args.warmup,
-        "settle_steps": settle, "queue_depths": {p: depths[p] for p in selected}, "pipelines": pipelines, "ratios": ratios, "serving": serving,
+        "settle_steps": settle, "queue_depths": {p: depths[p] for p in selected},
+        "pipelines": pipelines, "ratios": ratios, "serving": serving,
         "machine": machine_info(device), "seconds": time.perf_counter() - t_start,
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
