@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import normalize, random_crop_flip
+from .compiled import compile_module
 from .config import TrainConfig
 from .data import ImageData, split_validation, stratified_subset
 from .loader import BatchLoader
@@ -249,6 +250,7 @@ class Stepper:
     ema: torch.optim.swa_utils.AveragedModel | None
     device: torch.device
     precision: str
+    compiled: bool = False
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, loss, backward, optimizer/schedule/EMA update; returns (loss, logits)."""
@@ -256,7 +258,9 @@ class Stepper:
             logits = self.step_fn(x)
             loss = self.criterion(logits.float(), y)
         if not torch.isfinite(loss):
-            raise DivergedError(f"loss became {loss.item()}{where} (lr {self.sched.get_last_lr()[0]:.3g}); try a lower --lr")
+            hint = "try a lower --lr" + (", or leave out --compile (Inductor's bf16 CPU kernels give non-finite "
+                                         "gradients for some models, e.g. resnet9)" if self.compiled else "")
+            raise DivergedError(f"loss became {loss.item()}{where} (lr {self.sched.get_last_lr()[0]:.3g}); {hint}")
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
@@ -282,9 +286,9 @@ def make_stepper(cfg: TrainConfig, model: nn.Module, total_steps: int, device: t
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
         )
     module = model if train_module is None else train_module
-    step_fn = torch.compile(module) if cfg.compile else module
+    step_fn = compile_module(module, device) if cfg.compile else module
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    return Stepper(model, step_fn, opt, sched, scaler, criterion, ema, device, precision)
+    return Stepper(model, step_fn, opt, sched, scaler, criterion, ema, device, precision, cfg.compile)
 
 
 def make_loader(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, device: torch.device,
