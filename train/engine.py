@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import normalize, random_crop_flip
-from .compiled import compile_module
 from .config import TrainConfig
 from .data import ImageData, split_validation, stratified_subset
 from .loader import BatchLoader
@@ -286,7 +285,11 @@ def make_stepper(cfg: TrainConfig, model: nn.Module, total_steps: int, device: t
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
         )
     module = model if train_module is None else train_module
-    step_fn = compile_module(module, device) if cfg.compile else module
+    step_fn = module
+    if cfg.compile:
+        from .compiled import compile_module  # registers custom ops: only for runs that compile
+
+        step_fn = compile_module(module, device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     return Stepper(model, step_fn, opt, sched, scaler, criterion, ema, device, precision, cfg.compile)
 
