@@ -1,9 +1,9 @@
 """A tuning session from start to registration: what ``reslab tune`` runs in every worker.
 
 Workers sharing a storage share the study, its invocation (one MLflow parent run) and its trial
-budget: each worker stops starting trials once finished + running trials reach the budget, and the
-last worker out (no trial of the invocation still running) writes the summary and registers the
-best model, once.
+budget: the invocation's creator queues one trial per unit of budget and workers only take queued
+trials (``slots``), so the budget is met exactly; the last worker out (no trial of the invocation
+still running) writes the summary and registers the best model, once.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from . import ddp, parent
 from .finalize import register_best
 from .objective import Objective, TrialFailed, worker_id
 from .progress import StudyProgress
+from .slots import BudgetSpent, SlotStudy
 from .space import SearchSpace
 from .storage import describe, open_storage, reap_dead_local_trials
 
@@ -61,18 +62,6 @@ def make_pruner(opts: TuneOptions) -> BasePruner:
     if opts.pruner == "none":
         return NopPruner()
     raise ValueError(f"unknown pruner {opts.pruner!r}; choose median, hyperband or none")
-
-
-def budget_callback(inv: parent.Invocation):
-    """Stop this worker once the invocation's finished + running trials (in all workers) reach the
-    budget. Optuna's MaxTrialsCallback counts finished trials only, which lets N workers overshoot
-    by up to N-1 trials; counting the running ones too makes the total exact."""
-
-    def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if inv.finished(study) + len(inv.running(study)) >= inv.target - inv.finished_before:
-            study.stop()
-
-    return stop_at_budget
 
 
 def run_study(opts: TuneOptions) -> dict[str, Any]:
@@ -116,25 +105,28 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
     # The creator's sampler is seeded (a resume continues the stream reproducibly); workers that join
     # draw their own seeds, else they would all propose the same first trials.
     seed = base.seed + inv.finished_before if created else None
-    study.sampler = TPESampler(seed=seed, n_startup_trials=max(3, min(10, opts.trials // 3)))
+    study = SlotStudy(opts.study, storage, TPESampler(seed=seed, n_startup_trials=max(3, min(10, opts.trials // 3))),
+                      study.pruner, inv.number)
+    fail_stale(study, opts.heartbeat)  # a dead worker's trial is failed (and queued again) before slots are counted
+    if created:
+        adopted = study.provide(inv.target - inv.finished_before)
+        if adopted:
+            print(f"{adopted} trial(s) queued before this invocation run first", flush=True)
+    elif not study.wait_for_slots():
+        print("the invocation's creator never queued its trials; nothing to run here", flush=True)
     print(f"study {opts.study} ({describe(opts.storage)}), invocation {inv.number}: "
           f"{'started' if created else 'joined'} parent run {inv.parent_run_id}; budget {inv.target - inv.finished_before} trials"
           + (f", timeout {opts.timeout:.0f} s" if opts.timeout else "") + f"; worker {worker}", flush=True)
 
-    fail_stale(study, opts.heartbeat)  # a dead worker's trial is failed (and queued again) before the budget is counted
-    spent = inv.finished(study) + len(inv.running(study))
-    remaining = inv.target - inv.finished_before - spent
     timeout = None if opts.timeout is None else max(0.0, inv.started + opts.timeout - time.time())
     progress = StudyProgress(inv, study, opts.progress)
     try:
-        if remaining > 0 and (timeout is None or timeout > 0):
-            study.optimize(
-                Objective(trial_base(base), opts.space, data, exp, inv.parent_run_id),
-                # no n_trials: the budget callback stops at the shared budget, which also counts the
-                # retry of a trial whose worker died after this one started
-                timeout=timeout, catch=(TrialFailed,), gc_after_trial=True,
-                callbacks=[budget_callback(inv), progress],
-            )
+        if timeout is None or timeout > 0:
+            # no n_trials: ask() raises BudgetSpent once the invocation's queued trials are all taken
+            study.optimize(Objective(trial_base(base), opts.space, data, exp, inv.parent_run_id),
+                           timeout=timeout, catch=(TrialFailed,), gc_after_trial=True, callbacks=[progress])
+    except BudgetSpent:
+        pass
     except KeyboardInterrupt:
         progress.close()
         if not inv.running(study):

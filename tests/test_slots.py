@@ -1,0 +1,82 @@
+"""The shared trial budget under contention: several worker processes on one journal-file study,
+with an objective so short that they ask for trials at nearly the same moments. A "finished +
+running < budget" check before each ask overshot here (7 trials for a budget of 6 in CI); taking
+queued slots must give exactly the budget, each trial once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import optuna
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
+
+from tune.slots import SLOT_ATTR, SlotStudy
+
+WORKER = textwrap.dedent("""
+    import sys, time
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from tune.slots import BudgetSpent, SlotStudy
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = SlotStudy("s", JournalStorage(JournalFileBackend(sys.argv[1])), optuna.samplers.RandomSampler(),
+                      optuna.pruners.NopPruner(), int(sys.argv[2]))
+    assert study.wait_for_slots(30)
+    ran = 0
+    def objective(trial):
+        global ran
+        ran += 1
+        time.sleep(0.002)
+        return trial.suggest_float("x", 0, 1)
+    try:
+        study.optimize(objective)
+    except BudgetSpent:
+        pass
+    print(ran)
+""")
+
+
+def _study(path: Path, invocation: int) -> SlotStudy:
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    optuna.create_study(study_name="s", storage=storage, load_if_exists=True)
+    return SlotStudy("s", storage, optuna.samplers.RandomSampler(), optuna.pruners.NopPruner(), invocation)
+
+
+def _workers(path: Path, invocation: int, n: int) -> list[int]:
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(path), str(invocation)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]) for _ in range(n)]
+    out = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in out]
+    return [int(o.split()[-1]) for o, _ in out]
+
+
+def test_workers_racing_for_trials_meet_the_budget_exactly(tmp_path):
+    path = tmp_path / "journal.log"
+    study = _study(path, 1)
+    assert study.provide(40) == 0
+    ran = _workers(path, 1, 3)
+    trials = study.get_trials(deepcopy=False)
+    assert sum(ran) == 40 and sum(r > 0 for r in ran) >= 2, ran  # the workers really shared the budget
+    assert sorted(t.number for t in trials) == list(range(40))  # no trial beyond the budget
+    assert all(t.state == TrialState.COMPLETE and t.user_attrs[SLOT_ATTR] == 1 for t in trials)
+    assert len({t.params["x"] for t in trials}) == 40  # every trial sampled its own parameters
+
+
+def test_a_later_invocation_adopts_queued_trials_and_runs_only_its_budget(tmp_path):
+    path = tmp_path / "journal.log"
+    first = _study(path, 1)
+    first.provide(5)
+    first.enqueue_trial({"x": 0.25})  # queued by hand, outside any invocation
+    ran = _workers(path, 1, 1)
+    assert ran == [5]  # invocation 1 takes its own five and leaves the hand-queued trial
+    second = _study(path, 2)
+    assert second.provide(3) == 1  # the hand-queued trial is adopted as one of invocation 2's three
+    assert sum(_workers(path, 2, 2)) == 3
+    trials = second.get_trials(deepcopy=False)
+    assert len(trials) == 8, [(t.number, t.state) for t in trials]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert [t.user_attrs[SLOT_ATTR] for t in trials] == [1] * 5 + [2] * 3 and trials[5].params["x"] == 0.25
