@@ -12,6 +12,7 @@ import statistics
 
 import pytest
 
+from train.allocator import keep_freed_memory
 from train.cli import main
 
 PIPELINES = ("ceiling", "reslab", "conventional")
@@ -46,6 +47,10 @@ def test_bench_table_and_json(bench_run, capsys):
     assert p["ceiling"]["precision"] == p["reslab"]["precision"] == res["precision"]
     assert (p["conventional"]["precision"], p["conventional"]["memory_format"]) == ("fp32", "NCHW")
     assert p["conventional"]["extracted_images"] >= 16 * 2
+    # the conventional way runs in its own process with glibc's allocator defaults, as a tutorial script does;
+    # ceiling and reslab run with the settings every reslab process applies
+    assert p["conventional"]["allocator"] == "glibc malloc defaults" and "own process" in p["conventional"]["description"]
+    assert p["ceiling"]["allocator"] == p["reslab"]["allocator"] == keep_freed_memory()
     # one DataLoader worker queues 2 batches ahead, so every window starts with 2 + 1 untimed steps
     assert res["queue_depths"] == {"ceiling": 0, "reslab": 0, "conventional": 2} and res["settle_steps"] == 3
     for name in PIPELINES:

@@ -1,13 +1,16 @@
 """``reslab bench``: training images/s of reslab's pipeline against its ceiling and against the usual way.
 
-Three pipelines train the same model at the same batch size, in one process and one run:
+Three pipelines train the same model at the same batch size, side by side in one run:
 
 - ceiling: the engine's training step alone, on random tensors already in memory;
 - reslab: the real pipeline: :func:`train.engine.make_loader` (cached uint8 data, the dataset's default
   augmentation), :func:`train.engine.prepare_batch` and the engine's :class:`~train.engine.Stepper`
   (bf16 autocast + channels_last where available), i.e. exactly what ``fit`` runs per batch;
 - conventional: what most PyTorch CIFAR tutorials do: torchvision ``ImageFolder`` over image files
-  extracted from the zip, PIL transforms, a ``DataLoader`` with worker processes, fp32, NCHW.
+  extracted from the zip, PIL transforms, a ``DataLoader`` with worker processes, fp32, NCHW. It runs
+  in a process of its own, as a tutorial script does: with glibc's allocator defaults, not the
+  settings every reslab process applies (:mod:`train.allocator`; ``--conventional-allocator reslab``
+  gives it those too). Ceiling and reslab run in the benchmark's process.
 
 The machine is shared and its load drifts, so the pipelines are measured in alternating short windows
 (rounds) and the median window is reported. Pipelines that prepare batches in the background (the
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -32,6 +36,7 @@ import platform
 import statistics
 import tempfile
 import time
+import traceback
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .allocator import keep_freed_memory
 from .cli import fail
 from .config import TrainConfig, recipe
 from .data import DATASETS, ImageData, load_dataset, resolve_source, split_validation
@@ -71,8 +77,10 @@ class Pipeline:
     description: str
     precision: str
     memory_format: str
-    model: nn.Module
+    model: nn.Module | None  # None when the pipeline runs in its own process
     step: Callable[[], float]
+    params_changed: Callable[[], bool]  # since the pipeline was built
+    allocator: str
     close: Callable[[], None] = lambda: None
     windows: list[float] = field(default_factory=list)  # images/s of each timed window
     losses: list[float] = field(default_factory=list)
@@ -82,6 +90,7 @@ class Pipeline:
             "description": self.description,
             "precision": self.precision,
             "memory_format": self.memory_format,
+            "allocator": self.allocator,
             "images_per_sec": statistics.median(self.windows) if self.windows else float("nan"),
             "windows_images_per_sec": self.windows,
             "steps": len(self.losses),
@@ -113,6 +122,12 @@ def _to_float(t: torch.Tensor) -> float:
     return float(t.detach().float().cpu())
 
 
+def _changes(model: nn.Module) -> Callable[[], bool]:
+    """A check whether training has changed any parameter since now."""
+    before = [q.detach().clone() for q in model.parameters()]
+    return lambda: any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+
+
 # --------------------------------------------------------------------------- the three pipelines
 
 
@@ -128,7 +143,8 @@ def ceiling_pipeline(cfg: TrainConfig, data: ImageData, device: torch.device, pr
     y = torch.randint(0, data.num_classes, (cfg.batch_size,), generator=g).to(device)
     model.train()
     return Pipeline("ceiling", "engine step on random in-memory tensors (no loading, no augmentation)", precision,
-                    "channels_last" if cfg.channels_last else "NCHW", model, lambda: _to_float(stepper(x, y)[0]))
+                    "channels_last" if cfg.channels_last else "NCHW", model, lambda: _to_float(stepper(x, y)[0]),
+                    _changes(model), keep_freed_memory())
 
 
 def reslab_pipeline(cfg: TrainConfig, data: ImageData, device: torch.device, precision: str, total: int) -> Pipeline:
@@ -155,7 +171,8 @@ def reslab_pipeline(cfg: TrainConfig, data: ImageData, device: torch.device, pre
     aug = {"crop-flip": f"crop(pad {cfg.crop_pad})+flip, batched", "flip": "flip, batched", "none": "none",
            "album": f"albumentations in {cfg.workers} thread(s) + flip, batched"}[cfg.augment]
     return Pipeline("reslab", f"BatchLoader (uint8 in memory), {aug}", precision,
-                    "channels_last" if cfg.channels_last else "NCHW", model, step, batches.close)
+                    "channels_last" if cfg.channels_last else "NCHW", model, step, _changes(model), keep_freed_memory(),
+                    batches.close)
 
 
 def extract_images(zip_path: Path, dest: Path, per_class: int) -> int:
@@ -176,7 +193,8 @@ def extract_images(zip_path: Path, dest: Path, per_class: int) -> int:
     return len(chosen)
 
 
-def conventional_pipeline(cfg: TrainConfig, data: ImageData, device: torch.device, folder: Path, workers: int) -> Pipeline:
+def conventional_pipeline(cfg: TrainConfig, data: ImageData, device: torch.device, folder: Path, workers: int,
+                          reslab_malloc: bool = False) -> Pipeline:
     """The tutorial way: ImageFolder + PIL transforms + DataLoader workers, fp32, NCHW."""
     from torchvision import datasets, transforms
 
@@ -210,7 +228,69 @@ def conventional_pipeline(cfg: TrainConfig, data: ImageData, device: torch.devic
             dl._iterator._shutdown_workers()  # persistent workers otherwise outlive the benchmark
 
     return Pipeline("conventional", f"ImageFolder + PIL transforms + DataLoader({workers} worker processes)", "fp32",
-                    "NCHW", model, step, close)
+                    "NCHW", model, step, _changes(model), keep_freed_memory() if reslab_malloc else "glibc malloc defaults",
+                    close)
+
+
+def _serve_conventional(conn: Any, cfg: dict[str, Any], data: ImageData, device: str, folder: str, workers: int,
+                        reslab_malloc: bool) -> None:
+    """The conventional pipeline's own process: build it, then answer the benchmark's requests."""
+    try:
+        if reslab_malloc:
+            keep_freed_memory()
+        c = TrainConfig.from_dict(cfg)
+        torch.manual_seed(c.seed)
+        pipe = conventional_pipeline(c, data, torch.device(device), Path(folder), workers, reslab_malloc)
+        conn.send(("ok", (pipe.description, pipe.precision, pipe.memory_format, pipe.allocator)))
+        while (request := conn.recv()) != "close":
+            conn.send(("ok", pipe.step() if request == "step" else pipe.params_changed()))
+        pipe.close()
+        conn.send(("ok", None))
+    except (EOFError, BrokenPipeError):  # the benchmark's process is gone: nobody to answer
+        return
+    except BaseException:  # noqa: BLE001 (reported to the benchmark's process, which raises it)
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
+
+
+def conventional_process(cfg: TrainConfig, data: ImageData, device: torch.device, folder: Path, workers: int,
+                         reslab_malloc: bool = False) -> Pipeline:
+    """The conventional pipeline in a process of its own, as a tutorial script runs: with glibc's
+    allocator defaults, not the settings reslab applies to its own process (train/allocator.py).
+    Steps are requested one at a time, so its windows alternate with the others' as before."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter: nothing of this process's state
+    conn, child_conn = ctx.Pipe()
+    shape_only = dataclasses.replace(data, train_x=data.train_x[:1], train_y=data.train_y[:1],
+                                     test_x=data.test_x[:1], test_y=data.test_y[:1])
+    proc = ctx.Process(target=_serve_conventional, name="reslab-bench-conventional",
+                       args=(child_conn, cfg.to_dict(), shape_only, str(device), str(folder), workers, reslab_malloc))
+    proc.start()
+    child_conn.close()
+
+    def ask(request: str | None = None) -> Any:
+        if request is not None:
+            conn.send(request)
+        status, value = conn.recv()
+        if status == "error":
+            raise RuntimeError(f"the conventional pipeline's process failed:\n{value}")
+        return value
+
+    def close() -> None:  # also on the way out of an error or Ctrl-C: never raise over it
+        with contextlib.suppress(EOFError, OSError, RuntimeError):
+            ask("close")
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+
+    try:
+        description, precision, layout, allocator = ask()
+    except EOFError:
+        proc.join(5)
+        raise RuntimeError(f"the conventional pipeline's process died (exit code {proc.exitcode})") from None
+    return Pipeline("conventional", f"{description}, own process", precision, layout, None, lambda: ask("step"),
+                    lambda: ask("changed"), allocator, close)
 
 
 # --------------------------------------------------------------------------- measurement
@@ -365,18 +445,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 n_files = extract_images(src, Path(tmp), per_class)
                 extract_s = time.perf_counter() - t0
-                pipes.append(conventional_pipeline(cfg, data, device, Path(tmp), args.loader_workers))
-            before = {p.name: [q.detach().clone() for q in p.model.parameters()] for p in pipes}
+                pipes.append(conventional_process(cfg, data, device, Path(tmp), args.loader_workers,
+                                                  args.conventional_allocator == "reslab"))
             measure(pipes, cfg.batch_size, args.steps, args.rounds, args.warmup, settle, args.progress)
+            pipelines = {}
+            for p in pipes:  # before close(): a pipeline in its own process answers until then
+                r = p.result(cfg.batch_size)
+                r["params_changed"] = p.params_changed()
+                r["loss_finite"] = bool(np.isfinite(p.losses).all())
+                pipelines[p.name] = r
         finally:
             for p in pipes:
                 p.close()
-    pipelines = {}
-    for p in pipes:
-        r = p.result(cfg.batch_size)
-        r["params_changed"] = any(not torch.equal(a, b.detach()) for a, b in zip(before[p.name], p.model.parameters()))
-        r["loss_finite"] = bool(np.isfinite(p.losses).all())
-        pipelines[p.name] = r
     if "conventional" in pipelines:
         pipelines["conventional"].update(extracted_images=n_files, extract_seconds=extract_s)
     by_name = {p.name: p for p in pipes}
@@ -450,9 +530,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="training images/s: reslab's pipeline vs its ceiling vs the conventional way",
-        description="Measure, in one process and one run, the training throughput of the same model, batch size "
+        description="Measure, side by side in one run, the training throughput of the same model, batch size "
         "and precision three ways (ceiling: the step alone on random in-memory tensors; reslab: the real pipeline; "
-        "conventional: ImageFolder + PIL transforms + DataLoader workers, fp32, NCHW), alternating short windows "
+        "conventional: ImageFolder + PIL transforms + DataLoader workers, fp32, NCHW, in a process of its own), "
+        "alternating short windows "
         "between them; then evaluation images/s and single-image latency of a logged model. Prints a table and "
         "writes JSON with --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -475,6 +556,9 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="reslab's albumentations threads (default: TrainConfig's)")
     p.add_argument("--loader-workers", type=int, default=min(4, os.cpu_count() or 2),
                    help="DataLoader worker processes of the conventional pipeline")
+    p.add_argument("--conventional-allocator", choices=["default", "reslab"], default="default",
+                   help="malloc settings of the conventional pipeline's process: glibc's defaults, as a tutorial "
+                   "script runs, or the ones reslab applies to its own processes")
     p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), metavar="NAME", help=f"subset of {', '.join(PIPELINES)}")
     p.add_argument("--model-uri", help="logged model for the evaluation/latency numbers (default: log the benchmark's model to a temporary store)")
     p.add_argument("--eval-images", type=int, default=2000, help="test images for evaluation images/s")
