@@ -47,6 +47,9 @@ def test_bench_table_and_json(bench_run, capsys):
     assert p["ceiling"]["precision"] == p["reslab"]["precision"] == res["precision"]
     assert (p["conventional"]["precision"], p["conventional"]["memory_format"]) == ("fp32", "NCHW")
     assert p["conventional"]["extracted_images"] >= 16 * 2
+    # the step is compiled as `reslab train` would for this configuration (30 epochs of batch 16: a long run)
+    assert res["compile_reason"].startswith("auto: ")
+    assert f"step {'compiled' if res['compile'] else 'eager'} ({res['compile_reason']})" in table
     # the conventional way runs in its own process with glibc's allocator defaults, as a tutorial script does;
     # ceiling and reslab run with the settings every reslab process applies
     assert p["conventional"]["allocator"] == "glibc malloc defaults" and "own process" in p["conventional"]["description"]

@@ -68,3 +68,27 @@ def test_compiled_resnet20_trains_like_eager():
         if isinstance(a, nn.BatchNorm2d):
             assert a.num_batches_tracked.item() == b.num_batches_tracked.item() == 3
             torch.testing.assert_close(b.running_mean, a.running_mean, rtol=0.05, atol=0.02)
+
+
+def test_compile_decision_flags_win_and_auto_only_where_it_pays(monkeypatch):
+    from train.config import TrainConfig
+    from train.engine import AUTO_COMPILE_MIN_STEPS, compile_decision
+
+    cpu, long = torch.device("cpu"), AUTO_COMPILE_MIN_STEPS
+
+    def decide(steps: int = long, precision: str = "bf16", **kw) -> tuple[bool, str]:
+        return compile_decision(TrainConfig(**kw).resolved(), cpu, precision, steps)
+
+    assert decide(compile=True, model="resnet9", steps=10) == (True, "--compile")  # asked for: always
+    assert decide(compile=False) == (False, "--no-compile")
+    monkeypatch.setenv("CXX", "g++")  # the rule below does not depend on this machine's compilers
+    assert decide() == (True, f"auto: resnet20, {long} steps on a bf16 CPU")  # CIFAR-10's default model
+    assert decide(model="plain56")[0] and decide(model="resnet110")[0]
+    assert not decide(steps=long - 1)[0]  # too short to repay ~25 s of compilation
+    assert not decide(precision="fp32")[0]
+    assert not decide(model="resnet9")[0]  # Inductor's bf16 kernels give it non-finite gradients
+    assert not decide(model="resnet20", model_args={"shortcut": "B"})[0]  # not the checked variant
+    assert not decide(dataset="fer2013")[0]  # FER-2013's default model is resnet9
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("PATH", "")
+    assert decide() == (False, "auto: no C++ compiler for Inductor")

@@ -55,6 +55,7 @@ from .data import DATASETS, ImageData, load_dataset, resolve_source, split_valid
 from .engine import (
     batch_augment,
     build_model,
+    compile_decision,
     cpu_supports_bf16,
     evaluate,
     make_loader,
@@ -426,6 +427,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = load_dataset(cfg.dataset, cfg.data, progress=args.progress)
+    # compile as a training run with this configuration would (auto: by the length of that run)
+    train_steps = cfg.max_steps or cfg.epochs * (round(len(data.train_y) * (1 - cfg.val_fraction)) // cfg.batch_size)
+    compiled, compile_reason = compile_decision(cfg, device, precision, train_steps)
+    cfg = dataclasses.replace(cfg, compile=compiled)
     selected = [p for p in PIPELINES if p in args.pipelines]
     depths = queue_depths(cfg, args.loader_workers)
     settle = args.settle if args.settle is not None else max(depths[p] for p in selected) + 1
@@ -471,7 +476,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         serving = serving_metrics(model, data, cfg, device, precision, args.model_uri, args.eval_images, args.latency_calls)
     return {
         "dataset": cfg.dataset, "recipe": args.recipe, "model": cfg.model, "model_args": cfg.model_args, "batch_size": cfg.batch_size,
-        "precision": precision, "augment": cfg.augment, "compile": cfg.compile, "device": str(device),
+        "precision": precision, "augment": cfg.augment, "compile": cfg.compile, "compile_reason": compile_reason,
+        "device": str(device),
         "steps_per_pipeline": args.steps, "rounds": args.rounds, "warmup_steps": args.warmup,
         "settle_steps": settle, "queue_depths": {p: depths[p] for p in selected},
         "pipelines": pipelines, "ratios": ratios, "serving": serving,
@@ -487,7 +493,8 @@ def format_table(res: dict[str, Any]) -> str:
     lines = [f"reslab bench: {res['model']}{margs} on {res['dataset']}, batch {res['batch_size']}, {res['device']} "
              f"({m['cpu']}, {m['cores']} cores, bf16 {'yes' if m['cpu_bf16'] else 'no'}), "
              f"{res['rounds']} rounds x {res['steps_per_pipeline'] // res['rounds']} timed steps "
-             f"(each after {res['settle_steps']} untimed)",
+             f"(each after {res['settle_steps']} untimed); step {'compiled' if res['compile'] else 'eager'} "
+             f"({res['compile_reason']})",
              "",
              f"{'pipeline':<13} {'images/s':>9} {'vs ceiling':>10} {'precision':>9} {'layout':>13}  what",
              f"{'-' * 13} {'-' * 9} {'-' * 10} {'-' * 9} {'-' * 13}  {'-' * 40}"]
@@ -550,8 +557,9 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
                    "background batch queue of the pipelines plus one, so that each window times a steady state)")
     p.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="precision of ceiling and reslab (default auto)")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the step of ceiling and reslab (compilation happens in the untimed warm-up)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the step of ceiling and reslab (default: as `reslab train` decides for a run with "
+                   "this configuration; compilation happens in the untimed warm-up)")
     p.add_argument("--augment", choices=["auto", "none", "flip", "crop-flip", "album"], help="reslab's augmentation (default: the dataset's)")
     p.add_argument("--workers", type=int, help="reslab's albumentations threads (default: TrainConfig's)")
     p.add_argument("--loader-workers", type=int, default=min(4, os.cpu_count() or 2),

@@ -58,7 +58,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
-    compile: bool = False
+    compile: bool | None = None  # None: auto (train/engine.py: compile_decision)
     seed: int = 0
     # bookkeeping
     pretrained: str | None = None  # local state dict, or "torchvision"

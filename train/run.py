@@ -58,6 +58,7 @@ def train_and_log(
                     epoch_logger(int(h["epoch"]) - 1, h)
         result = fit(cfg, data, [epoch_logger], resume=resume,
                      meta={"mlflow_run_id": run.info.run_id, "run_name": run_name})
+        mlflow.set_tag("compile", result.extra["compile"])  # whether the step was compiled, and why
         logged = log_fit(result, data)
         out: dict[str, Any] = {"run_id": run.info.run_id, "result": result, **logged}
         if register:
