@@ -25,7 +25,8 @@ WORKER = textwrap.dedent("""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = SlotStudy("s", JournalStorage(JournalFileBackend(sys.argv[1])), optuna.samplers.RandomSampler(),
                       optuna.pruners.NopPruner(), int(sys.argv[2]))
-    assert study.wait_for_slots(30)
+    print("waiting", flush=True)
+    assert study.wait_for_slots(60)
     ran = 0
     def objective(trial):
         global ran
@@ -46,9 +47,14 @@ def _study(path: Path, invocation: int) -> SlotStudy:
     return SlotStudy("s", storage, optuna.samplers.RandomSampler(), optuna.pruners.NopPruner(), invocation)
 
 
-def _workers(path: Path, invocation: int, n: int) -> list[int]:
+def _workers(path: Path, invocation: int, n: int, go=lambda: None) -> list[int]:
+    """Start ``n`` workers; once all of them wait for the invocation's slots, ``go()`` (which may queue
+    them), so that they start taking trials within one poll (0.2 s) of each other."""
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(path), str(invocation)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]) for _ in range(n)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "waiting", p.stderr.read()[-2000:]
+    go()
     out = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in out]
     return [int(o.split()[-1]) for o, _ in out]
@@ -57,8 +63,7 @@ def _workers(path: Path, invocation: int, n: int) -> list[int]:
 def test_workers_racing_for_trials_meet_the_budget_exactly(tmp_path):
     path = tmp_path / "journal.log"
     study = _study(path, 1)
-    assert study.provide(40) == 0
-    ran = _workers(path, 1, 3)
+    ran = _workers(path, 1, 3, go=lambda: study.provide(40))
     trials = study.get_trials(deepcopy=False)
     assert sum(ran) == 40 and sum(r > 0 for r in ran) >= 2, ran  # the workers really shared the budget
     assert sorted(t.number for t in trials) == list(range(40))  # no trial beyond the budget
