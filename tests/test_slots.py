@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from tune.slots import SLOT_ATTR, SlotStudy
 
 WORKER = textwrap.dedent("""
-    import sys, time
+    import contextlib, sys, time
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
     from tune.slots import BudgetSpent, SlotStudy
@@ -33,10 +33,8 @@ WORKER = textwrap.dedent("""
         ran += 1
         time.sleep(0.002)
         return trial.suggest_float("x", 0, 1)
-    try:
+    with contextlib.suppress(BudgetSpent):  # how a worker stops: no slot left
         study.optimize(objective)
-    except BudgetSpent:
-        pass
     print(ran)
 """)
 

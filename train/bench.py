@@ -195,7 +195,7 @@ def extract_images(zip_path: Path, dest: Path, per_class: int) -> int:
 
 
 def conventional_pipeline(cfg: TrainConfig, data: ImageData, device: torch.device, folder: Path, workers: int,
-                          reslab_malloc: bool = False) -> Pipeline:
+                          allocator: str) -> Pipeline:
     """The tutorial way: ImageFolder + PIL transforms + DataLoader workers, fp32, NCHW."""
     from torchvision import datasets, transforms
 
@@ -229,19 +229,17 @@ def conventional_pipeline(cfg: TrainConfig, data: ImageData, device: torch.devic
             dl._iterator._shutdown_workers()  # persistent workers otherwise outlive the benchmark
 
     return Pipeline("conventional", f"ImageFolder + PIL transforms + DataLoader({workers} worker processes)", "fp32",
-                    "NCHW", model, step, _changes(model), keep_freed_memory() if reslab_malloc else "glibc malloc defaults",
-                    close)
+                    "NCHW", model, step, _changes(model), allocator, close)
 
 
 def _serve_conventional(conn: Any, cfg: dict[str, Any], data: ImageData, device: str, folder: str, workers: int,
                         reslab_malloc: bool) -> None:
     """The conventional pipeline's own process: build it, then answer the benchmark's requests."""
     try:
-        if reslab_malloc:
-            keep_freed_memory()
+        allocator = keep_freed_memory() if reslab_malloc else "glibc malloc defaults"  # before any tensor
         c = TrainConfig.from_dict(cfg)
         torch.manual_seed(c.seed)
-        pipe = conventional_pipeline(c, data, torch.device(device), Path(folder), workers, reslab_malloc)
+        pipe = conventional_pipeline(c, data, torch.device(device), Path(folder), workers, allocator)
         conn.send(("ok", (pipe.description, pipe.precision, pipe.memory_format, pipe.allocator)))
         while (request := conn.recv()) != "close":
             conn.send(("ok", pipe.step() if request == "step" else pipe.params_changed()))

@@ -9,11 +9,11 @@ or Optuna: it reports each epoch to callbacks, which may log it or stop the run.
 from __future__ import annotations
 
 import contextlib
+import io
+import math
 import os
 import re
 import shutil
-import io
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -288,7 +288,7 @@ def compile_decision(cfg: TrainConfig, device: torch.device, precision: str, tot
         return False, "auto: only on bf16 CPUs"
     if not AUTO_COMPILE_MODELS.fullmatch(cfg.model) or cfg.model_args.get("shortcut", "A") not in ("A", None):
         return False, f"auto: not for {cfg.model}{cfg.model_args or ''}"
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if distributed.env_context().enabled:
         return False, "auto: not under DDP (ask with --compile)"
     if total_steps < AUTO_COMPILE_MIN_STEPS:
         return False, f"auto: {total_steps} steps do not repay the compilation (< {AUTO_COMPILE_MIN_STEPS})"
