@@ -48,14 +48,18 @@ def _study(path: Path, invocation: int) -> SlotStudy:
 def _workers(path: Path, invocation: int, n: int, go=lambda: None) -> list[int]:
     """Start ``n`` workers; once all of them wait for the invocation's slots, ``go()`` (which may queue
     them), so that they start taking trials within one poll (0.2 s) of each other."""
+    logs = [path.parent / f"worker-{invocation}-{i}.err" for i in range(n)]
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(path), str(invocation)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]) for _ in range(n)]
-    for p in procs:
-        assert p.stdout.readline().strip() == "waiting", p.stderr.read()[-2000:]
+                              stderr=log.open("w"), text=True, cwd=Path(__file__).parents[1]) for log in logs]
+    for p, log in zip(procs, logs):
+        assert p.stdout.readline().strip() == "waiting", log.read_text()[-2000:]
     go()
-    out = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in out]
-    return [int(o.split()[-1]) for o, _ in out]
+    # the rest of stdout through the same buffered reader that read the first line (communicate() would
+    # bypass it and lose whatever it had already buffered)
+    out = [p.stdout.read() for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.wait(120) == 0, log.read_text()[-2000:]
+    return [int(o.split()[-1]) for o in out]
 
 
 def test_workers_racing_for_trials_meet_the_budget_exactly(tmp_path):
