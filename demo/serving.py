@@ -57,6 +57,18 @@ def missing_message(uri: str, dataset: str | None) -> str:
             "then start `reslab demo` again.")
 
 
+def gradcam_problem(net: Any, module: torch.nn.Module | None, channels: int, size: int) -> str | None:
+    """Why Grad-CAM cannot run on a served model, or None. The rebuilt module must compute what the
+    served graph computes, or its heatmaps would explain another network."""
+    if module is None:
+        return "no safetensors weights logged with it"
+    x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.allclose(net(x), module(x), atol=1e-3, rtol=1e-3):
+            return "the network rebuilt from its weights does not match the served graph"
+    return None
+
+
 # --------------------------------------------------------------------------- the model card
 
 
@@ -192,13 +204,13 @@ class ServedModel:
         self.std = torch.tensor(self.config["std"], dtype=torch.float32)
         self.dataset: str = self.config.get("dataset", "")
         self.card = read_card(uri)
-        self.gradcam_ok = self.module is not None and self._module_matches_graph()
+        self.gradcam_off = gradcam_problem(self.net, self.module, self.channels, self.image_size)
+        if self.gradcam_off:
+            print(f"reslab demo: Grad-CAM off for {uri}: {self.gradcam_off}", flush=True)
 
-    def _module_matches_graph(self) -> bool:
-        """The rebuilt module must compute what the served graph computes, or its heatmaps would lie."""
-        x = torch.randn(2, self.channels, self.image_size, self.image_size, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            return bool(torch.allclose(self.net(x), self.module(x), atol=1e-3, rtol=1e-3))
+    @property
+    def gradcam_ok(self) -> bool:
+        return self.gradcam_off is None
 
     @property
     def faces(self) -> bool:
@@ -257,7 +269,7 @@ class ServedModel:
                 subjects.append(Subject(s, b, probs[k], heat.get(k)))
                 k += 1
             if any(cams) and not self.gradcam_ok:
-                notes.append("Grad-CAM is unavailable for this model (no safetensors weights logged with it).")
+                notes.append(f"Grad-CAM is unavailable for this model ({self.gradcam_off}).")
             annotated = None
             if subjects[0].box is not None:
                 annotated = draw_boxes(img.rgb, [s.box for s in subjects], [self.classes[int(s.probs.argmax())] for s in subjects])

@@ -99,7 +99,8 @@ def test_trials_are_nested_runs_with_their_state(first_study):
     for t in trials:
         run = children[t.number]
         assert t.user_attrs["mlflow_run_id"] == run.info.run_id
-        assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
+        # the searched lr is for the base's batch of 128; the trial trains at lr * batch / 128
+        assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"] * t.params["batch_size"] / 128)
         assert run.data.metrics["trial_seconds"] > 0
     # per-epoch metrics carry their step; the pruned trial's epoch was logged before it stopped
     hist = MlflowClient().get_metric_history(children[0].info.run_id, "val_acc")
@@ -183,23 +184,28 @@ def test_worse_model_does_not_take_champion(first_study, store, tmp_path):
 
 
 def test_space_file_and_durations(tmp_path):
-    from tune.cli import parse_duration
+    from train.budget import parse_duration
+    from train.config import TrainConfig
     from tune.space import SearchSpace
 
     f = tmp_path / "s.yaml"
     f.write_text("label_smoothing: {low: 0.0, high: 0.2}\nmodel: [resnet20, resnet32]\nepochs: 5\n"
                  "lr: {low: 0.01, high: 0.2, log: true}\n")
-    s = SearchSpace.build("sgd", f)
+    base = TrainConfig(dataset="cifar10", model="resnet20")
+    s = SearchSpace.build(base, f)
     assert set(s.distributions) == {"lr", "batch_size", "weight_decay", "label_smoothing", "model"}
     assert s.distributions["lr"].high == 0.2 and s.distributions["lr"].log
-    assert s.distributions["batch_size"].choices == (32, 64, 128, 256)
+    assert s.distributions["batch_size"].choices == (32, 64, 128)  # a quarter, a half and all of the base's 128
+    assert s.lr_batch == 128
+    cfg = s.config(base, {"lr": 0.1, "batch_size": 32, "weight_decay": 1e-4})
+    assert cfg.lr == pytest.approx(0.025) and cfg.batch_size == 32  # linear scaling to the batch
     assert s.fixed == {"epochs": 5}
     f.write_text("test_set: [1, 2]\n")
     with pytest.raises(ValueError, match="not a searchable"):
-        SearchSpace.build("sgd", f)
+        SearchSpace.build(base, f)
     f.write_text("model: [resnet20, resnet7]\n")
     with pytest.raises(ValueError, match="unknown model"):
-        SearchSpace.build("sgd", f)
+        SearchSpace.build(base, f)
     assert [parse_duration(t) for t in ("90", "90s", "30m", "2h", "1h30m")] == [90, 90, 1800, 7200, 5400]
     with pytest.raises(ValueError):
         parse_duration("2 hours")

@@ -50,6 +50,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
     g.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
+    g.add_argument("--time-budget", metavar="DURATION", help="train for this long (e.g. 15m; training + evaluation): "
+                   "the schedule's length follows from the speed measured in the first steps, on any CPU or GPU")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--optimizer", choices=["sgd", "adamw"])
@@ -103,6 +105,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for key, value in vars(args).items():
         if key in fields and value is not None:
             merged[key] = value
+    if getattr(args, "time_budget", None) is None and (getattr(args, "epochs", None) or getattr(args, "max_steps", None)):
+        merged.pop("time_budget", None)  # --epochs/--max-steps given: a recipe's time budget gives way
     if getattr(args, "shortcut", None):
         merged["model_args"] = {**merged.get("model_args", {}), "shortcut": args.shortcut}
     cfg = TrainConfig.from_dict(merged).resolved()

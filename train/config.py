@@ -35,6 +35,7 @@ class TrainConfig:
     # how long
     epochs: int = 0  # 0: the dataset's default
     max_steps: int | None = None  # stop after this many optimizer steps (paper-style budgets)
+    time_budget: float | None = None  # seconds of wall clock (training + evaluation); the length follows from measured speed
     # optimisation
     batch_size: int = 0
     lr: float = 0.0
@@ -91,6 +92,12 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        if d.get("time_budget") is not None:  # recipes write durations: 13m, 1h30m
+            from .budget import parse_duration
+
+            d = {**d, "time_budget": parse_duration(d["time_budget"])}
+            if d["time_budget"] <= 0:
+                raise ValueError("the time budget must be above 0 seconds")
         return cls(**d)
 
 

@@ -9,6 +9,7 @@ or Optuna: it reports each epoch to callbacks, which may log it or stop the run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import os
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import normalize, random_crop_flip
+from .budget import CALIBRATION_SKIP, CALIBRATION_STEPS, Horizon, TimeBudget, format_duration
 from .config import TrainConfig
 from .data import ImageData, split_validation, stratified_subset
 from .loader import BatchLoader
@@ -38,7 +40,7 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 class DivergedError(RuntimeError):
-    """The loss became NaN or infinite: training cannot go on from here."""
+    """The loss became NaN, infinite or absurdly large: training cannot go on from here."""
 
 
 # --------------------------------------------------------------------------- machine
@@ -238,6 +240,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one training step
 
 
+# A cross-entropy this large means logits thousands apart: the run has diverged even while the loss is
+# still finite (in fp32 an exploding network can take many steps to overflow to inf or NaN).
+DIVERGED_LOSS = 1000.0
+
+
 @dataclass
 class Stepper:
     """One optimizer step on a prepared batch, with everything it updates. ``fit`` and ``reslab bench``
@@ -260,10 +267,11 @@ class Stepper:
         with autocast(self.device, self.precision):
             logits = self.step_fn(x)
             loss = self.criterion(logits.float(), y)
-        if not torch.isfinite(loss):
+        value = loss.item()  # one host sync per step, as the finiteness check always took
+        if not math.isfinite(value) or value > DIVERGED_LOSS:
             hint = "try a lower --lr" + (", or leave out --compile (Inductor's bf16 CPU kernels give non-finite "
                                          "gradients for some models, e.g. resnet9)" if self.compiled else "")
-            raise DivergedError(f"loss became {loss.item()}{where} (lr {self.sched.get_last_lr()[0]:.3g}); {hint}")
+            raise DivergedError(f"loss became {value:.4g}{where} (lr {self.sched.get_last_lr()[0]:.3g}); {hint}")
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
@@ -297,20 +305,39 @@ def compile_decision(cfg: TrainConfig, device: torch.device, precision: str, tot
     return True, f"auto: {cfg.model}, {total_steps} steps on a bf16 CPU"
 
 
-def make_stepper(cfg: TrainConfig, model: nn.Module, total_steps: int, device: torch.device, precision: str,
+def ema_with_warmup(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
+    """An EMA update whose decay ramps up as (1 + n) / (10 + n) to ``decay`` (n: updates so far). With a
+    fixed 0.99 a run of a few dozen steps, such as a low-fidelity tuning trial, would evaluate weights
+    that are still mostly the random initialisation; after ~1,000 steps it is the plain EMA."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        for a, c in zip(averaged, current):
+            if a.is_floating_point():
+                a.lerp_(c, 1 - d)
+            else:  # BatchNorm's num_batches_tracked: a counter, not something to average
+                a.copy_(c)
+
+    return update
+
+
+def make_stepper(cfg: TrainConfig, model: nn.Module, horizon: Horizon | int, device: torch.device, precision: str,
                  train_module: nn.Module | None = None) -> Stepper:
     """Optimiser, schedule, grad scaler (fp16 on CUDA), EMA and loss for ``cfg``; ``train_module``
-    runs the forward pass (a DDP wrapper), else the model itself."""
+    runs the forward pass (a DDP wrapper), else the model itself. The schedule reads ``horizon`` at
+    every step, so a time budget can set the run's length once its step time is measured."""
+    horizon = horizon if isinstance(horizon, Horizon) else Horizon(horizon)
+    total_steps = horizon.total
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(cfg.schedule, s, total_steps, cfg.warmup, cfg.milestones, cfg.gamma)
+        opt, lambda s: lr_factor(cfg.schedule, s, horizon.total, cfg.warmup, cfg.milestones, cfg.gamma)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
     ema = None
     if cfg.ema:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True
-        )
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema), use_buffers=True)
     module = model if train_module is None else train_module
     step_fn = module
     compiled, why = compile_decision(cfg, device, precision, total_steps)
@@ -344,6 +371,39 @@ def prepare_batch(xb: torch.Tensor, yb: torch.Tensor, device: torch.device, mean
     if crop or flip:
         xb = random_crop_flip(xb, crop, flip, gen)
     return normalize(xb, mean, std, channels_last), yb
+
+
+def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATION_STEPS) -> float:
+    """Training images/s of ``cfg``'s step on this machine, from a few steps on real batches (the
+    weights are thrown away). Budgets are planned from this, never from a number measured elsewhere."""
+    cfg = dataclasses.replace(cfg.resolved(), compile=False, pretrained=None, seed=cfg.seed)
+    device = select_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    model = build_model(cfg, data).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    stepper = make_stepper(cfg, model, 10 * (CALIBRATION_SKIP + steps), device, precision)
+    n = min(len(data.train_y), cfg.batch_size * (CALIBRATION_SKIP + steps + 1))
+    loader = make_loader(cfg, data.train_x[:n], data.train_y[:n], device)
+    mean, std = torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
+    crop, flip = batch_augment(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    done, images, t0 = 0, 0, 0.0
+    while done < CALIBRATION_SKIP + steps:
+        for xb, yb in loader.epoch(done):
+            if done == CALIBRATION_SKIP:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0, images = time.perf_counter(), 0
+            x, y = prepare_batch(xb, yb, device, mean, std, cfg.channels_last, crop, flip, gen)
+            stepper(x, y)
+            done, images = done + 1, images + len(y)
+            if done == CALIBRATION_SKIP + steps:
+                break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return images / max(time.perf_counter() - t0, 1e-9)
 
 
 # --------------------------------------------------------------------------- training
@@ -403,12 +463,15 @@ def fit(
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     steps_per_epoch = max(1, len(loader))
-    total_steps = cfg.epochs * steps_per_epoch
+    horizon = Horizon(cfg.epochs * steps_per_epoch)
     if cfg.max_steps:
-        total_steps = cfg.max_steps
-        cfg.epochs = math.ceil(cfg.max_steps / steps_per_epoch)
+        horizon.total = cfg.max_steps
+    budget = None
+    if cfg.time_budget:  # the horizon is planned from the measured step time (train/budget.py)
+        budget = TimeBudget(cfg.time_budget, steps_per_epoch, cfg.batch_size, len(x_val),
+                            len(x_val) + (len(data.test_y) if cfg.evaluate_test else 0), cfg.tta)
     train_module = distributed.wrap(model, dctx, device)  # DDP over several ranks, else the model itself
-    stepper = make_stepper(cfg, model, total_steps, device, precision, train_module)
+    stepper = make_stepper(cfg, model, horizon, device, precision, train_module)
     opt, sched, scaler, ema = stepper.opt, stepper.sched, stepper.scaler, stepper.ema
     crop, flip = batch_augment(cfg)
     if stepper.compiled and cfg.progress and dctx.is_main:
@@ -426,6 +489,7 @@ def fit(
         if ema is not None and ck.get("ema"):
             ema.load_state_dict(ck["ema"])
         start_epoch, step, history = ck["epoch"], ck["step"], ck["history"]
+        horizon.total = ck.get("horizon", horizon.total)
         trained_seconds, images_seen = ck.get("train_seconds", 0.0), ck.get("images_seen", 0)
         torch.set_rng_state(ck["torch_rng"])
         meta = {**ck.get("meta", {}), **(meta or {})}
@@ -433,18 +497,24 @@ def fit(
     ckpt_path = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
     # wall clock of training *and* per-epoch evaluation: the x axis of time-to-accuracy curves
     wall_start = time.perf_counter() - (history[-1].get("wall_seconds", 0.0) if history else 0.0)
+    timed_from: tuple[int, float] | None = None  # (step, train seconds) where step timing started
+    val_seconds: float | None = None  # measured per-epoch validation time
+    first_step, first_trained = step, trained_seconds
 
-    for epoch in range(start_epoch, cfg.epochs):
+    epoch = start_epoch
+    while step < horizon.total and (cfg.max_steps is None or step < cfg.max_steps):
         model.train()
         gen = torch.Generator().manual_seed(hash((cfg.seed, epoch, 1)) & 0x7FFFFFFF)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         t0 = time.perf_counter()
-        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress or not dctx.is_main, leave=False, mininterval=1.0)
+
+        epochs_planned = math.ceil(horizon.total / steps_per_epoch)
+        bar = tqdm(loader.epoch(epoch), total=min(len(loader), horizon.total - step), leave=False, mininterval=1.0,
+                   desc=f"epoch {epoch + 1}/{epochs_planned}", disable=not cfg.progress or not dctx.is_main)
         for xb, yb in bar:
-            if cfg.max_steps and step >= cfg.max_steps:
+            if step >= horizon.total:
                 break
             x, yb = prepare_batch(xb, yb, device, mean, std, cfg.channels_last, crop, flip, gen)
             loss, logits = stepper(x, yb, f" at epoch {epoch + 1}, step {step + 1}")
@@ -452,6 +522,15 @@ def fit(
             seen += len(yb)
             loss_sum += loss.detach() * len(yb)
             correct += (logits.argmax(1) == yb).sum()
+            if budget is not None and step in (first_step + CALIBRATION_SKIP, first_step + CALIBRATION_SKIP + CALIBRATION_STEPS):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                now = trained_seconds + time.perf_counter() - t0
+                if timed_from is None:
+                    timed_from = (step, now)
+                else:  # the first plan, from a few timed steps
+                    plan_horizon(budget, horizon, step, timed_from, now, time.perf_counter() - wall_start, None, dctx, device)
+                    bar.total = min(len(loader), horizon.total - step + bar.n)
             if cfg.progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
         bar.close()
@@ -473,26 +552,33 @@ def fit(
             "elapsed_seconds": trained_seconds,
         }
         if len(x_val):
+            tv = time.perf_counter()
             v = evaluate(eval_model, x_val, y_val, device, precision, mean, std, cfg.channels_last, cfg.tta, dctx)
+            val_seconds = time.perf_counter() - tv
             metrics.update(val_loss=v.loss, val_acc=v.accuracy)
         metrics["wall_seconds"] = time.perf_counter() - wall_start
+        if budget is not None:  # re-plan with the whole epoch measured
+            timed_from = timed_from or (first_step, first_trained)
+            plan_horizon(budget, horizon, step, timed_from, trained_seconds, metrics["wall_seconds"], val_seconds, dctx, device)
+            metrics["horizon_steps"] = horizon.total
         history.append(metrics)
         if ckpt_path and dctx.is_main:  # one writer; every rank resumes from the same file
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "epoch": epoch + 1, "step": step, "history": history, "config": cfg.to_dict(),
+                "epoch": epoch + 1, "step": step, "horizon": horizon.total, "history": history, "config": cfg.to_dict(),
                 "torch_rng": torch.get_rng_state(), "train_seconds": trained_seconds,
                 "images_seen": images_seen, "meta": meta or {},
             })
         if cfg.progress and dctx.is_main:
             val_txt = f" val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f}" if "val_acc" in metrics else ""
-            tqdm.write(f"epoch {epoch + 1:>3}/{cfg.epochs} train_loss {metrics['train_loss']:.4f} "
-                       f"train_acc {metrics['train_acc']:.4f}{val_txt} {metrics['images_per_sec']:.0f} img/s")
+            left = f" | ~{format_duration(cfg.time_budget - metrics['wall_seconds'])} left" if budget is not None else ""
+            tqdm.write(f"epoch {epoch + 1:>3}/{math.ceil(horizon.total / steps_per_epoch)} train_loss {metrics['train_loss']:.4f} "
+                       f"train_acc {metrics['train_acc']:.4f}{val_txt} {metrics['images_per_sec']:.0f} img/s{left}")
         for cb in callbacks:
             cb(epoch, metrics)
-        if cfg.max_steps and step >= cfg.max_steps:
-            break
+        epoch += 1
+    cfg.epochs = epoch  # what ran: a budgeted or step-limited run records its real length
 
     final = ema.module if ema is not None else model
     distributed.sync_buffers(final, dctx)
@@ -503,5 +589,20 @@ def fit(
     final.eval()
     if not history:
         warnings.warn("no epoch was trained (already finished?)", stacklevel=2)
+    extra: dict[str, Any] = {"meta": meta or {}, "compile": stepper.compile_reason, "train_images": len(x_train)}
+    if budget is not None:
+        extra["budget"] = {"budget_seconds": budget.seconds, "budget_steps": horizon.total,
+                           "budget_epochs": horizon.total / steps_per_epoch,
+                           "budget_wall_seconds": time.perf_counter() - wall_start}
     return FitResult(final, cfg, history, val, test, trained_seconds, images_seen / max(trained_seconds, 1e-9),
-                     str(device), precision, {"meta": meta or {}, "compile": stepper.compile_reason})
+                     str(device), precision, extra)
+
+
+def plan_horizon(budget: TimeBudget, horizon: Horizon, step: int, timed_from: tuple[int, float],
+                 trained_seconds: float, wall_seconds: float, val_seconds: float | None,
+                 dctx: distributed.Context, device: torch.device) -> None:
+    """Set the horizon so that the run ends at its budget, from the step time measured since
+    ``timed_from`` (step, train seconds); rank 0's plan holds for every rank."""
+    sec_per_step = (trained_seconds - timed_from[1]) / max(1, step - timed_from[0])
+    total = budget.plan(step, wall_seconds, sec_per_step, val_seconds)
+    horizon.total = int(distributed.all_sum([float(total) if dctx.is_main else 0.0], dctx, device)[0])

@@ -177,6 +177,9 @@ def log_fit(result: FitResult, data: ImageData, registered_name: str | None = No
         summary["best_val_acc"] = result.best_val_accuracy
     if result.val is not None:
         summary["final_val_acc"] = result.val.accuracy
+    summary["epochs_run"] = float(result.config.epochs)
+    summary["train_images"] = float(result.extra.get("train_images", 0))
+    summary.update(result.extra.get("budget", {}))  # a budgeted run: the budget, the horizon it chose, its wall time
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)

@@ -8,25 +8,15 @@ import re
 import time
 from typing import Any
 
+from train.budget import parse_duration
 from train.cli import add_train_args, config_from_args, fail
 
-# `make run`: a short CIFAR-10 study sized for about 15 minutes on a 2-core CPU. The search stops
-# starting trials after 12 minutes; the last trial, the test evaluation and registration follow.
+# `make run`: a study per dataset within one wall-clock budget (about 20 minutes on any machine: the
+# trials and the refits are sized from the speed measured at run time, tune/budget.py), each
+# registering <dataset>-resnet. The budget is split between the datasets by these shares.
 PRESETS: dict[str, dict[str, Any]] = {
-    # measured on an idle 2-core CPU: a 5,000-image x 4-epoch trial took 21 s, so 10,000 x 6 (most trials pruned early) fills ~15 minutes
-    "make-run": {"dataset": "cifar10", "model": "resnet20", "subset": 10000, "epochs": 6, "trials": 30,
-                 "timeout": "13m", "prune_after": 3, "study_prefix": "make-run"},
+    "make-run": {"datasets": {"cifar10": 0.55, "fer2013": 0.45}, "budget": "20m", "study_prefix": "make-run"},
 }
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from '7200', '90s', '30m', '2h' or '1h30m'."""
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"--timeout {text!r}: expected seconds or a duration like 90s, 30m, 2h, 1h30m")
-    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
 
 
 def check_batch_split(space: Any, batch_size: int, nproc: int) -> None:
@@ -48,7 +38,8 @@ def check_batch_split(space: Any, batch_size: int, nproc: int) -> None:
 def add_tune_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tune", help="search hyperparameters with Optuna; track trials in MLflow; register the best model",
-        description="Search learning rate, batch size and weight decay (or any --space) with a seeded TPE sampler, "
+        description="Search learning rate, batch size and weight decay (or any --space) around the dataset's fast "
+        "recipe (unless --model, --recipe or --config names another base) with a seeded TPE sampler, "
         "pruning poor trials on per-epoch validation accuracy. Each trial is a nested MLflow run under the study's "
         "parent run; the best model is evaluated once on the test split and registered as <dataset>-resnet "
         "(alias champion if it beats the current champion's test accuracy, else challenger). Several workers "
@@ -62,8 +53,13 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
                    "or a journal .log path (default: journal file mlruns/optuna/journal.log)")
     g.add_argument("--trials", type=int, metavar="N", help="trial budget of this invocation, shared by all its workers (default 20)")
     g.add_argument("--timeout", metavar="DURATION", help="stop starting trials after this long, e.g. 90m or 2h")
+    g.add_argument("--budget", metavar="DURATION", help="wall-clock budget of the whole invocation, e.g. 10m: this "
+                   "machine's speed is measured, trials are sized to a quarter of it (low fidelity, successive "
+                   "halving), the best configuration is refit on all training images in the rest, tested and registered")
     g.add_argument("--space", metavar="FILE.yaml", help="add or override searched dimensions (see README, Hyperparameter search)")
-    g.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median", help="(default: median)")
+    g.add_argument("--pruner", choices=["asha", "median", "hyperband", "none"],
+                   help="asha: successive halving over epochs; median: below the median of earlier trials at the same "
+                   "epoch (default: asha with --budget, else median)")
     g.add_argument("--prune-after", type=int, metavar="N", help="completed trials before the median pruner acts (default 3)")
     g.add_argument("--prune-warmup", type=int, default=1, metavar="EPOCHS",
                    help="epochs every trial gets before it may be pruned (default 1)")
@@ -74,43 +70,88 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--experiment", help="MLflow experiment (default: the dataset name)")
     g.add_argument("--nproc", type=int, default=1, metavar="N", help="train every trial data-parallel on N processes "
                    "(torchrun; DDP over gloo on CPU, NCCL on GPUs); the batch size is the global one (default 1)")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="make-run: a ~15-minute CIFAR-10 study on 2 CPU cores "
-                   "(10000-image subset, 6 epochs per trial, 30 trials or 13 minutes of search)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="make-run: a CIFAR-10 study, then a FER-2013 study, in "
+                   "20 minutes of wall clock on any machine (--budget changes it), each registering <dataset>-resnet")
     p.set_defaults(func=cmd_tune)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per trial, not per download
+    if not args.preset:
+        tune_one(args)
+        return
+    preset = PRESETS[args.preset]
+    if args.nproc > 1:
+        fail("--preset runs one process per study; for DDP trials run `reslab tune --dataset D --budget T --nproc N`")
+    shares: dict[str, float] = preset["datasets"] if not args.dataset else {args.dataset: 1.0}
+    total = parse_duration(args.budget or preset["budget"])
+    t0 = time.time()
+    rows = []
+    for i, dataset in enumerate(shares):
+        left = sum(list(shares.values())[i:])  # a study that ran long shrinks the ones after it, not the total
+        budget = max(30.0, (t0 + total - time.time()) * shares[dataset] / left)
+        print(f"\n=== {args.preset}: {dataset} ({i + 1}/{len(shares)}), budget {budget / 60:.1f} min ===", flush=True)
+        sub = argparse.Namespace(**{**vars(args), "dataset": dataset, "budget": str(round(budget)),
+                                    "study": args.study and f"{args.study}-{dataset}"})
+        rows.append(tune_one(sub, f"{preset['study_prefix']}-{dataset}"))
+    print(f"\n{args.preset} finished in {(time.time() - t0) / 60:.1f} min (budget {total / 60:.0f} min)\n")
+    print(summary_table(rows))
+    print("\n  browse the studies and the registry:  reslab ui    (or: make ui)   then open http://127.0.0.1:5000\n"
+          "  try the champions in a browser:      reslab demo  (or: make demo)  serves "
+          + " and ".join(f"models:/{r['name']}@champion" for r in rows if r.get("name")))
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """The closing table of a preset: one row per dataset's study."""
+    head = ["dataset", "trials complete/pruned/failed", "best lr / batch / wd", "trial val acc (low fidelity)", "test acc",
+            "registered", "minutes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        t = r.get("trained") or {}
+        hp = f"{t['lr']:.3g} / {t['batch_size']} / {t['weight_decay']:.2g}" if t else "-"
+        acc = f"{r['test_acc']:.4f}" if r.get("test_acc") is not None else "-"
+        val = f"{r['val_acc']:.4f}" if r.get("val_acc") is not None else "-"
+        reg = f"{r['name']} v{r['version']} ({r.get('alias', '-')})" if r.get("name") else "nothing"
+        lines.append(f"| {r['dataset']} | {r['counts']} | {hp} | {val} | {acc} | {reg} | {r['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, Any]:
+    """One study invocation (or its launch under torchrun); returns a row for the preset's table."""
     from .space import SearchSpace
     from .study import TuneOptions, run_study
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per trial, not per download
-    preset = dict(PRESETS.get(args.preset or "", {}))
-    for key in ("dataset", "model", "subset", "epochs", "trials", "timeout", "prune_after"):
-        if getattr(args, key, None) is None and key in preset:
-            setattr(args, key, preset[key])
+    t0 = time.time()
+    if args.model is None and args.recipe is None and args.config is None:
+        args.recipe = "fast-cpu"  # trials start from the dataset's fast recipe unless another base is named
     base = config_from_args(args)
     if base.val_fraction <= 0:
         fail("tuning needs a validation split: --val-fraction must be above 0")
     if args.trials is not None and args.trials < 1:
         fail("--trials must be at least 1")
+    if args.budget and args.timeout:
+        fail("--budget plans the whole invocation; leave out --timeout")
+    budget = parse_duration(str(args.budget)) if args.budget else None
+    if budget is not None and budget <= 0:
+        fail("--budget must be above 0")
     if args.init_from:
         from train.tracking import model_files, setup_tracking
 
         setup_tracking()
         base.pretrained = str(model_files(args.init_from)[1])
-    space = SearchSpace.build(base.optimizer, args.space)
+    space = SearchSpace.build(base, args.space)
     if args.nproc < 1:
         fail("--nproc must be at least 1")
     if args.nproc > 1:
         check_batch_split(space, base.batch_size, args.nproc)
-    prefix = preset.get("study_prefix", f"{base.dataset}-{base.model}")
+    prefix = prefix or f"{base.dataset}-{base.model}"
     opts = TuneOptions(
         base=base, space=space, study=args.study or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}",
-        storage=args.storage, trials=args.trials or 20,
+        storage=args.storage, trials=args.trials or (30 if budget else 20),
         timeout=parse_duration(str(args.timeout)) if args.timeout else None,
-        pruner=args.pruner, prune_after=3 if args.prune_after is None else args.prune_after,
-        prune_warmup=args.prune_warmup, heartbeat=args.heartbeat, refit=args.refit, register=args.register,
-        experiment=args.experiment, progress=base.progress,
+        pruner=args.pruner or ("asha" if budget else "median"), prune_after=3 if args.prune_after is None else args.prune_after,
+        prune_warmup=args.prune_warmup, heartbeat=args.heartbeat, refit=args.refit or budget is not None,
+        register=args.register, experiment=args.experiment, progress=base.progress, budget=budget, started=t0,
     )
     if args.nproc > 1:
         from train.distributed import launch
@@ -118,15 +159,12 @@ def cmd_tune(args: argparse.Namespace) -> None:
         if not args.study:  # every worker process of the launch must join the same study
             args.argv = [*args.argv, "--study", opts.study]
         launch(args.nproc, args.argv, "tune")
-        return
-    t0 = time.perf_counter()
+        return {"dataset": base.dataset, "counts": "-", "minutes": (time.time() - t0) / 60}
     out = run_study(opts)
     # a worker that lost the race to finalize has no "registered" key: another worker registers
     if out.get("finalized_by") and opts.register and "registered" in out and not out["registered"]:
         fail(f"no trial of study {opts.study} completed, so nothing was registered (see the trials' fail_reason)")
-    if args.preset == "make-run" and out.get("registered"):
-        reg = out["registered"]
-        print(f"\nmake run finished in {(time.perf_counter() - t0) / 60:.1f} min: {reg['name']} version {reg['version']} "
-              f"({reg.get('alias', 'registered earlier')})\n"
-              "  browse the study and the registry:  reslab ui    (or: make ui)   then open http://127.0.0.1:5000\n"
-              f"  try the model in a browser:         reslab demo  (or: make demo)  serves models:/{reg['name']}@champion")
+    counts = out.get("summary", {}).get("counts", {})
+    reg = out.get("registered") or {}
+    return {"dataset": base.dataset, "study": opts.study, "minutes": (time.time() - t0) / 60,
+            "counts": f"{counts.get('complete', 0)}/{counts.get('pruned', 0)}/{counts.get('fail', 0)}", **reg}

@@ -72,7 +72,7 @@ def follow(base: TrainConfig, space: SearchSpace, data: ImageData) -> int:
             fit(TrainConfig.from_dict(payload), data)
             continue
         trial = shared_trial(None)
-        cfg = space.config(base, space.suggest(trial))
+        cfg = space.config(TrainConfig.from_dict(payload) if payload else base, space.suggest(trial))
         trials += 1
         try:
             fit(cfg, data, [pruning_callback(trial)])

@@ -65,24 +65,37 @@ def _log_trial_model(best: optuna.trial.FrozenTrial, cfg: TrainConfig, data: Ima
     return run_id, logged
 
 
+def refit_config(cfg: TrainConfig, seconds: float | None = None, progress: bool = True) -> TrainConfig:
+    """The best trial's configuration for its refit: train + validation, tested once at the end. With
+    ``seconds`` (a budgeted study) on every training image, for as long as the budget leaves."""
+    cfg = dataclasses.replace(cfg, val_fraction=0.0, evaluate_test=True, progress=progress)
+    if seconds is not None:
+        cfg = dataclasses.replace(cfg, subset=None, time_budget=seconds, max_steps=None)
+    return cfg
+
+
 def _refit(study: optuna.Study, best: optuna.trial.FrozenTrial, cfg: TrainConfig, data: ImageData,
-           experiment_id: str, parent_run_id: str) -> tuple[str, dict[str, Any]]:
+           experiment_id: str, parent_run_id: str, seconds: float | None = None,
+           progress: bool = True) -> tuple[str, dict[str, Any]]:
     """Retrain the best configuration on train+val, then evaluate once on test."""
-    cfg = dataclasses.replace(cfg, val_fraction=0.0, evaluate_test=True)
+    cfg = refit_config(cfg, seconds, progress)
     device = select_device(cfg.device)
     tags = {"optuna.study": study.study_name, "optuna.trial": str(best.number),
             "kind": "refit", **run_tags(cfg, data, str(device), resolve_precision(cfg.precision, device))}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"refit-trial-{best.number}",
                           parent_run_id=parent_run_id, tags=tags) as run:
         mlflow.log_params(flat_params(cfg))
-        print(f"refitting trial {best.number}'s configuration on train+val ({cfg.epochs} epochs)", flush=True)
+        length = f"{cfg.time_budget:.0f} s budget" if cfg.time_budget else f"{cfg.epochs} epochs"
+        images = len(data.train_y) if cfg.subset is None else cfg.subset
+        print(f"[refit] trial {best.number}'s configuration on train+val ({images:,} images, {length}), "
+              "then [test] on the test split", flush=True)
         ddp.tell(ddp.REFIT, cfg.to_dict())  # under --nproc the other ranks train it with us
         result = fit(cfg, data, [epoch_logger])
         return run.info.run_id, log_fit(result, data)
 
 
 def register_best(study: optuna.Study, data: ImageData, experiment_id: str, parent_run_id: str,
-                  refit: bool = False) -> dict[str, Any] | None:
+                  refit: bool = False, refit_seconds: float | None = None, progress: bool = True) -> dict[str, Any] | None:
     """Test-evaluate and register the study's best trial; returns what was registered (or None)."""
     try:
         best = study.best_trial
@@ -96,16 +109,19 @@ def register_best(study: optuna.Study, data: ImageData, experiment_id: str, pare
         return {"name": name, "version": v, "trial": best.number, "already": True}
     cfg = TrainConfig.from_dict(best.user_attrs["config"])
     if refit:
-        run_id, logged = _refit(study, best, cfg, data, experiment_id, parent_run_id)
+        run_id, logged = _refit(study, best, cfg, data, experiment_id, parent_run_id, refit_seconds, progress)
     else:
         run_id, logged = _log_trial_model(best, cfg, data)
     test_acc = float(logged["summary"]["test_acc"])
     tags = {"study": study.study_name, "trial": best.number, "params": json.dumps(best.params, sort_keys=True),
             "val_acc": best.value, "test_acc": test_acc, "run_id": run_id, "refit": refit,
-            "dataset": data.name, "model": cfg.model, **{f"param.{k}": v for k, v in best.params.items()}}
+            "dataset": data.name, "model": cfg.model, **{f"param.{k}": v for k, v in best.params.items()},
+            "lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay}
+    print(f"[register] {name}: test accuracy {test_acc:.4f}", flush=True)
     mv = register_model(logged["model_info"].model_uri, name, tags)
     alias = promote(name, mv.version, test_acc)
     # a finished trial is read-only in Optuna, so the study remembers which trials became versions
     study.set_user_attr(REGISTERED_ATTR, {**study.user_attrs.get(REGISTERED_ATTR, {}), str(best.number): str(mv.version)})
     return {"name": name, "version": mv.version, "alias": alias, "trial": best.number, "val_acc": best.value,
-            "test_acc": test_acc, "run_id": run_id, "params": best.params}
+            "test_acc": test_acc, "run_id": run_id, "params": best.params,
+            "trained": {"lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay}}

@@ -60,12 +60,14 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 class Objective:
-    def __init__(self, base: TrainConfig, space: SearchSpace, data: ImageData, experiment_id: str, parent_run_id: str) -> None:
+    def __init__(self, base: TrainConfig, space: SearchSpace, data: ImageData, experiment_id: str, parent_run_id: str,
+                 on_epoch: EpochCallback | None = None) -> None:
         self.base, self.space, self.data = base, space, data
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+        self.on_epoch = on_epoch  # progress inside a trial
 
     def __call__(self, trial: optuna.Trial) -> float:
-        ddp.tell(ddp.TRIAL)  # under --nproc, the other ranks train this trial with us
+        ddp.tell(ddp.TRIAL, self.base.to_dict())  # under --nproc, the other ranks train this trial with us
         shared = ddp.shared_trial(trial)
         cfg = self.space.config(self.base, self.space.suggest(shared))
         trial.set_user_attr("config", cfg.to_dict())
@@ -105,7 +107,8 @@ class Objective:
             mlflow.end_run(MLFLOW_STATUS.get(state, "KILLED"))
 
     def _train(self, trial: optuna.Trial, shared: Any, cfg: TrainConfig) -> float:
-        result = fit(cfg, self.data, [epoch_logger, pruning_callback(shared)])
+        callbacks = [epoch_logger, *([self.on_epoch] if self.on_epoch else []), pruning_callback(shared)]
+        result = fit(cfg, self.data, callbacks)
         log_fit(result, self.data, log_model_=False)  # curves, history, summary metrics
         save_weights(result.model)
         value = result.val.accuracy

@@ -52,14 +52,15 @@ class SlotStudy(optuna.Study):
     def waiting(self) -> list[optuna.trial.FrozenTrial]:
         return self.get_trials(deepcopy=False, states=(TrialState.WAITING,))
 
-    def provide(self, budget: int) -> int:
+    def provide(self, budget: int, first: dict[str, Any] | None = None) -> int:
         """Make this invocation's slots (by its creator only): trials still queued from an earlier
-        invocation (cut short, or enqueued by hand) are adopted first, then new ones are queued."""
+        invocation (cut short, or enqueued by hand) are adopted first, then new ones are queued, the
+        first of them with the parameters ``first`` when given."""
         adopted = self.waiting()[:budget]
         for t in adopted:
             self._storage.set_trial_user_attr(t._trial_id, SLOT_ATTR, self.invocation)
-        for _ in range(budget - len(adopted)):
-            self.enqueue_trial({}, user_attrs={SLOT_ATTR: self.invocation})
+        for i in range(budget - len(adopted)):
+            self.enqueue_trial(first if i == 0 and first else {}, user_attrs={SLOT_ATTR: self.invocation})
         self.set_user_attr(ready_key(self.invocation), budget)
         return len(adopted)
 

@@ -1,7 +1,10 @@
 """The search space: Optuna distributions over :class:`train.config.TrainConfig` fields.
 
-By default exactly three dimensions are searched (learning rate, batch size, weight decay), with
-ranges that suit the optimizer. A YAML file (``--space``) adds or overrides dimensions without code
+By default exactly three dimensions are searched (learning rate, batch size, weight decay), around
+the base configuration's values (its recipe). The learning rate is coupled to the batch size: the
+searched ``lr`` is the peak rate for the base's batch size, and a trial with another batch size
+trains at ``lr * batch_size / base batch size`` (the linear scaling rule), so the two dimensions
+stay independent for the sampler. A YAML file (``--space``) adds or overrides dimensions without code
 changes; each key is a TrainConfig field and its value says how to search it::
 
     lr: {low: 0.02, high: 0.4, log: true}     # float range (log-uniform with log: true)
@@ -33,16 +36,19 @@ from train.models import list_models
 # Fields a search must not touch: they decide what data the study is about or how it is run.
 NOT_SEARCHABLE = {"dataset", "data", "download", "val_fraction", "evaluate_test", "progress", "checkpoint_dir", "device"}
 
-BATCH_SIZES = [32, 64, 128, 256]  # powers of two
+BATCH_FACTORS = (0.25, 0.5, 1.0)  # batch sizes searched: these multiples of the base's (128 -> 32, 64, 128)
 
 
-def default_distributions(optimizer: str) -> dict[str, BaseDistribution]:
-    """lr and weight decay log-uniform over ranges that suit the optimizer; batch size in powers of two."""
-    if optimizer == "adamw":  # decoupled decay: larger values, smaller steps
+def default_distributions(base: TrainConfig) -> dict[str, BaseDistribution]:
+    """lr and weight decay log-uniform around the base's values; batch sizes at and below the base's
+    (smaller batches take more steps, which a short CPU budget can afford)."""
+    if base.optimizer == "adamw":  # decoupled decay: larger values, smaller steps
         lr, wd = FloatDistribution(3e-4, 1e-2, log=True), FloatDistribution(1e-4, 1e-1, log=True)
-    else:  # SGD with Nesterov momentum and a one-cycle schedule
-        lr, wd = FloatDistribution(1e-2, 0.5, log=True), FloatDistribution(1e-5, 5e-3, log=True)
-    return {"lr": lr, "batch_size": CategoricalDistribution(BATCH_SIZES), "weight_decay": wd}
+    else:  # SGD with Nesterov momentum and a one-cycle schedule, around the recipe's values
+        lr = FloatDistribution(base.lr / 5, base.lr * 2.5, log=True)
+        wd = FloatDistribution(max(base.weight_decay, 1e-5) / 10, max(base.weight_decay, 1e-5) * 5, log=True)
+    sizes = sorted({max(8, int(base.batch_size * f)) for f in BATCH_FACTORS})
+    return {"lr": lr, "batch_size": CategoricalDistribution(sizes), "weight_decay": wd}
 
 
 def _distribution(key: str, spec: Any) -> BaseDistribution:
@@ -70,10 +76,12 @@ class SearchSpace:
 
     distributions: dict[str, BaseDistribution]
     fixed: dict[str, Any] = field(default_factory=dict)
+    lr_batch: int | None = None  # the batch size the searched lr is for (None: not coupled)
 
     @classmethod
-    def build(cls, optimizer: str = "sgd", path: str | Path | None = None) -> SearchSpace:
-        space = cls(default_distributions(optimizer))
+    def build(cls, base: TrainConfig, path: str | Path | None = None) -> SearchSpace:
+        base = base.resolved()
+        space = cls(default_distributions(base), lr_batch=base.batch_size)
         if path is None:
             return space
         p = Path(path)
@@ -89,6 +97,8 @@ class SearchSpace:
             else:
                 space.fixed[key] = value
         space.check_models()
+        if not {"lr", "batch_size"} <= set(space.distributions):
+            space.lr_batch = None  # coupling only when both are searched
         return space
 
     def check_models(self) -> None:
@@ -111,12 +121,29 @@ class SearchSpace:
         return out
 
     def config(self, base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
-        """The trial's configuration: base < fixed overrides < sampled values."""
-        return TrainConfig.from_dict({**base.to_dict(), **self.fixed, **params}).resolved()
+        """The trial's configuration: base < fixed overrides < sampled values (lr scaled to the batch)."""
+        merged = {**base.to_dict(), **self.fixed, **params}
+        if self.lr_batch and "lr" in params and "batch_size" in params:
+            merged["lr"] = params["lr"] * params["batch_size"] / self.lr_batch
+        return TrainConfig.from_dict(merged).resolved()
+
+    def base_params(self, base: TrainConfig) -> dict[str, Any]:
+        """The base configuration's own values of the searched dimensions (a study's first trial),
+        where they lie inside the space."""
+        base = base.resolved()
+        out: dict[str, Any] = {}
+        for name, d in self.distributions.items():
+            v = getattr(base, name, None)
+            if isinstance(d, CategoricalDistribution) and v in d.choices:
+                out[name] = v
+            elif isinstance(d, (FloatDistribution, IntDistribution)) and v is not None and d.low <= v <= d.high:
+                out[name] = v
+        return out
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly description, logged on the study's parent run."""
         return {
             "searched": {k: distribution_to_json(d) for k, d in self.distributions.items()},
             "fixed": dict(self.fixed),
+            "lr_for_batch": self.lr_batch,  # the searched lr is for this batch size, scaled linearly
         }

@@ -13,20 +13,22 @@ import json
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
-from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, NopPruner
+from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, NopPruner, SuccessiveHalvingPruner
 from optuna.samplers import TPESampler
 
 from train.config import TrainConfig
 from train.data import load_dataset
 from train.distributed import is_main_process, shutdown
+from train.engine import measure_throughput
 from train.tracking import experiment_id, flat_params, setup_tracking
 
 from . import ddp, parent
+from .budget import BudgetPlan, plan_budget
 from .finalize import register_best
 from .objective import Objective, TrialFailed, worker_id
 from .progress import StudyProgress
@@ -51,6 +53,8 @@ class TuneOptions:
     register: bool = True
     experiment: str | None = None
     progress: bool = True
+    budget: float | None = None  # seconds for the whole invocation (search + refit + test): tune/budget.py
+    started: float = field(default_factory=time.time)  # unix time the budget counts from
 
 
 def make_pruner(opts: TuneOptions) -> BasePruner:
@@ -59,9 +63,11 @@ def make_pruner(opts: TuneOptions) -> BasePruner:
     if opts.pruner == "hyperband":
         epochs = "auto" if "epochs" in opts.space.distributions else opts.space.fixed.get("epochs", opts.base.epochs)
         return HyperbandPruner(min_resource=max(1, opts.prune_warmup), max_resource=epochs, reduction_factor=3)
+    if opts.pruner == "asha":  # successive halving over epochs: rungs at epochs 1, 3, 9, ...; the best third goes on
+        return SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     if opts.pruner == "none":
         return NopPruner()
-    raise ValueError(f"unknown pruner {opts.pruner!r}; choose median, hyperband or none")
+    raise ValueError(f"unknown pruner {opts.pruner!r}; choose asha, median, hyperband or none")
 
 
 def run_study(opts: TuneOptions) -> dict[str, Any]:
@@ -105,25 +111,39 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
     # The creator's sampler is seeded (a resume continues the stream reproducibly); workers that join
     # draw their own seeds, else they would all propose the same first trials.
     seed = base.seed + inv.finished_before if created else None
-    study = SlotStudy(opts.study, storage, TPESampler(seed=seed, n_startup_trials=max(3, min(10, opts.trials // 3))),
-                      study.pruner, inv.number)
+    startup = 4 if opts.budget else max(3, min(10, opts.trials // 3))
+    study = SlotStudy(opts.study, storage, TPESampler(seed=seed, n_startup_trials=startup), study.pruner, inv.number)
     fail_stale(study, opts.heartbeat)  # a dead worker's trial is failed (and queued again) before slots are counted
+    plan = None
     if created:
-        adopted = study.provide(inv.target - inv.finished_before)
+        if opts.budget:  # measure this machine, size the trials; stored for the workers that join
+            plan = make_plan(opts, data)
+            study.set_user_attr(plan_key(inv.number), plan.to_dict())
+        # a new study's first trial is the base recipe itself: the search starts from what is known to work
+        first = opts.space.base_params(base) if inv.finished_before == 0 and not study.trials else None
+        adopted = study.provide(inv.target - inv.finished_before, first)
         if adopted:
             print(f"{adopted} trial(s) queued before this invocation run first", flush=True)
     elif not study.wait_for_slots():
         print("the invocation's creator never queued its trials; nothing to run here", flush=True)
+    if not created and plan_key(inv.number) in study.user_attrs:
+        plan = BudgetPlan(**study.user_attrs[plan_key(inv.number)])
     print(f"study {opts.study} ({describe(opts.storage)}), invocation {inv.number}: "
           f"{'started' if created else 'joined'} parent run {inv.parent_run_id}; budget {inv.target - inv.finished_before} trials"
           + (f", timeout {opts.timeout:.0f} s" if opts.timeout else "") + f"; worker {worker}", flush=True)
+    if plan:
+        print(plan.describe(), flush=True)
 
-    timeout = None if opts.timeout is None else max(0.0, inv.started + opts.timeout - time.time())
-    progress = StudyProgress(inv, study, opts.progress)
+    trial_cfg = plan.trial_config(trial_base(base)) if plan else trial_base(base)
+    if plan:
+        timeout = plan.search_timeout()
+    else:
+        timeout = None if opts.timeout is None else max(0.0, inv.started + opts.timeout - time.time())
+    progress = StudyProgress(inv, study, opts.progress, plan, trial_cfg.epochs)
     try:
         if timeout is None or timeout > 0:
             # no n_trials: ask() raises BudgetSpent once the invocation's queued trials are all taken
-            study.optimize(Objective(trial_base(base), opts.space, data, exp, inv.parent_run_id),
+            study.optimize(Objective(trial_cfg, opts.space, data, exp, inv.parent_run_id, progress.epoch),
                            timeout=timeout, catch=(TrialFailed,), gc_after_trial=True, callbacks=[progress])
     except BudgetSpent:
         pass
@@ -139,7 +159,22 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
             parent.end(inv, "FAILED")
         raise
     progress.close()
-    return finish(study, inv, worker, opts, data, exp)
+    return finish(study, inv, worker, opts, data, exp, plan)
+
+
+def plan_key(invocation: int) -> str:
+    return f"plan:{invocation}"
+
+
+def make_plan(opts: TuneOptions, data) -> BudgetPlan:
+    """Measure the base configuration's training speed here, then size the search for the budget."""
+    t0 = time.perf_counter()
+    probe = dataclasses.replace(trial_base(opts.base), time_budget=None)
+    rate = measure_throughput(probe, data)
+    plan = plan_budget(opts.budget, rate, len(data.train_y), probe, started=opts.started)
+    print(f"measured {rate:.0f} training images/s in {time.perf_counter() - t0:.1f} s "
+          f"({probe.model}, batch {probe.batch_size})", flush=True)
+    return plan
 
 
 def fail_stale(study: optuna.Study, heartbeat: int | None) -> None:
@@ -152,11 +187,13 @@ def fail_stale(study: optuna.Study, heartbeat: int | None) -> None:
 
 
 def trial_base(base: TrainConfig) -> TrainConfig:
-    """Trials never see the test split and keep their output to the study's one line each."""
-    return dataclasses.replace(base, evaluate_test=False, progress=False, checkpoint_dir=None)
+    """Trials never see the test split and keep their output to the study's one line each; their
+    length is epochs (comparable across trials for the pruner), never a recipe's time budget."""
+    return dataclasses.replace(base, evaluate_test=False, progress=False, checkpoint_dir=None, time_budget=None)
 
 
-def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneOptions, data, exp: str) -> dict[str, Any]:
+def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneOptions, data, exp: str,
+           plan: BudgetPlan | None = None) -> dict[str, Any]:
     """Summary and registration, by the last worker of the invocation only."""
     fail_stale(study, opts.heartbeat)
     others = inv.running(study)
@@ -169,11 +206,14 @@ def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneO
     summary = parent.summarize(study, inv)
     counts = summary["counts"]
     print(f"study {study.study_name}: {inv.finished(study)} trials this invocation; all trials: "
-          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "waiting")
+          + (f" ({counts['waiting']} queued slots not started: the search time was spent)" if counts.get("waiting") else ""))
     registered = None
     if opts.register and "best_trial" in summary:
         print(f"best trial {summary['best_trial']}: val_acc {summary['best_value']:.4f} {summary['best_params']}")
-        registered = register_best(study, data, exp, inv.parent_run_id, opts.refit)
+        refit_budget = plan.refit_seconds() if plan else None
+        registered = register_best(study, data, exp, inv.parent_run_id, opts.refit or plan is not None,
+                                   refit_budget, opts.progress)
         if registered and not registered.get("already"):
             from mlflow.tracking import MlflowClient
 

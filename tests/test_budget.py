@@ -1,0 +1,106 @@
+"""Time budgets: a run sized in seconds ends on time on whatever machine runs it, and a budgeted
+study splits its minutes as tune/budget.py says."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from train.budget import Horizon, TimeBudget, parse_duration
+from train.config import TrainConfig
+from train.engine import fit, measure_throughput
+from tune.budget import FULL_TRIALS, MIN_TRIAL_EPOCHS, MIN_TRIAL_IMAGES, SEARCH_SHARE, TRIAL_OVERHEAD, plan_budget
+
+RECIPE = TrainConfig(dataset="cifar10", model="resnet9", model_args={"width": 32}, epochs=14, batch_size=512,
+                     lr=0.4, tta=True, ema=0.99).resolved()
+
+
+def test_durations():
+    assert [parse_duration(t) for t in ("90", "90s", "30m", "2h", "1h30m", 45)] == [90, 90, 1800, 7200, 5400, 45]
+    for bad in ("2 hours", "m", "10x"):
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(bad)
+    assert TrainConfig.from_dict({"time_budget": "13m"}).time_budget == 780
+    with pytest.raises(ValueError, match="above 0"):
+        TrainConfig.from_dict({"time_budget": "0s"})
+
+
+def test_horizon_plan_spends_what_is_left():
+    b = TimeBudget(seconds=100, steps_per_epoch=50, batch_size=100, val_images=1000, final_images=2000)
+    # 0.1 s a step, 20 s spent: 80 s left, less the final evaluation and each epoch's validation
+    total = b.plan(step=200, wall_seconds=20, seconds_per_step=0.1, val_seconds_per_epoch=1.0)
+    final = b.eval_seconds(2000, 0.1)
+    assert total == 200 + int((80 - final) / (0.1 + 1.0 / 50))
+    assert b.plan(step=200, wall_seconds=120, seconds_per_step=0.1) == 200  # over budget: stop now
+    assert b.plan(step=200, wall_seconds=20, seconds_per_step=0.2) < total  # a slower machine: a shorter schedule
+
+
+@pytest.mark.parametrize("rate", [250.0, 1000.0, 20000.0])  # AVX2-only CPU, bf16 CPU, a GPU (images/s)
+def test_study_plan_scales_with_the_machine(rate):
+    budget, train_images = 600.0, 50000
+    plan = plan_budget(budget, rate, train_images, RECIPE, started=0.0)
+    assert plan.search_seconds == pytest.approx(SEARCH_SHARE * budget)
+    assert plan.trial_epochs >= MIN_TRIAL_EPOCHS
+    subset = plan.trial_subset or train_images
+    assert subset >= min(train_images, MIN_TRIAL_IMAGES)
+    if subset > MIN_TRIAL_IMAGES + 1500:  # not at the floor: FULL_TRIALS unpruned trials fit the search time
+        assert plan.trial_seconds * FULL_TRIALS <= plan.search_seconds + FULL_TRIALS * (TRIAL_OVERHEAD + 1)
+    assert plan.refit_seconds(now=plan.search_seconds) > 0.6 * budget  # the refit gets most of it
+    assert 0 < plan.search_timeout(now=0.0) <= plan.search_seconds
+    assert plan.deadline == budget
+
+
+def test_faster_machines_get_higher_fidelity():
+    slow, fast, gpu = (plan_budget(600, r, 50000, RECIPE, started=0) for r in (250, 1000, 20000))
+    assert (slow.trial_subset or 50000) < (fast.trial_subset or 50000)
+    assert gpu.trial_subset is None and gpu.trial_epochs > MIN_TRIAL_EPOCHS  # all the data, more epochs
+    assert gpu.trial_epochs <= RECIPE.epochs
+
+
+def test_budgeted_runs_end_on_time_and_scale_their_schedule(cifar):
+    """Two budgets on the same data: each ends within its budget (plus the first steps' timing slack),
+    and twice the budget trains about twice as many steps. The length was never given in epochs."""
+    runs = {}
+    for seconds in (8.0, 16.0):
+        cfg = TrainConfig(dataset="cifar10", model="resnet20", subset=4000, batch_size=64, time_budget=seconds,
+                          evaluate_test=False, progress=False, val_fraction=0.1)
+        t0 = time.perf_counter()
+        result = fit(cfg, cifar)
+        runs[seconds] = (time.perf_counter() - t0, result)
+        b = result.extra["budget"]
+        assert b["budget_seconds"] == seconds
+        assert b["budget_wall_seconds"] <= seconds * 1.15 + 1.0, b
+        assert result.history[-1]["step"] == b["budget_steps"]  # it trained the horizon it planned
+        assert result.config.epochs == len(result.history)
+    short, long = runs[8.0][1].extra["budget"]["budget_steps"], runs[16.0][1].extra["budget"]["budget_steps"]
+    assert 1.5 * short < long < 3 * short, (short, long)
+
+
+def test_measured_throughput_is_plausible(cifar):
+    cfg = TrainConfig(dataset="cifar10", model="resnet20", batch_size=64, progress=False)
+    rate = measure_throughput(cfg, cifar)
+    t0 = time.perf_counter()
+    fit(TrainConfig(dataset="cifar10", model="resnet20", subset=3200, batch_size=64, epochs=1, val_fraction=0,
+                    evaluate_test=False, progress=False), cifar)
+    fit_rate = 3200 / (time.perf_counter() - t0)  # includes model build: a lower bound of the step rate
+    assert 0.5 * fit_rate < rate < 4 * fit_rate, (rate, fit_rate)
+
+
+def test_horizon_is_read_by_the_schedule():
+    import torch
+
+    from train.engine import make_stepper
+
+    cfg = TrainConfig(dataset="cifar10", model="resnet20", schedule="onecycle", warmup=0.5, lr=1.0).resolved()
+    model = torch.nn.Linear(2, 2)
+    horizon = Horizon(100)
+    stepper = make_stepper(cfg, model, horizon, torch.device("cpu"), "fp32")
+    for _ in range(10):
+        stepper.opt.step()
+        stepper.sched.step()
+    assert stepper.sched.get_last_lr()[0] == pytest.approx(10 / 50)  # warming up over 50 steps
+    horizon.total = 1000  # the budget's plan: a longer run, so a slower warm-up from here on
+    stepper.opt.step()
+    stepper.sched.step()
+    assert stepper.sched.get_last_lr()[0] == pytest.approx(11 / 500)

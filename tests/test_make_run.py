@@ -1,0 +1,118 @@
+"""`make run`'s own code path (``reslab tune --preset make-run``) at a small budget on small real
+data: a budgeted study per dataset, low-fidelity trials under successive halving, a refit on all
+training images, one test evaluation, both champions registered, all within the wall-clock budget."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import module_store
+from train.cli import main
+from train.data import stratified_subset
+
+BUDGET = 110  # seconds for both studies, split 55/45 as the preset says
+SIZES = {"cifar10": (2000, 300), "fer2013": (1500, 300)}  # train / test images of the small copies
+
+
+@pytest.fixture(scope="module")
+def small_both(cifar, fer, tmp_path_factory) -> Path:
+    """One folder holding image-folder copies of both real datasets, as ../shared/datasets holds both."""
+    root = tmp_path_factory.mktemp("both")
+    for data in (cifar, fer):
+        n_train, n_test = SIZES[data.name]
+        for split, x, y, n in (("train", data.train_x, data.train_y, n_train), ("test", data.test_x, data.test_y, n_test)):
+            for i in stratified_subset(y, n, seed=2):
+                f = root / data.name / split / data.classes[y[i]] / f"{i}.png"
+                f.parent.mkdir(parents=True, exist_ok=True)
+                img = x[i][..., 0] if x[i].shape[-1] == 1 else x[i]
+                Image.fromarray(img).save(f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def make_run(small_both, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("make-run-store")
+    with module_store(tmp, RESLAB_CACHE=str(tmp / "cache")):
+        t0 = time.time()
+        main(["tune", "--preset", "make-run", "--budget", f"{BUDGET}s", "--data", str(small_both),
+              "--study", "mr", "--no-progress"])
+        wall = time.time() - t0
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        storage = JournalStorage(JournalFileBackend(str(tmp / "mlruns" / "optuna" / "journal.log")))
+        studies = {d: optuna.load_study(study_name=f"mr-{d}", storage=storage) for d in SIZES}
+        yield {"wall": wall, "studies": studies, "data": small_both}
+
+
+def test_the_whole_run_keeps_its_budget(make_run):
+    # the budget covers data, measuring, search, refit, test and registration of both datasets; what
+    # overruns it is the process start and the last model's export
+    assert make_run["wall"] < BUDGET * 1.15 + 15, make_run["wall"]
+
+
+@pytest.mark.parametrize("dataset", list(SIZES))
+def test_trials_train_at_the_plans_low_fidelity(make_run, dataset):
+    study = make_run["studies"][dataset]
+    plan = study.user_attrs["plan:1"]
+    assert plan["images_per_sec"] > 0 and plan["seconds"] == pytest.approx(BUDGET * (0.55 if dataset == "cifar10" else 0.45), rel=0.2)
+    trials = [t for t in study.trials if t.state.is_finished()]
+    assert trials, "no trial ran"
+    first = trials[0]
+    # the study starts from the dataset's fast recipe itself
+    assert first.user_attrs["config"]["model"] == "resnet9" and first.params["batch_size"] == first.user_attrs["config"]["batch_size"]
+    for t in trials:
+        cfg = t.user_attrs["config"]
+        assert cfg["epochs"] == plan["trial_epochs"] and cfg["subset"] == plan["trial_subset"]
+        assert cfg["val_fraction"] == plan["trial_val_fraction"] and cfg["time_budget"] is None
+        # lr is coupled to the batch size: the searched value is for the recipe's batch of 512 (256 for FER)
+        assert cfg["lr"] == pytest.approx(t.params["lr"] * t.params["batch_size"] / first.params["batch_size"])
+
+
+@pytest.mark.parametrize("dataset", list(SIZES))
+def test_successive_halving_promotes_or_stops_at_rungs(make_run, dataset):
+    """Every trial that finished an epoch was judged at rung 0 (epoch 1); a pruned trial stopped at a
+    rung, where another trial did better; a complete one was promoted through every rung."""
+    study = make_run["studies"][dataset]
+    epochs = study.user_attrs["plan:1"]["trial_epochs"]
+    rungs = [r for r in (1, 3, 9, 27) if r <= epochs]
+    judged = [t for t in study.trials if t.intermediate_values]
+    assert judged
+    for t in judged:
+        assert "completed_rung_0" in t.system_attrs
+        last = max(t.intermediate_values)
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert last in rungs, (t.number, last)
+            others = [o.intermediate_values[last] for o in judged if o is not t and last in o.intermediate_values]
+            assert others and t.intermediate_values[last] < max(others)
+        else:
+            assert t.state == optuna.trial.TrialState.COMPLETE and last == epochs
+            assert all(f"completed_rung_{i}" in t.system_attrs for i in range(len(rungs)))
+
+
+@pytest.mark.parametrize("dataset", list(SIZES))
+def test_champion_is_a_refit_on_all_training_images_tested_once(make_run, dataset):
+    client = MlflowClient()
+    study = make_run["studies"][dataset]
+    mv = client.get_model_version_by_alias(f"{dataset}-resnet", "champion")
+    assert mv.tags["study"] == f"mr-{dataset}" and mv.tags["refit"] == "True"
+    best = study.best_trial
+    assert mv.tags["trial"] == str(best.number) and json.loads(mv.tags["params"]) == best.params
+    run = client.get_run(mv.run_id)
+    assert run.info.run_name == f"refit-trial-{best.number}"
+    assert run.data.params["val_fraction"] == "0.0" and run.data.params["subset"] == "None"
+    assert run.data.metrics["train_images"] == SIZES[dataset][0]  # train + validation: every training image
+    assert float(run.data.params["time_budget"]) > 0 and run.data.metrics["budget_steps"] > 0
+    assert float(run.data.params["lr"]) == pytest.approx(best.user_attrs["config"]["lr"])
+    # the test split was evaluated once, by the refit, and nothing selected on it
+    parent = run.data.tags["mlflow.parentRunId"]
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert [r.info.run_id for r in children if "test_acc" in r.data.metrics] == [run.info.run_id]
+    assert float(mv.tags["test_acc"]) == pytest.approx(run.data.metrics["test_acc"])
+    assert run.data.metrics["test_acc"] > 1.5 / (10 if dataset == "cifar10" else 7)  # learnt something

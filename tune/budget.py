@@ -1,0 +1,96 @@
+"""How ``reslab tune --budget`` spends wall-clock minutes: search at low fidelity, refit, test.
+
+1. **Measure.** A few training steps of the base configuration give this machine's images/s
+   (a bf16 CPU, an AVX2-only CPU and a GPU differ by 4x and more; nothing is sized in epochs
+   measured elsewhere).
+2. **Search** (``SEARCH_SHARE`` of the budget). Every trial trains the base recipe on a stratified
+   subset for a few epochs, sized so that ``FULL_TRIALS`` trials run to the end within the search
+   time; successive halving (ASHA) stops most trials after their first epoch and promotes the best
+   third at each rung (epochs 1, 3, 9, ...), so several times as many configurations are tried.
+3. **Refit** (what is left, less ``FINISH_RESERVE``). The best configuration is retrained on all
+   training images (train + validation) under a time budget, so its one-cycle schedule ends on time,
+   then evaluated once on the test split and registered.
+
+On a fast machine the same rules give bigger subsets, more epochs per trial (up to the recipe's)
+and a longer refit: the budget, not the device, sets the length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from train.budget import EVAL_COST_PER_TRAIN_IMAGE, format_duration
+from train.config import TrainConfig
+
+SEARCH_SHARE = 0.25  # of the whole budget; the refit gets the rest (docs/tuning.md: why)
+FULL_TRIALS = 3  # trials that could run to their last epoch within the search time
+MIN_TRIAL_EPOCHS = 3  # successive halving needs rungs: epoch 1, then 3
+MIN_TRIAL_IMAGES = 4000  # below this a trial says little about the full-data run
+TRIAL_VAL_IMAGES = 1500  # validation images per trial (the selection's noise: ~1.2 points)
+TRIAL_OVERHEAD = 3.0  # seconds per trial outside training: model build, MLflow run, weights
+FINISH_RESERVE = 30.0  # seconds kept for logging, exporting and registering the champion
+MIN_REFIT = 20.0  # a refit always gets at least this long, even when the search ran late
+
+
+@dataclass
+class BudgetPlan:
+    seconds: float  # the whole invocation: search + refit + test + registration
+    deadline: float  # unix time at which it should end
+    images_per_sec: float  # measured at the start
+    search_seconds: float
+    trial_subset: int | None  # stratified subset of train for every trial (None: all of it)
+    trial_epochs: int
+    trial_val_fraction: float
+    trial_seconds: float  # estimated length of a trial that is never pruned
+
+    def trial_config(self, base: TrainConfig) -> TrainConfig:
+        """The low-fidelity trial: the base recipe on the subset, for ``trial_epochs``."""
+        return dataclasses.replace(base, subset=self.trial_subset, epochs=self.trial_epochs,
+                                   val_fraction=self.trial_val_fraction, time_budget=None, max_steps=None)
+
+    def search_timeout(self, now: float | None = None) -> float:
+        """Seconds from ``now`` until no new trial starts (half a trial early: the last one finishes)."""
+        now = time.time() if now is None else now
+        start = self.deadline - self.seconds
+        return max(1.0, start + self.search_seconds - 0.5 * self.trial_seconds - now)  # one trial at least
+
+    def refit_seconds(self, now: float | None = None) -> float:
+        now = time.time() if now is None else now
+        return max(MIN_REFIT, self.deadline - now - FINISH_RESERVE)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        subset = "all" if self.trial_subset is None else f"{self.trial_subset:,}"
+        return (f"budget {format_duration(self.seconds)} at {self.images_per_sec:.0f} img/s measured: search "
+                f"{format_duration(self.search_seconds)} (trials of {subset} images x {self.trial_epochs} epochs, "
+                f"~{self.trial_seconds:.0f} s unpruned), then refit on all training images and test")
+
+
+def plan_budget(seconds: float, images_per_sec: float, train_images: int, base: TrainConfig,
+                started: float | None = None) -> BudgetPlan:
+    """Size the search's trials and the refit for ``seconds`` on a machine training ``images_per_sec``."""
+    if seconds <= 0:
+        raise ValueError("the tuning budget must be above 0 seconds")
+    started = time.time() if started is None else started
+    search = SEARCH_SHARE * seconds
+    eval_factor = EVAL_COST_PER_TRAIN_IMAGE * (2 if base.tta else 1)
+    val = min(TRIAL_VAL_IMAGES, train_images // 5)  # small data (tests, a user's own folder): a fifth
+    usable = train_images - val
+    per_trial = max(1.0, search / FULL_TRIALS - TRIAL_OVERHEAD)
+    # images one unpruned trial can train in that time, its per-epoch validation included
+    trainable = images_per_sec * per_trial - val * eval_factor * MIN_TRIAL_EPOCHS
+    epochs = MIN_TRIAL_EPOCHS
+    train_part = min(usable, max(MIN_TRIAL_IMAGES, int(trainable / epochs)))
+    if train_part >= usable:  # the whole split fits: spend the rest on epochs, up to the recipe's
+        epochs = max(MIN_TRIAL_EPOCHS, min(max(base.epochs, MIN_TRIAL_EPOCHS), int(trainable / usable)))
+    subset = train_part + val
+    trial_seconds = TRIAL_OVERHEAD + epochs * (train_part + val * eval_factor) / images_per_sec
+    return BudgetPlan(seconds, started + seconds, images_per_sec, search,
+                      None if subset >= train_images else subset, epochs, round(val / subset, 4),
+                      math.ceil(trial_seconds))
