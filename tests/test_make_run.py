@@ -61,7 +61,12 @@ def test_the_whole_run_keeps_its_budget(make_run):
 def test_trials_train_at_the_plans_low_fidelity(make_run, dataset):
     study = make_run["studies"][dataset]
     plan = study.user_attrs["plan:1"]
-    assert plan["images_per_sec"] > 0 and plan["seconds"] == pytest.approx(BUDGET * (0.55 if dataset == "cifar10" else 0.45), rel=0.2)
+    assert plan["images_per_sec"] > 0
+    if dataset == "cifar10":  # the first study gets its share; the second what is left of the total
+        assert plan["seconds"] == pytest.approx(BUDGET * 0.55, rel=0.05)
+    else:
+        cifar = make_run["studies"]["cifar10"].user_attrs["plan:1"]
+        assert BUDGET * 0.45 * 0.9 <= plan["seconds"] <= BUDGET - 0.25 * cifar["seconds"]
     trials = [t for t in study.trials if t.state.is_finished()]
     assert trials, "no trial ran"
     first = trials[0]

@@ -73,7 +73,7 @@ def first_study(store):
     epoch 1 against the first), and one with an absurd learning rate (diverges, fails)."""
     study = journal_study(store, "t1")
     study.enqueue_trial({"lr": 0.05, "batch_size": 32, "weight_decay": 5e-4})
-    study.enqueue_trial({"lr": 1e-5, "batch_size": 256, "weight_decay": 5e-4})
+    study.enqueue_trial({"lr": 1e-5, "batch_size": 128, "weight_decay": 5e-4})
     study.enqueue_trial({"lr": 1e4, "batch_size": 32, "weight_decay": 5e-4})
     with pytest.warns(UserWarning, match="out of range"):  # Optuna notes the queued values outside the space
         main(["tune", "--data", store["data"], "--study", "t1", "--trials", "3", "--prune-after", "1", *COMMON])
