@@ -12,10 +12,20 @@ from PIL import Image
 from train.data import DataError, load_dataset
 
 
-def example_dir() -> Path:
-    """Under the system temp folder, which Gradio serves files from without extra allowed paths."""
-    d = Path(tempfile.gettempdir()) / "reslab-demo-examples"
-    d.mkdir(parents=True, exist_ok=True)
+EXAMPLES_VERSION = 2  # bump when the way examples are drawn or written changes: old files are not reused
+
+
+def example_dir(dataset: str, fingerprint: str) -> Path:
+    """Under the system temp folder (which Gradio serves without extra allowed paths), in a folder of this
+    user's only (0700; another user's folder of that name is not trusted), keyed by the data's fingerprint
+    and this code's version, so a changed dataset or a new release never shows stale images."""
+    uid = getattr(os, "getuid", lambda: 0)()
+    root = Path(tempfile.gettempdir()) / f"reslab-demo-examples-{uid}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    if root.is_symlink() or root.stat().st_uid != uid:
+        root = Path(tempfile.mkdtemp(prefix="reslab-demo-examples-"))
+    d = root / f"{dataset}-{fingerprint}-v{EXAMPLES_VERSION}"
+    d.mkdir(mode=0o700, exist_ok=True)
     return d
 
 
@@ -26,8 +36,7 @@ def dataset_examples(dataset: str, per_class: int = 1, enlarge: int = 4) -> list
         data = load_dataset(dataset, progress=False)
     except (DataError, FileNotFoundError, OSError):
         return []
-    out_dir = example_dir() / dataset
-    out_dir.mkdir(exist_ok=True)
+    out_dir = example_dir(dataset, data.fingerprint)
     paths = []
     for c, name in enumerate(data.classes):
         for j in np.flatnonzero(data.test_y == c)[:per_class]:

@@ -127,35 +127,108 @@ def test_cifar_python_batches(tmp_path, cifar_members):
     assert np.bincount(ds.test_y).tolist() == [6] * 10
 
 
-def test_fer_challenge_csv(tmp_path, fer_members):
-    """FER-2013's original CSV (emotion,pixels,Usage) with its own label order."""
+def write_fer_csv(path: Path, fer_members: dict[str, bytes], extra: list[list] = ()) -> Path:
+    """FER-2013's challenge CSV of the members: its own label order; test rows alternate PublicTest and
+    PrivateTest, as in the original file."""
     csv_order = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
-    path = tmp_path / "fer2013.csv"
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["emotion", "pixels", "Usage"])
-        for name, raw in fer_members.items():
+        for k, (name, raw) in enumerate(fer_members.items()):
             split, cls = name.split("/")[:2]
             px = " ".join(map(str, decode(raw, "L").reshape(-1)))
-            w.writerow([csv_order.index(cls), px, "Training" if split == "train" else "PublicTest"])
-        w.writerow([3, "1 2 3", "Training"])  # a broken row is skipped, not fatal
+            w.writerow([csv_order.index(cls), px, "Training" if split == "train" else ("PublicTest", "PrivateTest")[k % 2]])
+        for row in extra:
+            w.writerow(row)
+    return path
+
+
+def test_fer_challenge_csv_matches_the_image_folder_image_by_image(tmp_path, fer_members):
+    """Every CSV row lands in its split with its pixels *and* its label, as the image-folder copy has
+    them (a relabelling or a split mix-up fails here); a torn row is skipped and counted."""
+    path = write_fer_csv(tmp_path / "fer2013.csv", fer_members, [[3, "1 2 3", "Training"]])
     ds = load_dataset("fer2013", path, progress=False)
     ref = load_dataset("fer2013", write_zip(tmp_path / "f.zip", fer_members), progress=False)
     assert ds.classes == ref.classes and ds.skipped == 1
-    assert sorted(map(tuple, ds.train_x.reshape(len(ds.train_x), -1)[:, :8].tolist())) == sorted(
-        map(tuple, ref.train_x.reshape(len(ref.train_x), -1)[:, :8].tolist()))
-    assert sorted(ds.train_y.tolist()) == sorted(ref.train_y.tolist())
+    assert any(n.startswith("test/") for n in fer_members) and len(ds.test_y) == len(ref.test_y)
+    for split in ("train", "test"):
+        x, y = getattr(ds, f"{split}_x"), getattr(ds, f"{split}_y")
+        rx, ry = getattr(ref, f"{split}_x"), getattr(ref, f"{split}_y")
+        truth = {img.tobytes(): int(label) for img, label in zip(rx, ry)}
+        assert len(truth) == len(rx), "the fixture's images must be distinct for this comparison"
+        assert sorted(img.tobytes() for img in x) == sorted(truth)
+        assert [int(label) for label in y] == [truth[img.tobytes()] for img in x], split
 
 
-def test_cache_makes_the_second_load_fast_and_identical(tmp_path, cifar_members):
+@pytest.mark.parametrize("row, message", [
+    ([7, " ".join(["0"] * 2304), "Training"], "emotion 7 is outside 0..6"),
+    ([-1, " ".join(["0"] * 2304), "Training"], "emotion -1 is outside 0..6"),
+    ([3, " ".join(["0"] * 2303 + ["300"]), "PrivateTest"], "pixel value 300 is outside 0..255"),
+])
+def test_fer_csv_out_of_range_values_are_clear_errors(tmp_path, fer_members, row, message):
+    from train.data import DataError
+
+    path = write_fer_csv(tmp_path / "fer2013.csv", fer_members, [row])
+    with pytest.raises(DataError, match=f"line {len(fer_members) + 2}: {message}"):
+        load_dataset("fer2013", path, progress=False)
+
+
+def counting_reader(monkeypatch) -> list[int]:
+    """Count the calls of the real zip/folder decoder (it still runs: a spy, not a stand-in)."""
+    import train.data as data
+
+    calls = [0]
+    real = data.READERS["zip"]
+
+    def reader(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(data.READERS, "zip", reader)
+    return calls
+
+
+def test_cache_is_read_instead_of_decoding(tmp_path, cifar_members, monkeypatch):
+    calls = counting_reader(monkeypatch)
     src = write_zip(tmp_path / "c.zip", cifar_members)
     first = load_dataset("cifar10", src, progress=False)
-    assert list((tmp_path / "cache").glob("cifar10-*.npz"))
-    t0 = time.perf_counter()
+    assert calls[0] == 1 and list((tmp_path / "cache").glob("cifar10-*.npz"))
     second = load_dataset("cifar10", src, progress=False)
-    assert time.perf_counter() - t0 < 1.0
+    assert calls[0] == 1, "the second load decoded the images again instead of reading the cache"
     np.testing.assert_array_equal(first.train_x, second.train_x)
     assert first.fingerprint == second.fingerprint
+
+
+def test_changed_bytes_with_the_same_size_and_mtime_are_decoded_again(tmp_path, cifar_members, monkeypatch):
+    """``cp -p`` and ``rsync -t`` keep size and mtime: the cache must notice the bytes."""
+    import os
+
+    calls = counting_reader(monkeypatch)
+    src = write_zip(tmp_path / "c.zip", cifar_members)
+    first = load_dataset("cifar10", src, progress=False)
+    st = src.stat()
+    names = sorted(n for n in cifar_members if n.startswith("train/"))
+    swapped = {**cifar_members, names[0]: cifar_members[names[-1]], names[-1]: cifar_members[names[0]]}
+    write_zip(src, swapped)  # two images trade places: same members, same size
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert src.stat().st_size == st.st_size and src.stat().st_mtime_ns == st.st_mtime_ns
+    second = load_dataset("cifar10", src, progress=False)
+    assert calls[0] == 2 and first.fingerprint != second.fingerprint
+    assert not np.array_equal(first.train_x, second.train_x)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_torn_cache_file_is_rebuilt(tmp_path, cifar_members, monkeypatch, damage):
+    calls = counting_reader(monkeypatch)
+    src = write_zip(tmp_path / "c.zip", cifar_members)
+    first = load_dataset("cifar10", src, progress=False)
+    (cache,) = (tmp_path / "cache").glob("cifar10-*.npz")
+    cache.write_bytes(b"" if damage == "empty" else cache.read_bytes()[: cache.stat().st_size // 2])
+    again = load_dataset("cifar10", src, progress=False)
+    assert calls[0] == 2  # decoded anew
+    np.testing.assert_array_equal(first.train_x, again.train_x)
+    third = load_dataset("cifar10", src, progress=False)  # and the rebuilt cache serves again
+    assert calls[0] == 2 and np.array_equal(first.test_x, third.test_x)
 
 
 def test_validation_split_is_stratified_disjoint_and_fixed(cifar):

@@ -153,19 +153,17 @@ def test_model_card(in_store):
     assert "| test accuracy | n/a |" in fer and "MLflow" not in fer  # not evaluated on test; no UI to link
 
 
-def test_missing_model_is_a_one_line_error(in_store):
+@pytest.mark.parametrize("spec, says", [
+    ("models:/cifar10-resnet@no-such-alias", "--model models:/cifar10-resnet@no-such-alias: No model at"),
+    ("mnist=models:/cifar10-resnet@champion", "unknown dataset 'mnist'"),
+])
+def test_bad_model_is_a_one_line_error(in_store, capsys, spec, says):
     from demo.app import load_models
 
-    with pytest.raises(SystemExit):
-        load_models(["models:/cifar10-resnet@no-such-alias"])
-
-
-def test_cli_flags():
-    from train.cli import build_parser
-
-    args = build_parser().parse_args(["demo", "--port", "7999", "--model", "fer2013=models:/fer2013-resnet/1",
-                                      "--share", "--mlflow-ui", "http://x:5000"])
-    assert (args.host, args.port, args.share, args.model) == ("127.0.0.1", 7999, True, ["fer2013=models:/fer2013-resnet/1"])
+    with pytest.raises(SystemExit) as e:
+        load_models([spec])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("reslab: error: ") and says in err, err
 
 
 # --------------------------------------------------------------------------- a real server

@@ -126,10 +126,28 @@ def test_cli_run_is_complete_in_mlflow_and_the_model_loads_back(mlflow_store, da
     assert f"initialised {expected} tensors" in capsys.readouterr().out
 
 
-def test_cli_bad_input_is_one_clear_line(tmp_path):
+def test_cli_bad_input_is_one_clear_line_and_reslab_debug_shows_the_traceback(tmp_path):
     env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path), "RESLAB_MLRUNS": str(tmp_path / "mlruns")}
-    out = subprocess.run([str(Path(sys.executable).parent / "reslab"), "train", "--data", str(tmp_path / "missing.zip")],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    cmd = [str(Path(sys.executable).parent / "reslab"), "train", "--data", str(tmp_path / "missing.zip")]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines == [f"reslab: error: {tmp_path / 'missing.zip'}: no such file or folder (expected a cifar10 zip, image folder, or archive)"]
+    debug = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**env, "RESLAB_DEBUG": "1"}, timeout=120)
+    assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
+    assert "DataError: " in debug.stderr and "no such file or folder" in debug.stderr
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("train", ["--time-budget", "--recipe", "--resume", "--register", "--list-models"]),
+    ("tune", ["--budget", "--preset", "--pruner", "--space", "--storage", "--refit"]),
+    ("demo", ["--model", "--port", "--host"]),
+    ("bench", ["--dataset"]),
+    ("ui", ["--port"]),
+])
+def test_every_command_explains_itself(capsys, command, flags):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: reslab {command}")
+    assert all(f in out for f in flags), [f for f in flags if f not in out]

@@ -8,7 +8,7 @@ import re
 import time
 from typing import Any
 
-from train.budget import parse_duration
+from train.budget import format_duration, parse_duration
 from train.cli import add_train_args, config_from_args, fail
 
 # `make run`: a study per dataset within one wall-clock budget (about 20 minutes on any machine: the
@@ -90,7 +90,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
     for i, dataset in enumerate(shares):
         left = sum(list(shares.values())[i:])  # a study that ran long shrinks the ones after it, not the total
         budget = max(30.0, (t0 + total - time.time()) * shares[dataset] / left)
-        print(f"\n=== {args.preset}: {dataset} ({i + 1}/{len(shares)}), budget {budget / 60:.1f} min ===", flush=True)
+        print(f"\n=== {args.preset}: {dataset} ({i + 1}/{len(shares)}), budget {budget / 60:.1f} min "
+              f"({format_duration(t0 + total - time.time())} left of the whole run's {format_duration(total)}) ===", flush=True)
         sub = argparse.Namespace(**{**vars(args), "dataset": dataset, "budget": str(round(budget)),
                                     "study": args.study and f"{args.study}-{dataset}"})
         rows.append(tune_one(sub, f"{preset['study_prefix']}-{dataset}"))
