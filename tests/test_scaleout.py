@@ -77,7 +77,7 @@ def test_two_process_ddp_matches_one_process(team, cifar, tmp_path):
     """``reslab train --nproc 2`` (torchrun, gloo, 2 CPU processes) against ``fit`` in one process with
     the same global batch of 32. The only intended differences: BatchNorm statistics over each rank's
     16 images instead of 32, and float summation order. Measured: |delta loss| ~0.005, while changing
-    only the seed moves these losses by 0.02-0.06 (README, Scale out)."""
+    only the seed moves these losses by 0.02-0.06 (docs/scale-out.md)."""
     (tmp_path / "cfg.yaml").write_text("evaluate_test: false\n")
     args = ["--subset", "1000", "--val-fraction", "0.5", "--epochs", "1", "--batch-size", "32", "--lr", "0.005",
             "--augment", "none", "--precision", "fp32", "--seed", "0"]

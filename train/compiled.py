@@ -5,7 +5,7 @@ On this project's CPUs (2 cores, AVX-512 BF16, channels_last bf16 activations) i
 for that fusion ran ~8x slower than ATen's BatchNorm (forward + backward of one 128x16x32x32 block:
 20-27 ms against 3 ms), so compiling made ResNet-20's step slower. With BatchNorm wrapped in an
 opaque custom op, Inductor still fuses the element-wise work between the convolutions and BatchNorm
-runs ATen's own kernels: measured +5-7% images/s over eager for ResNet-20 (README, Performance).
+runs ATen's own kernels: measured +5-7% images/s over eager for ResNet-20 (docs/performance.md).
 
 The swap changes the class of each BatchNorm2d in place (same parameters, buffers and state-dict
 keys), so optimisers, checkpoints, EMA copies and exported models are unaffected; in eval mode the

@@ -16,7 +16,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar10": {"model": "resnet20", "lr": 0.1, "batch_size": 128, "weight_decay": 5e-4, "epochs": 30},
     # FER-2013 (48 px faces, 7 classes) wants more width than the CIFAR ResNets' 16-64 channels: the wide,
     # shallow ResNet-9 at width 32 reaches higher accuracy per minute, and its wide layers keep the bf16
-    # units busy (README, Performance).
+    # units busy (docs/performance.md).
     "fer2013": {"model": "resnet9", "model_args": {"width": 32}, "lr": 0.1, "batch_size": 128, "weight_decay": 5e-4,
                 "epochs": 30},
 }

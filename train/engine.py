@@ -283,7 +283,7 @@ class Stepper:
 
 
 AUTO_COMPILE_MODELS = re.compile(r"(resnet|plain)(20|32|44|56|110)")  # checked: the compiled step trains like eager
-AUTO_COMPILE_MIN_STEPS = 5000  # ~25 s of compilation repaid by a 5-10% faster step (README, Performance)
+AUTO_COMPILE_MIN_STEPS = 5000  # ~25 s of compilation repaid by a 5-10% faster step (docs/performance.md)
 
 
 def compile_decision(cfg: TrainConfig, device: torch.device, precision: str, total_steps: int) -> tuple[bool, str]:
@@ -376,7 +376,7 @@ def prepare_batch(xb: torch.Tensor, yb: torch.Tensor, device: torch.device, mean
 def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATION_STEPS) -> float:
     """Training images/s of ``cfg``'s step on this machine, from a few steps on real batches (the
     weights are thrown away). Budgets are planned from this, never from a number measured elsewhere."""
-    cfg = dataclasses.replace(cfg.resolved(), compile=False, pretrained=None, seed=cfg.seed)
+    cfg = dataclasses.replace(cfg.resolved(), compile=False, pretrained=None)
     device = select_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     model = build_model(cfg, data).to(device)

@@ -56,7 +56,7 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--budget", metavar="DURATION", help="wall-clock budget of the whole invocation, e.g. 10m: this "
                    "machine's speed is measured, trials are sized to a quarter of it (low fidelity, successive "
                    "halving), the best configuration is refit on all training images in the rest, tested and registered")
-    g.add_argument("--space", metavar="FILE.yaml", help="add or override searched dimensions (see README, Hyperparameter search)")
+    g.add_argument("--space", metavar="FILE.yaml", help="add or override searched dimensions (see docs/tuning-reference.md)")
     g.add_argument("--pruner", choices=["asha", "median", "hyperband", "none"],
                    help="asha: successive halving over epochs; median: below the median of earlier trials at the same "
                    "epoch (default: asha with --budget, else median)")
