@@ -24,6 +24,7 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
@@ -74,39 +75,84 @@ def finish(team, procs: dict[str, subprocess.Popen], timeout: float = 400) -> di
 
 
 def test_two_process_ddp_matches_one_process(team, cifar, tmp_path):
-    """``reslab train --nproc 2`` (torchrun, gloo, 2 CPU processes) against ``fit`` in one process with
-    the same global batch of 32. The only intended differences: BatchNorm statistics over each rank's
-    16 images instead of 32, and float summation order. Measured: |delta loss| ~0.005, while changing
-    only the seed moves these losses by 0.02-0.06 (docs/scale-out.md)."""
+    """Two DDP processes (torchrun, gloo, CPU) train well above chance and match ``fit`` in one process
+    with the same global batch of 32 and seed. The only intended differences: BatchNorm statistics over
+    each rank's 16 images instead of 32, and float summation order. Spies (tests/ddp_spy.py) record
+    what each rank trained on and evaluated: disjoint training shards that together make the epoch,
+    and evaluation slices that cover every validation image exactly once; equal weights on both ranks
+    at the end (gradients were averaged). Measured (AVX-512 bf16 CPU, fp32): val acc 0.37-0.39 after
+    3 epochs on 1,500 images (chance 0.10), DDP vs one process |delta train loss| 0.057; changing only
+    the seed moves val loss by 0.065, the thread count train loss by 0.095 (docs/scale-out.md)."""
+    import json
+    from collections import Counter
+
     (tmp_path / "cfg.yaml").write_text("evaluate_test: false\n")
-    args = ["--subset", "1000", "--val-fraction", "0.5", "--epochs", "1", "--batch-size", "32", "--lr", "0.005",
+    args = ["--subset", "2000", "--val-fraction", "0.25", "--epochs", "3", "--batch-size", "32", "--lr", "0.05",
             "--augment", "none", "--precision", "fp32", "--seed", "0"]
-    proc = subprocess.run([*RESLAB, "train", *args, "--no-progress", "--config", str(tmp_path / "cfg.yaml"),
-                           "--experiment", "ddp", "--run-name", "ddp-2", "--checkpoint-dir", str(tmp_path / "ck"),
-                           "--nproc", "2"], cwd=tmp_path, env=team.env, capture_output=True, text=True, timeout=400)
+    spy = Path(__file__).with_name("ddp_spy.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(spy),
+                           str(tmp_path / "seen"), *args, "--no-progress", "--config", str(tmp_path / "cfg.yaml"),
+                           "--experiment", "ddp", "--run-name", "ddp-2", "--checkpoint-dir", str(tmp_path / "ck")],
+                          cwd=tmp_path, env=team.env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "launching 2 data-parallel processes" in proc.stdout
     assert proc.stdout.count("MLflow run ") == 1  # rank 0 tracks, rank 1 does not
     exp = team.client.get_experiment_by_name("ddp")
     (run,) = team.client.search_runs([exp.experiment_id])  # exactly one run for two processes
     assert run.info.status == "FINISHED"
     assert (tmp_path / "ck" / "last.pt").exists()
 
+    seen = [json.loads((tmp_path / "seen" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert seen[0]["weights"] and seen[0]["weights"] == seen[1]["weights"]  # gradients averaged: one model
+    assert len(seen[0]["eval"]) == len(seen[1]["eval"]) >= 3  # one validation pass per epoch, on both ranks
+    for e0, e1 in zip(seen[0]["eval"], seen[1]["eval"]):
+        assert e0["all"] == e1["all"] and len(e0["all"]) == 500
+        assert Counter(e0["mine"]) + Counter(e1["mine"]) == Counter(e0["all"])  # every image once, none twice
+        assert e0["mine"] and e1["mine"]  # both ranks did part of the work
+
     from train.config import TrainConfig
     from train.engine import fit
 
-    ref = fit(TrainConfig(subset=1000, val_fraction=0.5, epochs=1, batch_size=32, lr=0.005, augment="none",
-                          precision="fp32", seed=0, evaluate_test=False, progress=False), cifar)
+    from train.loader import BatchLoader
+
+    single: dict[int, list[list[int]]] = {}
+    batches = BatchLoader._batches
+
+    def spy(self, epoch):  # the one-process run's batches, recorded like the ranks'
+        out = batches(self, epoch)
+        if self.shuffle:
+            single[epoch] = [[int(i) for i in b] for b in out]
+        return out
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BatchLoader, "_batches", spy)
+        torch.set_num_threads(1)  # as each rank runs (OMP_NUM_THREADS=1): the thread count alone moves these losses by ~0.1
+        try:
+            ref = fit(TrainConfig(subset=2000, val_fraction=0.25, epochs=3, batch_size=32, lr=0.05, augment="none",
+                                  precision="fp32", seed=0, evaluate_test=False, progress=False), cifar)
+        finally:
+            torch.set_num_threads(threads)
+    assert sorted(single) == [0, 1, 2] and single[0] != single[1]
+    for epoch, steps in single.items():
+        r0, r1 = seen[0]["train"][str(epoch)], seen[1]["train"][str(epoch)]
+        assert len(r0) == len(r1) == len(steps) == 1500 // 32
+        for k, (a, b, both) in enumerate(zip(r0, r1, steps)):
+            assert len(a) == len(b) == 16 and not set(a) & set(b), (epoch, k)  # each rank its own half
+            assert set(a) | set(b) == set(both), (epoch, k)  # together: the one-process step's batch
     h = ref.history[-1]
     m = run.data.metrics
     steps = [x.value for x in team.client.get_metric_history(run.info.run_id, "train_loss")]
-    assert len(steps) == 1
+    assert len(steps) == 3
     assert run.data.params["batch_size"] == "32"
     print("ddp vs one process:", {k: (round(m[k], 5), round(h[k], 5)) for k in ("train_loss", "val_loss", "train_acc", "val_acc")})
-    assert abs(m["train_loss"] - h["train_loss"]) < 0.02, (m["train_loss"], h["train_loss"])
-    assert abs(m["val_loss"] - h["val_loss"]) < 0.02, (m["val_loss"], h["val_loss"])
-    assert abs(m["val_acc"] - h["val_acc"]) < 0.04, (m["val_acc"], h["val_acc"])  # 500 images: 20 of them
-    assert abs(m["train_acc"] - h["train_acc"]) < 0.04, (m["train_acc"], h["train_acc"])
+    assert m["val_acc"] > 0.25 and h["val_acc"] > 0.25  # well above chance (0.10): the comparison means something
+    # Three epochs at lr 0.05 amplify any numerical difference (1 vs 2 threads: train loss 1.68 vs 1.58),
+    # so the outcomes agree as two runs of one algorithm do, not bit for bit; the spies above prove the
+    # mechanics exactly (same global batches, identical weights on both ranks, each image evaluated once).
+    assert abs(m["train_loss"] - h["train_loss"]) < 0.12, (m["train_loss"], h["train_loss"])
+    assert abs(m["val_loss"] - h["val_loss"]) < 0.12, (m["val_loss"], h["val_loss"])
+    assert abs(m["val_acc"] - h["val_acc"]) < 0.07, (m["val_acc"], h["val_acc"])  # 500 images: 35 of them
+    assert abs(m["train_acc"] - h["train_acc"]) < 0.06, (m["train_acc"], h["train_acc"])
 
 
 def test_tune_trials_train_on_two_processes(team, tmp_path):
