@@ -36,9 +36,20 @@ def test_short_training_learns_well_above_chance(cifar):
     assert all(h["images_per_sec"] > 0 and 0 <= h["val_acc"] <= 1 for h in result.history)
 
 
+def small_recipe(name: str = "fast-cpu", **over) -> TrainConfig:
+    """The named recipe for CIFAR-10 on a few real images and epochs (no time budget)."""
+    from train.config import recipe
+
+    d = {**recipe(name, "cifar10"), "time_budget": None, "subset": 1200, "val_fraction": 0.25, "batch_size": 128,
+         "lr": 0.1, "epochs": 3, "seed": 7, "evaluate_test": False, "progress": False, **over}
+    return TrainConfig.from_dict(d)
+
+
 def test_resume_ends_with_the_same_metrics(cifar, tmp_path):
-    """Interrupted after epoch 2 of 3 and resumed == uninterrupted (CPU, fixed seed)."""
-    cfg = TrainConfig(dataset="cifar10", subset=800, epochs=3, seed=7, evaluate_test=False, **FAST)
+    """Interrupted after epoch 2 of 3 and resumed == uninterrupted (CPU, fixed seed), on the fast-cpu
+    recipe: its EMA of the weights, flip TTA, label smoothing, Nesterov and one-cycle state all resume."""
+    cfg = small_recipe()
+    assert cfg.ema and cfg.tta and cfg.model == "resnet9"
     full = fit(TrainConfig(**{**cfg.to_dict(), "checkpoint_dir": str(tmp_path / "a")}), cifar)
 
     def stop(epoch, metrics):
@@ -54,6 +65,51 @@ def test_resume_ends_with_the_same_metrics(cifar, tmp_path):
         assert resumed.history[-1][key] == full.history[-1][key], key
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_ema_and_tta_are_what_is_evaluated(cifar):
+    """With ``ema`` the weights evaluated and returned are the average, not the last step's: the
+    same run without EMA trains identically (EMA does not feed back) but returns other weights.
+    With ``tta`` the reported accuracy is that of the flip-averaged prediction."""
+    from train.engine import evaluate
+
+    ema = fit(small_recipe(batch_size=64, lr=0.2), cifar)
+    raw = fit(small_recipe(batch_size=64, lr=0.2, ema=0.0), cifar)
+    assert [h["train_loss"] for h in ema.history] == [h["train_loss"] for h in raw.history]  # same training
+    differ = [k for k, a in ema.model.state_dict().items() if a.is_floating_point() and not torch.equal(a, raw.model.state_dict()[k])]
+    assert len(differ) > 10
+    assert ema.val.accuracy != raw.val.accuracy or not np.allclose(ema.val.probs, raw.val.probs)
+    assert ema.val.accuracy > 0.2  # well above chance (10%) after three epochs on 900 images (measured 0.34)
+
+    from train.data import split_validation, stratified_subset
+
+    idx = stratified_subset(cifar.train_y, 1200, 7)
+    _, val = split_validation(cifar.train_y[idx], 0.25, seed=0)
+    x_val, y_val = cifar.train_x[idx[val]], cifar.train_y[idx[val]]
+    assert np.array_equal(ema.val.labels, y_val)  # the same 300 validation images the run used
+    common = (torch.device("cpu"), ema.precision, torch.tensor(cifar.mean), torch.tensor(cifar.std), True)
+    flipped = evaluate(ema.model, x_val, y_val, *common, tta=True)
+    plain = evaluate(ema.model, x_val, y_val, *common, tta=False)
+    assert flipped.accuracy == ema.val.accuracy
+    np.testing.assert_allclose(flipped.probs, ema.val.probs, atol=1e-6)
+    assert not np.allclose(plain.probs, ema.val.probs, atol=1e-3)  # TTA changed what was reported
+
+
+def test_adamw_and_cosine(cifar):
+    """AdamW (decoupled decay on weights only) under a cosine schedule with warm-up trains above chance;
+    the schedule has its shape (warm-up to 1, half way 0.5, zero at the end)."""
+    from train.engine import lr_factor, make_optimizer
+
+    cfg = TrainConfig(dataset="cifar10", subset=1200, epochs=2, optimizer="adamw", lr=2e-3, weight_decay=0.05,
+                      schedule="cosine", warmup=0.1, evaluate_test=False, **FAST)
+    opt = make_optimizer(create_model("resnet20", 10, 3), cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    f = [lr_factor("cosine", s, 1000, 0.1, [], 0.1) for s in (0, 50, 100, 325, 550, 775, 1000)]
+    assert f == pytest.approx([0.0, 0.5, 1.0, 0.5 * (1 + 2**-0.5), 0.5, 0.5 * (1 - 2**-0.5), 0.0], abs=1e-9)
+    result = fit(cfg, cifar)
+    assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # decayed to zero at the last step
+    assert result.val.accuracy > 0.2, result.val.accuracy
 
 
 def test_nan_loss_stops_with_a_clear_error(cifar):
@@ -87,7 +143,20 @@ def test_cli_run_is_complete_in_mlflow_and_the_model_loads_back(mlflow_store, da
     for key in ("git_commit", "device", "torch_version", "dataset_source", "dataset_hash", "precision"):
         assert t.get(key), key
     assert t["dataset_hash"] == cifar.fingerprint
-    assert [x.step for x in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
+    val_acc = client.get_metric_history(run.info.run_id, "val_acc")
+    assert [x.step for x in val_acc] == [1, 2]
+    # the time-to-accuracy curve: the same accuracies, stepped by the wall-clock second each was reached
+    history = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="history.json")).read_text())
+    by_time = client.get_metric_history(run.info.run_id, "val_acc_by_wall_second")
+    assert [x.value for x in by_time] == [x.value for x in val_acc]
+    assert [x.step for x in by_time] == [round(h["wall_seconds"]) for h in history]
+    assert history[1]["wall_seconds"] > history[0]["wall_seconds"] > 0
+    from train.tracking import epoch_logger  # a run of minutes, where seconds and epochs part ways
+
+    with mlflow.start_run(run_name="curve") as curve:
+        epoch_logger(0, {"epoch": 1, "val_acc": 0.5, "wall_seconds": 41.6})
+        epoch_logger(1, {"epoch": 2, "val_acc": 0.7, "wall_seconds": 83.2})
+    assert [(x.step, x.value) for x in client.get_metric_history(curve.info.run_id, "val_acc_by_wall_second")] == [(42, 0.5), (83, 0.7)]
     for key in ("test_acc", "test_precision_macro", "test_recall_macro", "test_f1_macro", "test_f1_cat", "train_images_per_sec"):
         assert key in m, key
     arts = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
