@@ -112,7 +112,7 @@ def make_predict(model: ServedModel, finder: FaceFinder | None):
             if path is None:
                 continue  # a cleared input clears the outputs
             try:
-                decoded.append(decode_image(path))
+                decoded.append(decode_image(path, model.channels))
                 good.append(i)
             except BadImage as e:
                 status[i] = f"**Cannot classify this file.** {e}"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 
 UPLOAD_LIMIT = "10mb"
 QUEUE_SIZE = 64  # waiting requests beyond this are refused with "queue full" instead of piling up
@@ -32,9 +34,35 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``reslab demo`` cannot listen on host:port, or None. Checked before the models load, so a
+    port in use is a one-line error within a second, not after the start-up."""
+    if not 0 <= port <= 65535:
+        return f"--port {port} is not a port number (0-65535)"
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        return f"cannot resolve --host {host} ({e})"
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is already in use; choose another --port, or stop what is serving there"
+            return f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port or --host"
+    return None
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from train.cli import fail
+
+    problem = port_problem(args.host, args.port)
+    if problem:
+        fail(problem)
+
     from train.tracking import setup_tracking
 
     from .app import Missing, build_app, launch, load_models
@@ -49,5 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     app = build_app(entries, find_mlflow_ui(args.mlflow_ui), args.batch_size, args.examples, args.queue_size)
     try:
         launch(app, args.host, args.port, args.share, args.max_file_size)
-    except OSError as e:  # Gradio's "Cannot find empty port", or an address that cannot be bound
+    except OSError as e:  # taken while the models loaded (Gradio's "Cannot find empty port"), or unbindable
+        if "Cannot find empty port" in str(e):
+            fail(f"port {args.port} on {args.host} is already in use; choose another --port, or stop what is serving there")
         fail(f"cannot serve on {args.host}:{args.port} ({str(e).splitlines()[0]}); choose another --port or --host")

@@ -2,7 +2,8 @@
 
 Uploads are untrusted: empty, truncated, not images at all, enormous, tiny, 16-bit, palette,
 transparent or animated. Each case gets a message the UI can show instead of a traceback, and the
-conversions that change the picture (first frame of a GIF, transparency flattened) are reported.
+conversions that change the picture (first frame of a GIF, transparency flattened, 16-bit scaled, palette
+or grayscale made RGB for a colour model, colour made grayscale for a grayscale model) are named.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 40_000_000
 # Smaller than this and there is nothing to classify (the models see 32x32 or 48x48 pixels).
 MIN_SIDE = 8
+
+PALETTE_MODES = frozenset({"P", "PA"})
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 class BadImage(ValueError):
@@ -46,8 +50,26 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def decode_image(path: str | Path | None) -> Decoded:
-    """Open ``path`` defensively; raise :class:`BadImage` with a user-facing reason on failure."""
+def channel_note(mode: str, channels: int | None) -> str | None:
+    """The note naming the colour conversion an upload of Pillow ``mode`` needs for a model with
+    ``channels`` input channels (3: RGB, 1: grayscale), or None when it needs none."""
+    if channels not in (1, 3):
+        return None
+    target = "RGB" if channels == 3 else "grayscale"
+    if mode in PALETTE_MODES:
+        return f"Converted palette image to {target}."
+    if mode in GRAY_MODES:
+        return "Converted grayscale image to RGB (the model expects colour)." if channels == 3 else None
+    if channels == 1:
+        return "Converted colour image to grayscale (the model expects one channel)."
+    if mode not in ("RGB", "RGBA", "RGBa", "RGBX"):  # CMYK, YCbCr, LAB, HSV
+        return f"Converted {mode} image to RGB."
+    return None
+
+
+def decode_image(path: str | Path | None, channels: int | None = None) -> Decoded:
+    """Open ``path`` defensively; raise :class:`BadImage` with a user-facing reason on failure.
+    With ``channels`` (the model's: 3 or 1) the notes also name the colour conversion it needs."""
     if path is None:
         raise BadImage("No image given: upload a photo, paste one, or click an example.")
     p = Path(path)
@@ -100,4 +122,7 @@ def decode_image(path: str | Path | None) -> Decoded:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, rgba)
     rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    note = channel_note(mode, channels)
+    if note:
+        notes.append(note)
     return Decoded(rgb=rgb, notes=notes, source_size=(w, h), mode=mode)

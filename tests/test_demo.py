@@ -115,24 +115,104 @@ def test_prediction_function_on_real_test_images(dataset, in_store, request, tmp
     assert agree == 1.0 if dataset == "cifar10" else agree >= 0.9
 
 
-def test_grad_cam_and_faces(in_store, fer, tmp_path):
-    """Several faces: one answer per face, largest first, each crop shown with its Grad-CAM."""
+def test_conversions_are_named(in_store, cifar, fer, tmp_path):
+    """Uploads in a mode the model does not take are converted and classified, and the status names the
+    conversion: palette and grayscale (8- and 16-bit) for the colour CIFAR-10 model, colour and palette
+    for the grayscale FER-2013 model. Real test images, turned into those modes; uploads already in
+    the model's mode get no such note. Grayscale becomes RGB by repeating the channel, so a grayscale
+    upload must score like the same picture saved as RGB."""
     from demo.app import make_predict
-    from demo.examples import dataset_examples
     from demo.faces import FaceFinder
     from demo.serving import ServedModel, default_uri
 
+    photo, face = Image.fromarray(cifar.test_x[0]), Image.fromarray(fer.test_x[0][..., 0])
+    gray = photo.convert("L")
+    cases = {  # dataset -> name -> (image, Pillow mode it must reopen as, the note or None)
+        "cifar10": {
+            "rgb": (photo, "RGB", None),
+            "palette": (photo.convert("P", palette=Image.Palette.ADAPTIVE), "P", "Converted palette image to RGB."),
+            "gray": (gray, "L", "Converted grayscale image to RGB (the model expects colour)."),
+            "gray-alpha": (gray.convert("LA"), "LA", "Converted grayscale image to RGB (the model expects colour)."),
+            "gray-16bit": (Image.fromarray(np.asarray(gray).astype(np.uint16) * 257), "I;16",
+                           "Converted grayscale image to RGB (the model expects colour)."),
+            "gray-as-rgb": (gray.convert("RGB"), "RGB", None),
+        },
+        "fer2013": {
+            "gray": (face, "L", None),
+            "colour-photo": (photo.resize((96, 96)), "RGB", "Converted colour image to grayscale (the model expects one channel)."),
+            "face-as-rgb": (face.convert("RGB"), "RGB", "Converted colour image to grayscale (the model expects one channel)."),
+            "palette": (face.convert("P", palette=Image.Palette.ADAPTIVE), "P", "Converted palette image to grayscale."),
+        },
+    }
+    for dataset, named in cases.items():
+        model = ServedModel(default_uri(dataset))
+        paths = []
+        for name, (im, mode, _) in named.items():
+            im.save(tmp_path / f"{dataset}-{name}.png")
+            assert Image.open(tmp_path / f"{dataset}-{name}.png").mode == mode, name  # the upload is what it claims
+            paths.append(str(tmp_path / f"{dataset}-{name}.png"))
+        labels, _, _, status = make_predict(model, FaceFinder() if model.faces else None)(paths, [False] * len(paths))
+        got = dict(zip(named, zip(labels, status)))
+        for name, (_, _, note) in named.items():
+            label, text = got[name]
+            assert label and "Inference" in text, (dataset, name, text)  # classified
+            if note:
+                assert f"> {note}" in text, (dataset, name, text)
+            else:
+                assert "Converted" not in text, (dataset, name, text)
+        if dataset == "cifar10":
+            for name in ("gray", "gray-alpha", "gray-16bit"):  # 16-bit: v*257 >> 8 is v again
+                assert np.allclose(list(got[name][0].values()), list(got["gray-as-rgb"][0].values()), atol=1e-5), name
+
+
+def face_collage(fer, scales: tuple[int, ...], path: Path) -> list[np.ndarray]:
+    """Real FER-2013 test faces (the first happy, angry and neutral ones), enlarged ``scales`` times,
+    side by side on grey in that order; returns the original 48x48 faces."""
     import cv2
+
+    picks = [int(np.flatnonzero(fer.test_y == fer.classes.index(c))[0]) for c in ("happy", "angry", "neutral")]
+    faces = [fer.test_x[j][..., 0] for j in picks]
+    tiles = [cv2.resize(f, (48 * s, 48 * s), interpolation=cv2.INTER_LINEAR) for f, s in zip(faces, scales)]
+    height = max(t.shape[0] for t in tiles) + 48
+    row = [np.pad(t, (((height - len(t)) // 2, (height - len(t) + 1) // 2), (24, 24)), constant_values=128) for t in tiles]
+    save_png(np.concatenate(row, axis=1)[..., None], path)
+    return faces
+
+
+def test_grad_cam_and_faces(in_store, fer, tmp_path):
+    """Several faces: one answer per face, largest first, each crop shown with its Grad-CAM.
+    The faces in the photo have three different sizes, the largest in the middle, so the order can be
+    wrong: each crop in the gallery is matched back to the face it shows (by correlation with that
+    face, which must win clearly), and the faces must come by size, largest first."""
+    import cv2
+
+    from demo.app import make_predict
+    from demo.faces import FaceFinder
+    from demo.serving import ServedModel, default_uri
 
     assert hasattr(cv2, "CascadeClassifier"), f"OpenCV {cv2.__version__} ships no Haar cascades: needs opencv-python-headless<5"
     model = ServedModel(default_uri("fer2013"))
     assert model.gradcam_ok, "the rebuilt module must match the pt2 graph"
-    collage = [p for p in dataset_examples("fer2013") if p.endswith("three-faces.png")][0]
+    scales = (2, 5, 3)  # left to right: 96, 240 and 144 px faces
+    faces = face_collage(fer, scales, tmp_path / "three-sizes.png")
     blank = save_png(np.full((120, 160, 3), 200, np.uint8), tmp_path / "blank.png")
-    labels, galleries, annotated, status = make_predict(model, FaceFinder())([collage, blank], [True, True])
+    labels, galleries, annotated, status = make_predict(model, FaceFinder())([str(tmp_path / "three-sizes.png"), blank],
+                                                                             [True, True])
     assert "3 faces, largest first" in status[0], status[0]
     assert annotated[0] is not None and len(galleries[0]) == 6  # crop + Grad-CAM for each of 3 faces
-    assert [c for _, c in galleries[0]][1].startswith("face 1: Grad-CAM")
+    captions = [c for _, c in galleries[0]]
+    assert [c.split(":")[0] for c in captions[::2]] == ["face 1", "face 2", "face 3"], captions
+    assert all(c.startswith(f"face {n}: Grad-CAM") for n, c in zip((1, 2, 3), captions[1::2])), captions
+    # the 48x48 crop the model saw, shown enlarged 4x (nearest neighbour), against each face with a
+    # margin of grey like the detector's
+    refs = [cv2.resize(np.pad(f, 7, constant_values=128), (48, 48), interpolation=cv2.INTER_AREA).ravel() for f in faces]
+    shown = []
+    for crop, _ in galleries[0][::2]:
+        corr = [float(np.corrcoef(crop[::4, ::4, 0].astype(float).ravel(), r.astype(float))[0, 1]) for r in refs]
+        best, second = sorted(corr, reverse=True)[:2]
+        assert best - second > 0.2, corr  # unambiguous: the crop is that face
+        shown.append(scales[corr.index(best)])
+    assert shown == sorted(scales, reverse=True), f"face scales in gallery order: {shown}"
     assert "No face found: classified the whole image." in status[1] and annotated[1] is None
     heat = [img for img, c in galleries[0] if "Grad-CAM" in c][0]
     assert heat.shape[2] == 3 and heat.std() > 5  # a real heatmap, not a flat overlay
@@ -258,6 +338,8 @@ def test_upload_size_is_capped(server, client, tmp_path):
 def test_50_concurrent_requests(client, cifar, tmp_path):
     from gradio_client import handle_file
 
+    from demo.cli import BATCH_SIZE
+
     paths = [save_png(cifar.test_x[i], tmp_path / f"c{i}.png") for i in range(50)]
 
     def one(path: str) -> tuple[float, dict, str]:
@@ -274,12 +356,95 @@ def test_50_concurrent_requests(client, cifar, tmp_path):
     print(f"\n50 concurrent requests: all answered in {wall:.1f} s; latency p50 {np.percentile(lat, 50):.0f} ms, "
           f"p95 {np.percentile(lat, 95):.0f} ms, max {lat.max():.0f} ms; largest batch {max(batches)}")
     assert all(r[1] is not None and r[1]["label"] in cifar.classes for r in results)
-    assert max(batches) > 1  # concurrent requests were merged into batched forward passes
+    # Concurrent requests were merged into batched forward passes, never more than the app's limit
+    # (demo/cli.py BATCH_SIZE, the default of build_app and of `reslab demo --batch-size`) ...
+    assert 1 < max(batches) <= BATCH_SIZE, sorted(batches)
+    # ... and the sizes are real: a forward pass over b images answers b requests, each saying b.
+    assert all(batches.count(b) % b == 0 for b in set(batches)), sorted(batches)
 
     seq = []
     for p in paths[:10]:
         seq.append(one(p)[0] * 1000)
     print(f"one at a time: p50 {np.percentile(seq, 50):.0f} ms, p95 {np.percentile(seq, 95):.0f} ms")
+
+
+def test_reslab_demo_process(in_store, cifar, tmp_path):
+    """The installed `reslab demo` command as a process. (1) A port in use: one line on stderr, no
+    traceback, exit code 2, before any model loads. (2) Two `--model`s of one dataset: side-by-side
+    tabs, each serving its version, beside the other dataset's champion. (3) `--queue-size 1` under a
+    burst of 24 requests: some are refused with Gradio's "Queue is full" (what a client is told),
+    the others are answered, and the server keeps serving. The queue refuses only what arrives while
+    one request already waits (demo/app.py: max_size, one batch at a time), so the burst must
+    outpace a forward pass with Grad-CAM; on this CPU 24 uploads at once always do."""
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import QueueError
+    from mlflow import MlflowClient, register_model
+
+    from conftest import wait_for_server
+
+    reslab = str(Path(sys.executable).with_name("reslab"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.perf_counter()
+        busy = subprocess.run([reslab, "demo", "--port", str(port)], capture_output=True, text=True, timeout=120)
+        took = time.perf_counter() - t0
+    assert busy.returncode == 2 and "Traceback" not in busy.stderr, busy.stderr
+    assert busy.stderr == (f"reslab: error: port {port} on 127.0.0.1 is already in use; choose another --port, "
+                           "or stop what is serving there\n"), busy.stderr
+    assert "loading models" not in busy.stdout, busy.stdout  # refused before the start-up work
+    print(f"\nport in use: refused in {took:.1f} s")
+
+    mv = register_model(in_store["trained"]["cifar10"]["model_info"].model_uri, "cifar10-resnet")
+    MlflowClient().set_registered_model_alias("cifar10-resnet", "challenger", mv.version)
+    port = free_port()
+    log = (tmp_path / "demo.log").open("w+")
+    proc = subprocess.Popen([reslab, "demo", "--port", str(port), "--queue-size", "1", "--no-examples",
+                             "--model", "cifar10=models:/cifar10-resnet@challenger",
+                             "--model", "models:/cifar10-resnet@champion"],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for_server(url, proc, 180, lambda: (tmp_path / "demo.log").read_text())
+        config = httpx.get(url + "config", timeout=30).json()
+        tabs = [c["props"]["label"] for c in config["components"] if c["type"] == "tabitem"]
+        assert tabs == [f"cifar10 · cifar10-resnet v{mv.version}", "cifar10 · cifar10-resnet v1", "fer2013"], tabs
+        client = Client(url, verbose=False)
+        image = save_png(cifar.test_x[0], tmp_path / "one.png")
+        answers = [client.predict(handle_file(image), False, api_name=f"/classify_cifar10_cifar10_resnet_v{v}")
+                   for v in (mv.version, 1)]
+        assert all(a[0]["label"] in cifar.classes for a in answers), answers  # each tab serves
+
+        burst = [save_png(cifar.test_x[i], tmp_path / f"b{i}.png") for i in range(24)]
+
+        def one(path: str) -> str:
+            try:
+                client.predict(handle_file(path), True, api_name="/classify_cifar10_cifar10_resnet_v1")
+                return "answered"
+            except QueueError as e:
+                return str(e)
+
+        with cf.ThreadPoolExecutor(len(burst)) as pool:
+            outcomes = list(pool.map(one, burst))
+        print(f"queue size 1, {len(burst)} at once: {outcomes.count('answered')} answered, "
+              f"{len(outcomes) - outcomes.count('answered')} refused: {sorted(set(outcomes))}")
+        assert set(outcomes) == {"answered", "Queue is full! Please try again."}, outcomes
+        after = client.predict(handle_file(image), False, api_name="/classify_cifar10_cifar10_resnet_v1")
+        assert after[0]["label"] in cifar.classes, after  # still serving
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 # --------------------------------------------------------------------------- a real browser
@@ -316,6 +481,56 @@ def test_browser_upload_shows_label(server, browser, fer, tmp_path):
         page.screenshot(path=os.environ["RESLAB_DEMO_SCREENSHOT"], full_page=True)
     assert shot.stat().st_size > 20_000
     page.close()
+
+
+def first_line(status: str) -> str:
+    """The answer line of the status panel as the browser shows it ("cat 34.5% (whole image)")."""
+    return status.splitlines()[0].replace("**", "")
+
+
+def test_browser_paste_and_example_click(server, browser, client, cifar, tmp_path):
+    """The two other ways in that the page offers: a picture pasted from the clipboard (Chromium's real
+    clipboard, written by the page, then Gradio's "Paste from clipboard" button, which reads it) and a
+    click on a test-split example. Each must show the answer the server gives for that very file
+    (asked through gradio_client), so a paste that sent nothing, or the wrong picture, fails."""
+    import base64
+
+    from gradio_client import handle_file
+
+    from demo.examples import dataset_examples
+
+    def expected(path: str) -> str:
+        return first_line(client.predict(handle_file(path), True, api_name="/classify_cifar10")[3])
+
+    pasted = save_png(cifar.test_x[int(np.flatnonzero(cifar.test_y == 8)[1])], tmp_path / "pasted.png")  # not an example
+    want_paste = expected(pasted)
+    examples = dataset_examples("cifar10")
+    example = next(p for p in examples if expected(p) != want_paste)  # its answer must differ from the paste's
+    want_example = expected(example)
+
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.local_url.rstrip("/"))
+    page = context.new_page()
+    try:
+        page.goto(server.local_url)
+        panel = page.get_by_role("tabpanel")  # the first tab: cifar10
+        panel.get_by_role("button", name="Paste from clipboard").wait_for(timeout=30_000)
+        types = page.evaluate("""async (b64) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            await navigator.clipboard.write([new ClipboardItem({"image/png": new Blob([bytes], {type: "image/png"})})]);
+            return (await navigator.clipboard.read()).map(item => item.types.join(","));
+        }""", base64.b64encode(Path(pasted).read_bytes()).decode())
+        assert types == ["image/png"], types  # the clipboard really holds the picture
+        panel.get_by_role("button", name="Paste from clipboard").click()
+        status = panel.locator(".status").last
+        status.get_by_text(want_paste).wait_for(timeout=60_000)
+        assert any(c in panel.locator(".prediction").inner_text() for c in cifar.classes)
+        name = Path(example).name
+        panel.locator("button.gallery-item", has=page.locator(f'img[src$="/{name}"]')).click()
+        status.get_by_text(want_example).wait_for(timeout=60_000)
+        assert want_paste not in status.inner_text()
+    finally:
+        context.close()
 
 
 def test_browser_no_registered_model_shows_the_command(tmp_path, monkeypatch, browser):

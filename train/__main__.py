@@ -3,6 +3,7 @@
 import sys
 
 from .cli import main
+from .distributed import worker_exit
 
 if __name__ == "__main__":
-    main(["train", *sys.argv[1:]])
+    worker_exit(lambda: main(["train", *sys.argv[1:]]))

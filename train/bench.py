@@ -353,7 +353,7 @@ def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, device:
     evaluate(model, x[:64], y[:64], device, precision, mean, std, cfg.channels_last)  # warm-up
     engine_eval = evaluate(model, x, y, device, precision, mean, std, cfg.channels_last)
     out: dict[str, Any] = {"eval_images": n, "engine_eval_images_per_sec": engine_eval.images_per_sec,
-                           "engine_eval_precision": precision}
+                           "engine_eval_precision": precision, "engine_eval_accuracy": engine_eval.accuracy}
     with contextlib.ExitStack() as stack:
         if model_uri is None:  # log the benchmark's model to a throw-away store, as `reslab train` would
             import mlflow
@@ -381,6 +381,9 @@ def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, device:
             preds = torch.cat([served(_prep(x[i : i + 500], cpu_mean, cpu_std)).argmax(1) for i in range(0, n, 500)])
             out["served_eval_images_per_sec"] = n / (time.perf_counter() - t0)
             out["served_eval_accuracy"] = float((preds.numpy() == y).mean())
+            # the logged model is the trained one with its own preprocessing: same top-1 as the engine
+            # (up to near-ties between the engine's bf16 and the served fp32)
+            out["served_top1_agreement"] = float((preds.numpy() == engine_eval.preds).mean())
             lat = []
             for i in range(latency_calls + 5):
                 img = x[i % n : i % n + 1]

@@ -11,8 +11,11 @@ so every rank sees the same numbers (and callbacks such as a pruner decide the s
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +62,36 @@ def context(device: torch.device) -> tuple[Context, torch.device]:
 
 def shutdown() -> None:
     """Leave the process group cleanly at the end of a command: exiting with it still open can abort
-    the process in the collective library's teardown."""
+    the process in the collective library's teardown. The barrier first lets every rank finish the
+    last message (rank 0's "stop") before any rank closes its connections."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def worker_exit(main: Callable[[], None]) -> None:
+    """Run a torchrun worker's ``main`` and end the process without interpreter finalization.
+
+    Gloo's C++ threads can outlive ``destroy_process_group`` by a moment; when the interpreter is torn
+    down under them the process dies with SIGABRT ("terminate called without an active exception")
+    after a successful run, and torchrun reports the whole job failed (seen once in CI in about 100
+    runs). Python's exit handlers still run (MLflow ends its runs there); only the C++ teardown is
+    skipped. Errors and ``SystemExit`` codes pass through unchanged.
+    """
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def per_rank_batch(batch_size: int, ctx: Context) -> int:

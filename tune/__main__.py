@@ -3,6 +3,7 @@
 import sys
 
 from train.cli import main
+from train.distributed import worker_exit
 
 if __name__ == "__main__":
-    main(["tune", *sys.argv[1:]])
+    worker_exit(lambda: main(["tune", *sys.argv[1:]]))
