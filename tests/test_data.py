@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import os
+import stat
+import struct
+import threading
+import zlib
 import pickle
 import time
 import zipfile
@@ -104,7 +110,7 @@ def test_folder_holding_several_datasets_picks_by_name(tmp_path, cifar_members, 
     assert load_dataset("fer2013", tmp_path, progress=False).channels == 1
 
 
-def test_cifar_python_batches(tmp_path, cifar_members):
+def test_cifar_python_batches(tmp_path, cifar_members, monkeypatch):
     """The official pickled batches, built from real images, load to the same pixels."""
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
@@ -119,6 +125,8 @@ def test_cifar_python_batches(tmp_path, cifar_members):
         (root / f"data_batch_{i}").write_bytes(pickle.dumps(part))
     (root / "test_batch").write_bytes(pickle.dumps(batch("test")))
     (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [c.encode() for c in classes]}))
+    # only batches with the official MD5s are unpickled: these home-made ones are declared official here
+    monkeypatch.setattr("train.data.CIFAR_MD5", {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in root.iterdir()})
     ds = load_dataset("cifar10", tmp_path, progress=False)  # found inside the parent folder
     assert ds.train_x.shape == (60, 32, 32, 3) and ds.classes == classes
     first_train = next(n for n in cifar_members if n.startswith("train/"))  # first image of data_batch_1
@@ -147,7 +155,8 @@ def test_fer_challenge_csv_matches_the_image_folder_image_by_image(tmp_path, fer
     """Every CSV row lands in its split with its pixels *and* its label, as the image-folder copy has
     them (a relabelling or a split mix-up fails here); a torn row is skipped and counted."""
     path = write_fer_csv(tmp_path / "fer2013.csv", fer_members, [[3, "1 2 3", "Training"]])
-    ds = load_dataset("fer2013", path, progress=False)
+    with pytest.warns(UserWarning, match=f"skipped 1 torn row.*first: line {len(fer_members) + 2} "):
+        ds = load_dataset("fer2013", path, progress=False)
     ref = load_dataset("fer2013", write_zip(tmp_path / "f.zip", fer_members), progress=False)
     assert ds.classes == ref.classes and ds.skipped == 1
     assert any(n.startswith("test/") for n in fer_members) and len(ds.test_y) == len(ref.test_y)
@@ -320,3 +329,130 @@ def test_batch_loader_orders_shards_and_device_resident_data(cifar):
         assert torch.equal(hx, dx) and torch.equal(hy, dy)
     album = BatchLoader(x, y, 64, seed=3, album_strength=1.0, device=torch.device("cpu"))
     assert album.resident is None  # per-image augmentation works on host arrays
+
+
+# --------------------------------------------------------------------------- hostile input (issue 16)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A valid PNG file of a few dozen bytes that declares ``width`` x ``height`` pixels."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_skipped_images_not_an_aborted_load(tmp_path, cifar_members):
+    """400 MP (Pillow's DecompressionBombError) and 36 MP (above reslab's 25 MP) PNGs of 80 bytes each."""
+    members = {**cifar_members, "train/cat/bomb.png": png_header(20000, 20000), "train/dog/big.png": png_header(6000, 6000)}
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\), first: train/cat/bomb.png \(DecompressionBombError"):
+        ds = load_dataset("cifar10", write_zip(tmp_path / "x.zip", members), progress=False)
+    assert ds.skipped == 2 and len(ds.train_x) == 60
+
+
+def test_zip_bomb_member_is_refused_before_it_is_decompressed(tmp_path, cifar_members, monkeypatch):
+    """An 80 MB member (zeros, 80 KB compressed) is refused from its declared size: never opened."""
+    path = write_zip(tmp_path / "bomb.zip", cifar_members)
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as z, z.open("train/cat/zeros.png", "w") as out:
+        for _ in range(80):
+            out.write(bytes(1 << 20))
+    assert path.stat().st_size < 2 << 20
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append(name) or real_open(self, name, *a, **k))
+    with pytest.raises(DataError, match=r"member train/cat/zeros.png decompresses to 83886080 bytes.*zip bomb"):
+        load_dataset("cifar10", path, progress=False)
+    assert "train/cat/zeros.png" not in opened and opened  # the others were read through open()
+
+
+def test_folder_with_a_fifo_or_a_link_to_a_device_is_refused(tmp_path, cifar_members):
+    """A FIFO named like an image would block the load forever; a link to /dev/zero would fill memory
+    (here /dev/null, harmless if the check were gone). Both are refused by name, at once."""
+    for name, make in (("fifo.png", os.mkfifo), ("device.png", lambda p: os.symlink("/dev/null", p))):
+        root = write_tree(tmp_path / name, cifar_members)
+        special = root / "train" / "cat" / name
+        make(special)
+        outcome: list = []
+
+        def load() -> None:
+            try:
+                load_dataset("cifar10", root, progress=False)
+                outcome.append("loaded")
+            except DataError as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=load, daemon=True)
+        t.start()
+        t.join(60)
+        if t.is_alive():  # release the reader blocked on the FIFO before failing
+            os.close(os.open(special, os.O_WRONLY | os.O_NONBLOCK))
+            t.join(10)
+            pytest.fail(f"the load blocked on {special}")
+        assert isinstance(outcome[0], DataError) and "not a regular file" in str(outcome[0]) and name in str(outcome[0])
+
+
+def test_a_tampered_cifar_batch_is_never_unpickled(tmp_path):
+    """A pickle that creates a file when loaded, named like an official batch: refused by its MD5."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (root / name).write_bytes(pickle.dumps({b"data": Payload(), b"labels": [0]}))
+    with pytest.raises(DataError, match=r"data_batch_1: MD5 [0-9a-f]{32} is not that of the official CIFAR-10 "
+                                        r"data_batch_1 \(c99cafc152244af753f735de768cd75f\); refusing to unpickle"):
+        load_dataset("cifar10", root, progress=False)
+    assert not marker.exists()
+
+
+def test_official_md5s_are_torchvisions():
+    """The MD5s are torchvision's CIFAR10.train_list/test_list/meta (read from its source: importing
+    torchvision.datasets takes seconds)."""
+    import importlib.util
+    import re
+
+    from train.data import CIFAR_MD5
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        pytest.skip("torchvision is not installed")
+    source = (Path(spec.origin).parent / "datasets" / "cifar.py").read_text()
+    cifar10 = source.split("class CIFAR100")[0]
+    listed = dict(re.findall(r'\["(\w+)", "([0-9a-f]{32})"\]', cifar10))
+    listed.update(re.findall(r'"filename": "([\w.]+)",\s*"key": "\w+",\s*"md5": "([0-9a-f]{32})"', cifar10))
+    assert CIFAR_MD5 == listed
+
+
+def test_cache_is_private_fsynced_and_leaves_no_temp_file(tmp_path, cifar_members, monkeypatch):
+    import train.data as data
+
+    src = write_zip(tmp_path / "c.zip", cifar_members)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real_fsync(fd))
+    load_dataset("cifar10", src, progress=False)
+    cache = tmp_path / "cache"
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert synced == [False, True]  # the file, then the folder holding its new name
+    assert [p.suffix for p in cache.iterdir()] == [".npz"]
+
+    real_savez = np.savez
+    for failure in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        def torn(fh, **arrays):
+            fh.write(b"half a cache")
+            raise failure
+        monkeypatch.setattr(np, "savez", torn)
+        for p in cache.iterdir():
+            p.unlink()
+        if isinstance(failure, OSError):
+            with pytest.warns(UserWarning, match="could not write the data cache.*No space left"):
+                load_dataset("cifar10", src, progress=False)
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                load_dataset("cifar10", src, progress=False)
+        assert list(cache.iterdir()) == [], failure  # no temp file left behind
+    monkeypatch.setattr(np, "savez", real_savez)

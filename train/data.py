@@ -13,7 +13,9 @@ import hashlib
 import io
 import os
 import pickle
+import stat
 import sys
+import uuid
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -25,6 +27,23 @@ from tqdm.auto import tqdm
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 CACHE_VERSION = 2
+# A member or file larger than this is refused before it is read: dataset images are kilobytes, and a
+# zip's declared size is what its decompression is cut at, so a zip bomb never gets decompressed.
+MAX_IMAGE_BYTES = 64 << 20
+# Images with more pixels are skipped from their header, before decoding (Pillow's own bomb limit,
+# ~179 MP, would still decode 90 MP images: 270 MB each).
+MAX_IMAGE_PIXELS = 25_000_000
+# The official CIFAR-10 python batches (torchvision.datasets.CIFAR10.train_list/test_list/meta):
+# they are pickles, which can run code when loaded, so nothing else is unpickled.
+CIFAR_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
 
 
 @dataclass(frozen=True)
@@ -169,8 +188,14 @@ def fingerprint(path: Path) -> str:
 # --------------------------------------------------------------------------- readers
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header declares more than MAX_IMAGE_PIXELS: skipped like an unreadable one."""
+
+
 def _decode(raw: bytes, info: DatasetInfo) -> np.ndarray:
-    with Image.open(io.BytesIO(raw)) as im:
+    with Image.open(io.BytesIO(raw)) as im:  # reads the header only; Image.DecompressionBombError above ~179 MP
+        if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
+            raise ImageTooLarge(f"{im.size[0]}x{im.size[1]} pixels")
         im = im.convert("RGB" if info.channels == 3 else "L")
         if im.size != (info.image_size, info.image_size):
             im = im.resize((info.image_size, info.image_size), Image.BILINEAR)
@@ -210,7 +235,7 @@ def _split_members(names: list[str], where: Path) -> dict[str, dict[str, list[st
 def _read_image_tree(info: DatasetInfo, path: Path, progress: bool) -> tuple:
     if path.is_dir():
         names = [q.relative_to(path).as_posix() + ("/" if q.is_dir() else "") for q in path.rglob("*")]
-        read = lambda n: (path / n).read_bytes()  # noqa: E731
+        read = lambda n: _read_file(path / n)  # noqa: E731
         zf = None
     else:
         try:
@@ -218,7 +243,7 @@ def _read_image_tree(info: DatasetInfo, path: Path, progress: bool) -> tuple:
         except zipfile.BadZipFile as e:
             raise DataError(f"{path}: not a readable zip archive ({e})") from None
         names = zf.namelist()
-        read = zf.read
+        read = lambda n: _read_member(zf, n, path)  # noqa: E731
     tree = _split_members(names, path)
     classes = sorted(tree["train"])
     out, skipped, first_bad = [], 0, ""
@@ -232,9 +257,13 @@ def _read_image_tree(info: DatasetInfo, path: Path, progress: bool) -> tuple:
                 try:
                     xs.append(_decode(read(member), info))
                     ys.append(label)
-                except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zipfile.BadZipFile) as e:
+                except DataError:
+                    raise
+                except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zipfile.BadZipFile,
+                        Image.DecompressionBombError) as e:
                     skipped += 1
-                    first_bad = first_bad or f"{member} ({type(e).__name__})"
+                    why = f"{type(e).__name__}: {e}" if isinstance(e, (ImageTooLarge, Image.DecompressionBombError)) else type(e).__name__
+                    first_bad = first_bad or f"{member} ({why})"
         if not xs:
             raise DataError(f"{path}: none of the {split} images could be decoded (first failure: {first_bad})")
         out += [np.stack(xs), np.asarray(ys, dtype=np.int64)]
@@ -246,13 +275,49 @@ def _read_image_tree(info: DatasetInfo, path: Path, progress: bool) -> tuple:
     return (*out, classes, skipped)
 
 
+def _read_file(f: Path) -> bytes:
+    """An image file of a folder: only a regular file (a symlink to one is fine), size checked first. A
+    FIFO would block the load forever and /dev/zero fill the memory, so they are refused, not skipped."""
+    st = f.stat()  # follows symlinks: what would be read
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{f}: not a regular file (a device, FIFO or socket, or a link to one); refusing to read it")
+    if st.st_size > MAX_IMAGE_BYTES:
+        raise DataError(f"{f}: {st.st_size} bytes, more than an image may have ({MAX_IMAGE_BYTES >> 20} MB); refusing to read it")
+    with open(f, "rb") as fh:
+        return fh.read(MAX_IMAGE_BYTES + 1)
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, where: Path) -> bytes:
+    """A zip member, refused from its declared size before anything is decompressed (a zip bomb); Python's
+    zipfile stops decompressing at that declared size, so a member that lies about it is cut there."""
+    size = zf.getinfo(name).file_size
+    if size > MAX_IMAGE_BYTES:
+        raise DataError(f"{where}: member {name} decompresses to {size} bytes, more than an image may have "
+                        f"({MAX_IMAGE_BYTES >> 20} MB): a zip bomb? refusing to read it")
+    with zf.open(name) as fh:
+        return fh.read(MAX_IMAGE_BYTES + 1)
+
+
+def _unpickle_official(f: Path) -> dict:
+    """Unpickle one of CIFAR-10's official batch files, after checking its MD5 against the published one."""
+    want = CIFAR_MD5.get(f.name)
+    h = hashlib.md5(usedforsecurity=False)
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+        if want is None or h.hexdigest() != want:
+            raise DataError(f"{f}: MD5 {h.hexdigest()} is not that of the official CIFAR-10 {f.name} ({want}); refusing "
+                            "to unpickle it (a pickle can run code): download it again, or use an image-folder zip")
+        fh.seek(0)
+        return pickle.load(fh, encoding="bytes")  # the official format is a pickle
+
+
 def _read_cifar_batches(info: DatasetInfo, path: Path, progress: bool) -> tuple:
     def load(fname: str) -> tuple[np.ndarray, np.ndarray]:
         f = path / fname
         if not f.exists():
             raise DataError(f"{path}: missing {fname} (expected CIFAR-10's python batches)")
-        with open(f, "rb") as fh:
-            d = pickle.load(fh, encoding="bytes")  # the official format is a pickle
+        d = _unpickle_official(f)
         x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         return np.ascontiguousarray(x), np.asarray(d[b"labels"], dtype=np.int64)
 
@@ -261,15 +326,14 @@ def _read_cifar_batches(info: DatasetInfo, path: Path, progress: bool) -> tuple:
     classes = list(info.classes)
     meta = path / "batches.meta"
     if meta.exists():
-        with open(meta, "rb") as fh:
-            classes = [c.decode() for c in pickle.load(fh, encoding="bytes")[b"label_names"]]
+        classes = [c.decode() for c in _unpickle_official(meta)[b"label_names"]]
     return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), test_x, test_y, classes, 0)
 
 
 def _read_fer_csv(info: DatasetInfo, path: Path, progress: bool) -> tuple:
     order = {name: i for i, name in enumerate(info.classes)}
     splits: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
-    skipped = 0
+    skipped, first_bad = 0, ""
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"emotion", "pixels"} <= set(reader.fieldnames):
@@ -279,8 +343,9 @@ def _read_fer_csv(info: DatasetInfo, path: Path, progress: bool) -> tuple:
                 emotion = int(row.get("emotion") or "")
                 px = np.asarray((row.get("pixels") or "").split(), dtype=np.int64)
                 img = px.reshape(48, 48, 1)
-            except ValueError:  # a torn row (wrong pixel count, an empty or non-numeric field): skipped, counted
+            except ValueError as e:  # a torn row (wrong pixel count, an empty or non-numeric field): skipped, counted
                 skipped += 1
+                first_bad = first_bad or f"line {n} ({str(e).splitlines()[0][:80]})"
                 continue
             # a value out of range is a wrong file, not a row to guess at (-1 would index 'neutral')
             if not 0 <= emotion < len(FER_CSV_LABELS):
@@ -294,6 +359,9 @@ def _read_fer_csv(info: DatasetInfo, path: Path, progress: bool) -> tuple:
     for split, (xs, _) in splits.items():
         if not xs:
             raise DataError(f"{path}: no valid {split} rows (Usage 'Training' for train, 'PublicTest'/'PrivateTest' for test)")
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} torn row(s) (not 2304 pixel values 0..255, or an empty emotion), "
+                      f"first: {first_bad}", stacklevel=2)
     arrays = [f(v) for xs, ys in splits.values() for f, v in ((np.stack, xs), (lambda y: np.asarray(y, np.int64), ys))]
     return (*arrays, list(info.classes), skipped)
 
@@ -349,14 +417,36 @@ def load_dataset(
     ds = ImageData(name, list(classes), train_x, train_y, test_x, test_y, mean, std, str(path), fp, skipped)
     if use_cache:
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
-                     classes=np.asarray(classes), mean=np.asarray(mean), std=np.asarray(std), skipped=skipped)
-            os.replace(tmp, cache_file)
+            write_cache(cache_file, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+                        classes=np.asarray(classes), mean=np.asarray(mean), std=np.asarray(std), skipped=skipped)
         except OSError as e:
             warnings.warn(f"could not write the data cache {cache_file}: {e}", stacklevel=2)
     return ds
+
+
+def write_cache(cache_file: Path, **arrays: object) -> None:
+    """Write the cache atomically and durably: a temp file of this writer's own (pid and a random tag),
+    fsynced, renamed over the old one, the folder fsynced; the temp file is removed on any failure (a
+    full disk, Ctrl-C). A new cache folder is private (0700): it holds the decoded dataset."""
+    folder = cache_file.parent
+    if not folder.is_dir():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)  # mkdir's mode is cut by the umask
+    tmp = folder / f".{cache_file.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, cache_file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def stratified_indices(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
