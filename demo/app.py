@@ -12,10 +12,10 @@ from typing import Any
 import gradio as gr
 from gradio.processing_utils import save_base64_to_cache
 
-from .cli import BATCH_SIZE, QUEUE_SIZE, UPLOAD_LIMIT
 from .faces import FaceFinder
 from .inputs import BadImage, decode_image
 from .serving import REGISTERED_NAMES, NoModel, Result, ServedModel, default_uri, seen_for_display
+from .settings import BATCH_SIZE, QUEUE_SIZE, UPLOAD_LIMIT
 
 
 @dataclass

@@ -7,10 +7,7 @@ import errno
 import os
 import socket
 
-UPLOAD_LIMIT = "10mb"
-QUEUE_SIZE = 64  # waiting requests beyond this are refused with "queue full" instead of piling up
-BATCH_SIZE = 16  # uploads merged into one forward pass
-CHAMPIONS = ("models:/cifar10-resnet@champion", "models:/fer2013-resnet@champion")
+from .settings import BATCH_SIZE, CHAMPIONS, QUEUE_SIZE, UPLOAD_LIMIT
 
 
 def add_demo_command(sub: argparse._SubParsersAction) -> None:

@@ -338,7 +338,7 @@ def test_upload_size_is_capped(server, client, tmp_path):
 def test_50_concurrent_requests(client, cifar, tmp_path):
     from gradio_client import handle_file
 
-    from demo.cli import BATCH_SIZE
+    from demo.settings import BATCH_SIZE
 
     paths = [save_png(cifar.test_x[i], tmp_path / f"c{i}.png") for i in range(50)]
 
@@ -357,7 +357,7 @@ def test_50_concurrent_requests(client, cifar, tmp_path):
           f"p95 {np.percentile(lat, 95):.0f} ms, max {lat.max():.0f} ms; largest batch {max(batches)}")
     assert all(r[1] is not None and r[1]["label"] in cifar.classes for r in results)
     # Concurrent requests were merged into batched forward passes, never more than the app's limit
-    # (demo/cli.py BATCH_SIZE, the default of build_app and of `reslab demo --batch-size`) ...
+    # (demo/settings.py BATCH_SIZE, the default of build_app and of `reslab demo --batch-size`) ...
     assert 1 < max(batches) <= BATCH_SIZE, sorted(batches)
     # ... and the sizes are real: a forward pass over b images answers b requests, each saying b.
     assert all(batches.count(b) % b == 0 for b in set(batches)), sorted(batches)

@@ -164,7 +164,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         run_id = None
     if args.nproc and args.nproc > 1:
         from .distributed import launch
+        from .tracking import setup_tracking
 
+        setup_tracking()  # a bad store fails in one line before N processes start
         launch(args.nproc, getattr(args, "argv", None))
         return
     from .distributed import shutdown

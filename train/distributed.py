@@ -153,14 +153,11 @@ def launch(nproc: int, argv: list[str] | None = None, command: str = "train") ->
     """Re-exec this ``reslab <command>`` through torchrun with ``nproc`` workers (``python -m <command>``:
     ``train`` runs one DDP training, ``tune`` a study whose trials train with DDP).
 
-    The tracking store is checked here first, so a bad store fails in one line before N processes
+    Callers check the tracking store first, so a bad store fails in one line before N processes
     start. ``argv`` is the command line after ``reslab`` (default: this process's).
     """
-    from .tracking import setup_tracking
-
     if env_context().enabled:
         raise ValueError("--nproc given inside a torchrun worker; launch once, either way")
-    setup_tracking()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == command:
         argv = argv[1:]

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,14 +34,11 @@ from .augment import normalize, random_crop_flip
 from .budget import CALIBRATION_SKIP, CALIBRATION_STEPS, Horizon, TimeBudget, format_duration
 from .config import TrainConfig
 from .data import ImageData, split_validation, stratified_subset
+from .errors import DivergedError
 from .loader import BatchLoader
 from .models import create_model
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-
-
-class DivergedError(RuntimeError):
-    """The loss became NaN, infinite or absurdly large: training cannot go on from here."""
 
 
 # --------------------------------------------------------------------------- machine
@@ -86,22 +84,13 @@ def load_pretrained(model: nn.Module, source: str) -> tuple[int, list[str]]:
     Tensors whose shape differs (the classifier for another class count, a stem for other
     channels) are skipped and named, so transfer between datasets works.
     """
-    if source == "torchvision":
-        import torchvision.models as tvm
+    from .pretrained import prepare_state, read_state_dict, torchvision_state
 
-        name = type(getattr(model, "net", model)).__name__
-        depth = sum(len(getattr(model.net, f"layer{i}")) for i in range(1, 5)) if hasattr(model, "net") else 0
-        weights = {8: "ResNet18", 16: "ResNet34", 33: "ResNet101"}.get(depth)
-        if weights is None:
-            raise ValueError(f"--pretrained torchvision needs an ImageNet-style resnet; got {name}")
-        state = getattr(tvm, f"{weights}_Weights").DEFAULT.get_state_dict(progress=True)
-    elif source.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(source)
-    else:
-        state = torch.load(source, map_location="cpu", weights_only=True)
-        state = state.get("model", state) if isinstance(state, dict) else state
+    if source == "torchvision":  # chosen by the network's architecture, from the local cache
+        state = torchvision_state(model)
+    else:  # .pt/.th/.safetensors; published CIFAR ResNet checkpoints are renamed in prepare_state
+        state = read_state_dict(source)
+    state = prepare_state(model, state, source)
     own = model.state_dict()
     prefix = "net." if any(k.startswith("net.") for k in own) and not any(k.startswith("net.") for k in state) else ""
     loaded, skipped = {}, []
@@ -212,29 +201,96 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.devic
 # --------------------------------------------------------------------------- checkpoints
 
 
+PREVIOUS = "previous.pt"  # the checkpoint before last.pt, kept beside it: a torn or corrupt last.pt falls back to it
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (torn, corrupt, not a checkpoint), with nothing to fall back on."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically, so a kill mid-write leaves the previous checkpoint intact. Serialised in
-    memory first, so a full disk raises a plain OSError (ENOSPC) rather than torch's zip-writer error."""
+    """Write atomically and durably, so a kill or a power cut mid-write leaves a readable checkpoint:
+    a temp file of this writer's own (pid and a random tag: concurrent writers never share one),
+    fsynced, then the current file kept as ``previous.pt`` (a hard link, so ``path`` always exists)
+    and the temp file renamed over ``path``, the folder fsynced. Serialised in memory first, so a full
+    disk raises a plain OSError (ENOSPC) rather than torch's zip-writer error."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     buf = io.BytesIO()
     torch.save(state, buf)
     try:
         with open(tmp, "wb") as f:
             f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            keep = path.with_name(f".{PREVIOUS}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                os.link(path, keep)
+            except OSError:  # a file system without hard links: a copy
+                shutil.copyfile(path, keep)
+            os.replace(keep, path.with_name(PREVIOUS))
         tmp.replace(path)
+        _fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OSError(e.errno, f"cannot write checkpoint ({e.strerror})", str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_checkpoint(p: Path) -> dict[str, Any]:
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torn zip, bad pickle opcodes, zeros after a crash: all "unreadable"
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{p}: not a readable checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(ck, dict) or "model" not in ck or "epoch" not in ck:
+        raise CheckpointError(f"{p}: not a reslab checkpoint (no model state or epoch in it)")
+    return ck
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` (a file, or a folder's last.pt). A corrupt last.pt falls back to
+    previous.pt beside it (one epoch earlier), with a one-line warning; with nothing to fall back on
+    it is a one-line :class:`CheckpointError`."""
     p = Path(path)
     if p.is_dir():
         p = p / "last.pt"
-    if not p.exists():
+    previous = p.with_name(PREVIOUS)
+    if not p.exists() and not previous.exists():
         raise FileNotFoundError(f"{p}: no checkpoint to resume from")
-    return torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        return _read_checkpoint(p)
+    except (CheckpointError, FileNotFoundError) as e:
+        if p.name != "last.pt" or not previous.exists():
+            if isinstance(e, FileNotFoundError):
+                raise FileNotFoundError(f"{p}: no checkpoint to resume from") from None
+            raise
+        reason = str(e)
+    ck = _read_checkpoint(previous)
+    if reason not in _FELL_BACK:  # one warning, though a resume reads the checkpoint more than once
+        _FELL_BACK.add(reason)
+        warnings.warn(f"{reason}; resuming from {previous} (epoch {ck['epoch']}) instead", CheckpointFallback, stacklevel=2)
+    return ck
+
+
+_FELL_BACK: set[str] = set()
+
+
+class CheckpointFallback(UserWarning):
+    """last.pt was unreadable and previous.pt was used."""
 
 
 # --------------------------------------------------------------------------- one training step

@@ -1,8 +1,21 @@
-"""Which exceptions are the user's input problems (shown as one line) rather than bugs."""
+"""The exceptions that are the user's input or machine problems (shown as one line by the CLI)
+rather than bugs. A leaf module: it imports nothing of reslab, so every layer can raise these."""
 
 from __future__ import annotations
 
 import os
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line naming the path and what was expected."""
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used; raised before any training starts."""
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN, infinite or absurdly large: training cannot go on from here."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -10,9 +23,5 @@ def user_errors() -> tuple[type[BaseException], ...]:
     if os.environ.get("RESLAB_DEBUG"):
         return ()
     from mlflow.exceptions import MlflowException
-
-    from .data import DataError
-    from .engine import DivergedError
-    from .tracking import TrackingError
 
     return (DataError, TrackingError, DivergedError, FileNotFoundError, ValueError, MlflowException, PermissionError)

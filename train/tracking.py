@@ -27,15 +27,12 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import ImageData, project_root
+from .errors import TrackingError
 from .distributed import env_context
 from .engine import FitResult
 from .report import classification_metrics, plot_confusion, plot_curves
 
 MODEL_ARTIFACT = "model"
-
-
-class TrackingError(RuntimeError):
-    """The MLflow store cannot be used; raised before any training starts."""
 
 
 # --------------------------------------------------------------------------- the store

@@ -156,7 +156,9 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
     )
     if args.nproc > 1:
         from train.distributed import launch
+        from train.tracking import setup_tracking
 
+        setup_tracking()  # a bad store fails in one line before N processes start
         if not args.study:  # every worker process of the launch must join the same study
             args.argv = [*args.argv, "--study", opts.study]
         launch(args.nproc, args.argv, "tune")

@@ -20,6 +20,7 @@ from train.config import TrainConfig
 from train.data import ImageData
 from train.engine import DivergedError, fit, select_device
 
+from .pruning import pruning_callback
 from .space import SearchSpace
 
 TRIAL, REFIT, STOP = "trial", "refit", "stop"
@@ -61,8 +62,6 @@ def shared_trial(trial: optuna.Trial | None) -> Any:
 
 def follow(base: TrainConfig, space: SearchSpace, data: ImageData) -> int:
     """Ranks > 0: train whatever rank 0 announces until it says stop; returns the trials trained."""
-    from .objective import pruning_callback
-
     trials = 0
     while True:
         kind, payload = _listen()

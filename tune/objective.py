@@ -25,6 +25,7 @@ from train.engine import DivergedError, EpochCallback, fit, resolve_precision, s
 from train.tracking import epoch_logger, flat_params, log_fit, run_tags
 
 from . import ddp
+from .pruning import pruning_callback
 from .space import SearchSpace
 
 WEIGHTS_ARTIFACT = "trial_model"  # safetensors weights of every finished trial; only the winner gets a full model
@@ -38,20 +39,6 @@ def worker_id() -> str:
 
 class TrialFailed(Exception):
     """A trial that cannot finish (diverged, out of memory); Optuna records it as FAIL and goes on."""
-
-
-def pruning_callback(trial: Any) -> EpochCallback:
-    """Engine callback: report val_acc per epoch; raise TrialPruned when the pruner says so (on every
-    rank at once under --nproc, where ``trial`` is a TorchDistributedTrial)."""
-
-    def report(epoch: int, metrics: dict[str, float]) -> None:
-        if "val_acc" not in metrics:
-            return
-        trial.report(metrics["val_acc"], step=epoch + 1)
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"val_acc {metrics['val_acc']:.4f} after epoch {epoch + 1} is below the pruner's bar")
-
-    return report
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -1,0 +1,7 @@
+"""The demo's limits and defaults, in one leaf module (it imports nothing) that both the command line
+and the app read, so neither has to import the other."""
+
+UPLOAD_LIMIT = "10mb"
+QUEUE_SIZE = 64  # waiting requests beyond this are refused with "queue full" instead of piling up
+BATCH_SIZE = 16  # uploads merged into one forward pass
+CHAMPIONS = ("models:/cifar10-resnet@champion", "models:/fer2013-resnet@champion")
