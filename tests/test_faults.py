@@ -3,6 +3,7 @@ resume, an unreachable tracking server, an unwritable ``mlruns/`` and a full dis
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import re
@@ -187,3 +188,159 @@ def test_full_disk_is_a_clear_error(tmp_path, in_process):
     assert leftovers == []  # the partial file was removed, not left to be mistaken for a checkpoint
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}").search_runs(["1"])
     assert [r.info.status for r in run] == ["FAILED"]  # the MLflow run is closed as failed, not left RUNNING
+
+
+# --------------------------------------------------------------------------- checkpoints (issue 16)
+
+
+def tiny_state(epoch: int) -> dict:
+    return {"model": {"w": torch.full((1000,), float(epoch))}, "epoch": epoch, "step": 10 * epoch, "history": [], "config": {}}
+
+
+def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    from train.engine import CheckpointError, CheckpointFallback, load_checkpoint, save_checkpoint
+
+    ck = tmp_path / "ck"
+    for epoch in (1, 2, 3):
+        save_checkpoint(ck / "last.pt", tiny_state(epoch))
+    assert sorted(p.name for p in ck.iterdir()) == ["last.pt", "previous.pt"]  # two kept, no temp files
+    assert load_checkpoint(ck)["epoch"] == 3
+    raw = (ck / "last.pt").read_bytes()
+    (ck / "last.pt").write_bytes(raw[: len(raw) // 2])  # torn: a crash mid-copy, a full disk
+    with pytest.warns(CheckpointFallback, match=r"last.pt: not a readable checkpoint \(.*\); resuming from .*previous.pt "
+                                                r"\(epoch 2\) instead"):
+        assert load_checkpoint(ck)["epoch"] == 2
+    (ck / "previous.pt").write_bytes(b"\0" * 4096)  # zeros, as a power cut can leave
+    with pytest.raises(CheckpointError, match=r"last.pt: not a readable checkpoint") as err:
+        load_checkpoint(ck)
+    assert "\n" not in str(err.value)
+
+
+def test_corrupt_checkpoint_resume_is_a_one_line_error(tmp_path, in_process):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "last.pt").write_bytes(b"PK\x03\x04 torn")
+    proc = in_process(["train", "--resume", str(ck)], tmp_path / "mlruns")
+    assert_one_line_error(proc, "last.pt: not a readable checkpoint")
+
+
+def test_checkpoints_are_fsynced_and_concurrent_writers_do_not_share_a_temp_file(tmp_path, monkeypatch):
+    """Two writers of one checkpoint meet between writing and renaming their temp files (a barrier in
+    fsync): with a shared temp name the second truncates the first's file and one rename fails."""
+    from train.engine import load_checkpoint, save_checkpoint
+
+    barrier, synced = threading.Barrier(2, timeout=20), []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        import stat
+
+        is_file = stat.S_ISREG(os.fstat(fd).st_mode)
+        synced.append("file" if is_file else "folder")
+        if is_file and len(synced) <= 2:
+            barrier.wait()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    errors: list[BaseException] = []
+
+    def write(epoch: int) -> None:
+        try:
+            save_checkpoint(tmp_path / "last.pt", tiny_state(epoch))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(e,)) for e in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert sorted(synced) == ["file", "file", "folder", "folder"]
+    assert load_checkpoint(tmp_path)["epoch"] in (1, 2) and load_checkpoint(tmp_path / "previous.pt")["epoch"] in (1, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
+
+
+# --------------------------------------------------------------------------- SIGTERM (issue 16)
+
+
+def test_sigterm_ends_train_like_ctrl_c_and_a_resume_continues_past_a_corrupt_last_pt(tmp_path, no_test_split,
+                                                                                       in_process):
+    """SIGTERM (docker stop, systemd, a scheduler) during epoch 3 of 3: the MLflow run ends KILLED with
+    end_reason SIGTERM, not RUNNING. Then last.pt is torn: the resume (in this process: its imports are
+    paid for) warns in one line, goes on from previous.pt (epoch 1) and finishes the same run."""
+    ck = tmp_path / "ck"
+    args = ["train", *TINY, *no_test_split, "--epochs", "3", "--checkpoint-dir", str(ck), "--run-name", "termed"]
+    proc = subprocess.Popen([*RESLAB, *args], cwd=tmp_path, env=reslab_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (ck / "previous.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # epoch 2 is checkpointed (epoch 1 kept as previous.pt): epoch 3 is under way
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    assert f"resume with: reslab train --resume {ck}" in out
+    ckpt = torch.load(ck / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 2, "the run ended before the signal; the test did not interrupt anything"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    run_id = ckpt["meta"]["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["end_reason"] == "SIGTERM"
+
+    raw = (ck / "last.pt").read_bytes()
+    (ck / "last.pt").write_bytes(raw[:1000])
+    resumed = in_process(["train", "--resume", str(ck)], tmp_path / "mlruns")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    warned = [ln for ln in resumed.stderr.splitlines() if "previous.pt" in ln]
+    assert len(warned) == 1 and warned[0].startswith("reslab: warning: ") and "(epoch 1) instead" in warned[0], resumed.stderr
+    assert "at epoch 1" in resumed.stdout
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and len(client.search_runs([run.info.experiment_id])) == 1
+    assert {m.step for m in client.get_metric_history(run_id, "val_acc")} == {1, 2, 3}
+
+
+def test_sigterm_ends_a_tune_worker_with_its_trial_and_parent_killed_and_the_study_resumes(tmp_path, in_process):
+    """SIGTERM during a trial's training: the Optuna trial is FAIL (not RUNNING), its MLflow run and the
+    invocation's parent run are KILLED with end_reason SIGTERM; the next invocation of the study runs."""
+    import sqlite3
+
+    db = tmp_path / "study.db"
+    args = ["tune", "--subset", "300", "--epochs", "2", "--no-progress", "--study", "s", "--storage", f"sqlite:///{db}",
+            "--no-register", "--space", str(tmp_path / "space.yaml")]
+    (tmp_path / "space.yaml").write_text("batch_size: 32\n")  # a fixed, small batch: a quick trial
+    proc = subprocess.Popen([*RESLAB, *args, "--trials", "2"], cwd=tmp_path, env=reslab_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def started_trials() -> int:  # trials whose MLflow run exists: their training is under way
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as c:
+                return c.execute("SELECT COUNT(*) FROM trial_user_attributes WHERE key = 'mlflow_run_id'").fetchone()[0]
+        except sqlite3.Error:  # not created yet
+            return 0
+
+    deadline = time.monotonic() + 240
+    while not started_trials() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # inside the first epoch
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (out[-2000:], err[-3000:])
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err and "resume with: reslab tune --study s" in out
+
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        states = [s for (s,) in c.execute("SELECT state FROM trials ORDER BY number")]
+    assert states[0] == "FAIL" and "RUNNING" not in states and "COMPLETE" not in states, states
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = {r.data.tags["kind"]: r for r in client.search_runs(["1"])}
+    assert set(runs) == {"study", "trial"}
+    for kind in ("study", "trial"):
+        assert runs[kind].info.status == "KILLED" and runs[kind].data.tags["end_reason"] == "SIGTERM", kind
+
+    resumed = in_process([*args, "--trials", "1"], tmp_path / "mlruns")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        states = [s for (s,) in c.execute("SELECT state FROM trials ORDER BY number")]
+    assert states[0] == "FAIL" and "COMPLETE" in states and "RUNNING" not in states, states
+    statuses = sorted((r.data.tags["kind"], r.info.status) for r in client.search_runs(["1"]))
+    assert statuses == [("study", "FINISHED"), ("study", "KILLED"), ("trial", "FINISHED"), ("trial", "KILLED")]

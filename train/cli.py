@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -16,13 +17,15 @@ from typing import Any, NoReturn
 from .allocator import keep_freed_memory
 from .config import TrainConfig, load_yaml, recipe
 from .data import DATASETS
+from .interrupt import EXIT_SIGINT, EXIT_SIGTERM, Terminated, terminate_like_ctrl_c
+from .redact import mask_secrets
 
 EXIT_USAGE = 2
 
 
 def fail(message: str) -> NoReturn:
     """One clear line on stderr, nothing else."""
-    print(f"reslab: error: {message}", file=sys.stderr)
+    print(f"reslab: error: {mask_secrets(message)}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
 
 
@@ -167,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         from .tracking import setup_tracking
 
         setup_tracking()  # a bad store fails in one line before N processes start
-        launch(args.nproc, getattr(args, "argv", None))
+        launch(args.nproc, getattr(args, "argv", None), mask=mask_secrets)
         return
     from .distributed import shutdown
 
@@ -211,6 +214,22 @@ def cmd_ui(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- main
 
 
+def one_line_warnings() -> None:
+    """reslab's own warnings (images skipped, a corrupt last.pt fallen back from) as one line each,
+    ``reslab: warning: ...``, passwords masked; other libraries' warnings keep Python's format."""
+    default = warnings.showwarning
+    root = str(Path(__file__).resolve().parents[1])
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        ours = str(filename).startswith(root) and "site-packages" not in str(filename)
+        if ours and issubclass(category, UserWarning):
+            print(f"reslab: warning: {mask_secrets(str(message))}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reslab",
@@ -241,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(EXIT_USAGE)
     from .errors import user_errors
 
+    terminate_like_ctrl_c()  # docker stop, systemd, schedulers: runs end KILLED, not left RUNNING
+    one_line_warnings()
     try:
         args.func(args)
     except user_errors() as e:
@@ -249,9 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RESLAB_DEBUG"):
             raise
         fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else (str(e).splitlines() or [repr(e)])[0])
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:
+        print("\nterminated (SIGTERM)" if isinstance(e, Terminated) else "\ninterrupted", file=sys.stderr)
+        raise SystemExit(EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT) from None
 
 
 if __name__ == "__main__":

@@ -149,12 +149,14 @@ def torchrun_command(nproc: int, argv: list[str], module: str = "train") -> list
             "-m", module, *strip_nproc(argv)]
 
 
-def launch(nproc: int, argv: list[str] | None = None, command: str = "train") -> None:
+def launch(nproc: int, argv: list[str] | None = None, command: str = "train",
+           mask: Callable[[str], str] | None = None) -> None:
     """Re-exec this ``reslab <command>`` through torchrun with ``nproc`` workers (``python -m <command>``:
     ``train`` runs one DDP training, ``tune`` a study whose trials train with DDP).
 
     Callers check the tracking store first, so a bad store fails in one line before N processes
-    start. ``argv`` is the command line after ``reslab`` (default: this process's).
+    start. ``argv`` is the command line after ``reslab`` (default: this process's). ``mask`` hides the
+    passwords of URLs in the printed command line (train.redact.mask_secrets; this module imports nothing).
     """
     if env_context().enabled:
         raise ValueError("--nproc given inside a torchrun worker; launch once, either way")
@@ -162,8 +164,8 @@ def launch(nproc: int, argv: list[str] | None = None, command: str = "train") ->
     if argv and argv[0] == command:
         argv = argv[1:]
     cmd = torchrun_command(nproc, argv, command)
-    print(f"launching {nproc} data-parallel processes: torchrun --standalone --nproc-per-node={nproc} -m {command} "
-          + " ".join(strip_nproc(argv)), flush=True)
+    line = f"torchrun --standalone --nproc-per-node={nproc} -m {command} " + " ".join(strip_nproc(argv))
+    print(f"launching {nproc} data-parallel processes: {(mask or str)(line)}", flush=True)
     sys.stderr.flush()
     os.execv(cmd[0], cmd)
 

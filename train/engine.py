@@ -254,7 +254,7 @@ def _read_checkpoint(p: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as e:  # torn zip, bad pickle opcodes, zeros after a crash: all "unreadable"
-        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:160]  # torch's first sentence
         raise CheckpointError(f"{p}: not a readable checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(ck, dict) or "model" not in ck or "epoch" not in ck:
         raise CheckpointError(f"{p}: not a reslab checkpoint (no model state or epoch in it)")
@@ -279,7 +279,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                 raise FileNotFoundError(f"{p}: no checkpoint to resume from") from None
             raise
         reason = str(e)
-    ck = _read_checkpoint(previous)
+    try:
+        ck = _read_checkpoint(previous)
+    except CheckpointError as e:
+        raise CheckpointError(f"{reason}, and neither is {PREVIOUS} beside it ({str(e).split(' (', 1)[-1]}") from None
     if reason not in _FELL_BACK:  # one warning, though a resume reads the checkpoint more than once
         _FELL_BACK.add(reason)
         warnings.warn(f"{reason}; resuming from {previous} (epoch {ck['epoch']}) instead", CheckpointFallback, stacklevel=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -10,6 +11,8 @@ from .config import TrainConfig
 from .data import load_dataset
 from .distributed import is_main_process
 from .engine import fit, load_checkpoint, resolve_precision, select_device
+from .interrupt import END_REASON_TAG, end_reason
+from .redact import mask_secrets
 from .tracking import (
     epoch_logger,
     experiment_id,
@@ -50,14 +53,21 @@ def train_and_log(
             mlflow.set_tags(run_tags(cfg, data, str(device), precision))
             if init_from:
                 mlflow.set_tag("init_from", init_from)
-        print(f"MLflow run {run.info.run_id} in {mlflow.get_tracking_uri()}")
+        print(f"MLflow run {run.info.run_id} in {mask_secrets(mlflow.get_tracking_uri())}")
         if resume:  # killed between checkpoint and logging: log the checkpointed epochs MLflow missed
             logged_steps = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")}
             for h in load_checkpoint(resume)["history"]:
                 if h["epoch"] not in logged_steps:
                     epoch_logger(int(h["epoch"]) - 1, h)
-        result = fit(cfg, data, [epoch_logger], resume=resume,
-                     meta={"mlflow_run_id": run.info.run_id, "run_name": run_name})
+        try:
+            result = fit(cfg, data, [epoch_logger], resume=resume,
+                         meta={"mlflow_run_id": run.info.run_id, "run_name": run_name})
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (train/interrupt.py): KILLED, with the reason
+            mlflow.set_tag(END_REASON_TAG, end_reason(e))
+            mlflow.end_run("KILLED")
+            if cfg.checkpoint_dir and (Path(cfg.checkpoint_dir) / "last.pt").exists():
+                print(f"\nresume with: reslab train --resume {cfg.checkpoint_dir}", flush=True)
+            raise
         mlflow.set_tag("compile", result.extra["compile"])  # whether the step was compiled, and why
         logged = log_fit(result, data)
         out: dict[str, Any] = {"run_id": run.info.run_id, "result": result, **logged}

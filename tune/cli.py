@@ -161,7 +161,9 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
         setup_tracking()  # a bad store fails in one line before N processes start
         if not args.study:  # every worker process of the launch must join the same study
             args.argv = [*args.argv, "--study", opts.study]
-        launch(args.nproc, args.argv, "tune")
+        from train.redact import mask_secrets
+
+        launch(args.nproc, args.argv, "tune", mask=mask_secrets)
         return {"dataset": base.dataset, "counts": "-", "minutes": (time.time() - t0) / 60}
     out = run_study(opts)
     # a worker that lost the race to finalize has no "registered" key: another worker registers

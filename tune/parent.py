@@ -139,5 +139,9 @@ def summarize(study: optuna.Study, inv: Invocation) -> dict[str, Any]:
     return summary
 
 
-def end(inv: Invocation, status: str = "FINISHED") -> None:
-    MlflowClient().set_terminated(inv.parent_run_id, status=status)
+def end(inv: Invocation, status: str = "FINISHED", reason: str | None = None) -> None:
+    """End the parent run; ``reason`` (what interrupted it: SIGTERM, Ctrl-C) goes in its end_reason tag."""
+    client = MlflowClient()
+    if reason:
+        client.set_tag(inv.parent_run_id, "end_reason", reason)
+    client.set_terminated(inv.parent_run_id, status=status)

@@ -9,7 +9,6 @@ storage URL (``sqlite:///...``, ``postgresql+psycopg://...``, ``mysql+pymysql://
 from __future__ import annotations
 
 import os
-import re
 import socket
 import time
 import warnings
@@ -23,6 +22,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import DBAPIError
 
+from train.redact import mask_secrets
 from train.tracking import mlruns_dir
 
 STALE_REASON = "its worker died (no heartbeat, or its process is gone)"
@@ -34,7 +34,7 @@ def default_journal() -> Path:
 
 def describe(url: str | None) -> str:
     """The storage as logged and printed: passwords masked."""
-    return re.sub(r"(://[^:/@]+):[^@]+@", r"\1:***@", url) if url else f"journal:{default_journal()}"
+    return mask_secrets(url) if url else f"journal:{default_journal()}"
 
 
 class EndStaleTrialRun:
@@ -81,7 +81,15 @@ def open_storage(url: str | None = None, heartbeat: int | None = None) -> optuna
                 return RDBStorage(url, **kwargs)
             except DBAPIError:
                 time.sleep(0.5 + attempt)
-        return RDBStorage(url, **kwargs)  # the last attempt: its error is the one reported
+        try:
+            return RDBStorage(url, **kwargs)  # the last attempt: its error is the one reported
+        except DBAPIError as e:
+            first = (str(e.orig or e).splitlines() or [type(e).__name__])[0]
+            raise StorageError(f"storage {describe(url)} is unreachable ({first})") from None
+
+
+class StorageError(ValueError):
+    """The study storage cannot be used (a one-line error in the CLI)."""
 
 
 def reap_dead_local_trials(study: optuna.Study) -> int:
@@ -91,7 +99,7 @@ def reap_dead_local_trials(study: optuna.Study) -> int:
     host, reaped = socket.gethostname(), 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         who = t.user_attrs.get("worker", "")
-        if not who.startswith(f"{host}:") or _alive(int(who.rsplit(":", 1)[1])):
+        if not who.startswith(f"{host}:") or worker_alive(who):
             continue
         try:
             if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
@@ -101,6 +109,36 @@ def reap_dead_local_trials(study: optuna.Study) -> int:
         EndStaleTrialRun()(study, study._storage.get_trial(t._trial_id))
         reaped += 1
     return reaped
+
+
+def worker_id() -> str:
+    """host:pid:start of this process. The start time (kernel clock ticks since boot) tells this process
+    from a later one that reuses its pid, e.g. a worker restarted in a fresh container where pids start
+    again from 1: host and pid alone would call a dead worker's trial alive forever."""
+    pid = os.getpid()
+    start = process_start(pid)
+    return f"{socket.gethostname()}:{pid}" + (f":{start}" if start else "")
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (field 22 of /proc/<pid>/stat), or None where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # after the command name, which may hold spaces and ')'
+
+
+def worker_alive(who: str) -> bool:
+    """Whether the worker ``host:pid[:start]`` (of this host) still runs: its pid exists and, when its start
+    time was recorded, the process with that pid started then (not a newcomer that reuses the pid)."""
+    parts = who.split(":")
+    pid = int(parts[1])
+    if not _alive(pid):
+        return False
+    if len(parts) < 3 or process_start(pid) is None:  # recorded by an older reslab, or no /proc
+        return True
+    return process_start(pid) == parts[2]
 
 
 def _alive(pid: int) -> bool:

@@ -25,6 +25,7 @@ from train.config import TrainConfig
 from train.data import load_dataset
 from train.distributed import is_main_process, shutdown
 from train.engine import measure_throughput
+from train.interrupt import end_reason
 from train.tracking import experiment_id, flat_params, setup_tracking
 
 from . import ddp, parent
@@ -147,10 +148,10 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
                            timeout=timeout, catch=(TrialFailed,), gc_after_trial=True, callbacks=[progress])
     except BudgetSpent:
         pass
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (train/interrupt.py)
         progress.close()
         if not inv.running(study):
-            parent.end(inv, "KILLED")
+            parent.end(inv, "KILLED", end_reason(e))
         print(f"\ninterrupted; resume with: reslab tune --study {opts.study} ...")
         raise
     except Exception:  # a bug or a broken store: do not leave the parent RUNNING for the next invocation to join
