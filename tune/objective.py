@@ -8,8 +8,6 @@ its reason recorded; the study goes on.
 
 from __future__ import annotations
 
-import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +20,10 @@ import torch
 from train.config import TrainConfig
 from train.data import ImageData
 from train.engine import DivergedError, EpochCallback, fit, resolve_precision, select_device
+from train.interrupt import end_reason
 from train.tracking import epoch_logger, flat_params, log_fit, run_tags
 
-from . import ddp
+from . import ddp, storage
 from .pruning import pruning_callback
 from .space import SearchSpace
 
@@ -33,8 +32,8 @@ MLFLOW_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 
 
 def worker_id() -> str:
-    """host:pid of this process, so a worker on the same host can tell that it died."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid:start of this process, so a worker on the same host can tell that it died (tune/storage.py)."""
+    return storage.worker_id()
 
 
 class TrialFailed(Exception):
@@ -85,8 +84,9 @@ class Objective:
                 raise self._failed(trial, "out of memory", e) from e
             mlflow.set_tag("fail_reason", f"{type(e).__name__}: {e}"[:5000])
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the run ends KILLED with the reason
             state = "killed"
+            mlflow.set_tag("end_reason", end_reason(e))
             raise
         finally:
             mlflow.log_metric("trial_seconds", time.perf_counter() - t0)
