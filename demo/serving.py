@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from train.augment import normalize
+from train.preprocess import to_model_input
 from train.tracking import load_model, rebuild_module
 
 from .faces import Box, FaceFinder, crop, draw_boxes
@@ -218,14 +219,7 @@ class ServedModel:
 
     def to_model_input(self, rgb: np.ndarray) -> np.ndarray:
         """Centre square, resized to the model's size, in its channel count: uint8 (S, S, C)."""
-        h, w = rgb.shape[:2]
-        s = min(h, w)
-        sq = rgb[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
-        size = self.image_size
-        out = cv2.resize(sq, (size, size), interpolation=cv2.INTER_AREA if s > size else cv2.INTER_LINEAR)
-        if self.channels == 1:
-            return cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)[..., None]
-        return out
+        return to_model_input(rgb, self.image_size, self.channels)  # shared with reslab predict and the REST model
 
     def tensor(self, seen: list[np.ndarray]) -> torch.Tensor:
         return normalize(torch.from_numpy(np.stack(seen)), self.mean, self.std, channels_last=False)

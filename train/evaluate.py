@@ -1,0 +1,125 @@
+"""``reslab evaluate``: a logged model on a dataset's test split (or any labelled image folder):
+accuracy, macro precision/recall/F1, per-class report and confusion matrix, optionally logged to
+MLflow against the model itself (``model_id``) and its registry version."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import ImageData, stratified_subset
+from .report import classification_metrics, plot_confusion
+from .tracking import experiment_id
+from .usemodel import OpenedModel
+
+
+def check_compatible(opened: OpenedModel, data: ImageData) -> None:
+    if list(data.classes) != list(opened.prep.classes):
+        raise ValueError(f"{opened.uri} knows classes {list(opened.prep.classes)}, the data has {list(data.classes)}; "
+                         "evaluate it on the dataset it was trained for")
+
+
+def model_inputs(opened: OpenedModel, x: np.ndarray) -> np.ndarray:
+    """Dataset images at the model's size and channel count (a no-op when they already are)."""
+    p = opened.prep
+    if x.shape[1:] == (p.image_size, p.image_size, p.channels):
+        return x
+    rgb = (lambda a: np.repeat(a, 3, 2)) if x.shape[3] == 1 else (lambda a: a)
+    return np.stack([p.to_model_input(rgb(a)) for a in x])
+
+
+@torch.no_grad()
+def predict_arrays(opened: OpenedModel, x: np.ndarray, batch_size: int = 500, progress: bool = True) -> np.ndarray:
+    """Softmax probabilities for uint8 (N, H, W, C) images."""
+    opened.module.eval()
+    out = []
+    bar = tqdm(total=len(x), unit="img", desc="evaluate", disable=not progress, leave=False)
+    for i in range(0, len(x), batch_size):
+        batch = opened.prep.tensor(model_inputs(opened, x[i : i + batch_size]))
+        out.append(torch.softmax(opened.module(batch).float(), 1).numpy())
+        bar.update(len(batch))
+    bar.close()
+    return np.concatenate(out) if out else np.zeros((0, len(opened.prep.classes)), np.float32)
+
+
+def evaluate(opened: OpenedModel, data: ImageData, limit: int | None = None, batch_size: int = 500,
+             progress: bool = True) -> dict[str, Any]:
+    check_compatible(opened, data)
+    x, y = data.test_x, data.test_y
+    if limit and limit < len(y):  # a stratified subset (the splits are sorted by class)
+        keep = np.sort(stratified_subset(y, limit))
+        x, y = x[keep], y[keep]
+    if not len(x):
+        raise ValueError(f"{data.name} ({data.source}) has no test images")
+    t0 = time.perf_counter()
+    probs = predict_arrays(opened, x, batch_size, progress)
+    seconds = time.perf_counter() - t0
+    report = classification_metrics(y, probs.argmax(1), list(opened.prep.classes))
+    report.update(images=int(len(y)), seconds=seconds, images_per_sec=len(y) / max(seconds, 1e-9),
+                  model_uri=opened.uri, dataset=data.name, data_source=data.source, data_fingerprint=data.fingerprint)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    classes = list(report["per_class"])
+    w = max(len(c) for c in classes + ["class"])
+    lines = [f"{report['model_uri']} on {report['dataset']} test split ({report['images']} images, "
+             f"{report['images_per_sec']:.0f} img/s)",
+             f"accuracy {report['accuracy']:.4f}   macro precision {report['precision_macro']:.4f}   "
+             f"macro recall {report['recall_macro']:.4f}   macro F1 {report['f1_macro']:.4f}", "",
+             f"{'class':<{w}}  precision  recall  f1      support"]
+    for c, v in report["per_class"].items():
+        lines.append(f"{c:<{w}}  {v['precision']:.4f}     {v['recall']:.4f}  {v['f1-score']:.4f}  {int(v['support'])}")
+    lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
+    short = [c[:5] for c in classes]
+    lines.append(" " * (w + 2) + " ".join(f"{s:>5}" for s in short))
+    for c, row in zip(classes, report["confusion_matrix"]):
+        lines.append(f"{c:<{w}}  " + " ".join(f"{n:>5}" for n in row))
+    return "\n".join(lines)
+
+
+def log_dataset(data: ImageData, context: str, x: np.ndarray, y: np.ndarray, model_id: str | None = None) -> None:
+    """Record ``data`` as an MLflow input of the active run; the content fingerprint is its digest."""
+    from mlflow.entities import LoggedModelInput
+
+    with warnings.catch_warnings():  # a path source "can be interpreted in multiple ways"
+        warnings.simplefilter("ignore")
+        ds = mlflow.data.from_numpy(x[:1], targets=y[:1], source=data.source or data.name, name=data.name,
+                                    digest=(data.fingerprint or "unknown")[:36])
+    mlflow.log_input(ds, context=context, model=LoggedModelInput(model_id) if model_id else None)
+
+
+def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any], experiment: str | None = None) -> str:
+    """An ``evaluate`` run holding the metrics (linked to the model's ``model_id``), the report and the
+    confusion matrix; the registry version gets ``test_acc`` if it had none. Returns the run id."""
+    exp = experiment or data.name
+    metrics = {"test_acc": report["accuracy"], "test_precision_macro": report["precision_macro"],
+               "test_recall_macro": report["recall_macro"], "test_f1_macro": report["f1_macro"]}
+    metrics.update({f"test_f1_{c}": v["f1-score"] for c, v in report["per_class"].items()})
+    with mlflow.start_run(experiment_id=experiment_id(exp), run_name=f"evaluate-{opened.name or 'model'}") as run:
+        mlflow.set_tags({"evaluated_model": opened.uri, "dataset": data.name, "dataset_hash": data.fingerprint,
+                         **({"model_id": opened.model_id} if opened.model_id else {})})
+        log_dataset(data, "test", data.test_x, data.test_y, opened.model_id)
+        mlflow.log_metrics(metrics, model_id=opened.model_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            t = Path(tmp)
+            (t / "test_report.json").write_text(json.dumps(report, indent=2))
+            mlflow.log_artifact(str(t / "test_report.json"))
+            mlflow.log_artifact(str(plot_confusion(report["confusion_matrix"], list(opened.prep.classes),
+                                                   t / "confusion_matrix.png")), "plots")
+    if opened.name:
+        client = mlflow.MlflowClient()
+        mv = client.get_model_version(opened.name, opened.version)
+        client.set_model_version_tag(opened.name, opened.version, "evaluated_test_acc", f"{report['accuracy']:.6f}")
+        if "test_acc" not in mv.tags:
+            client.set_model_version_tag(opened.name, opened.version, "test_acc", str(report["accuracy"]))
+    return run.info.run_id

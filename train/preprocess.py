@@ -1,0 +1,89 @@
+"""The preprocessing a logged model expects, read from its own metadata (``model_config.json`` /
+MLmodel metadata): class names, input size, channels, mean/std. One implementation for the demo,
+``reslab predict``/``evaluate``/``export`` and the REST model, so they all see what training saw.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from .augment import normalize
+
+REQUIRED = ("classes", "image_size", "channels", "mean", "std")
+MAX_PIXELS = 40_000_000  # the demo's limit: a 10000x10000 image would need 300 MB just to be shrunk
+
+
+def to_model_input(rgb: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """Centre square, resized to the model's size, in its channel count: uint8 (S, S, C)."""
+    h, w = rgb.shape[:2]
+    s = min(h, w)
+    sq = rgb[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+    out = cv2.resize(sq, (size, size), interpolation=cv2.INTER_AREA if s > size else cv2.INTER_LINEAR)
+    if channels == 1:
+        return cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)[..., None]
+    return out
+
+
+def decode_bytes(data: bytes) -> np.ndarray:
+    """Image bytes -> (H, W, 3) uint8 RGB (first frame, EXIF-rotated, transparency on white);
+    ValueError with a one-line reason otherwise."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ValueError("empty image (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            if im.size[0] * im.size[1] > MAX_PIXELS:
+                raise ValueError(f"image of {im.size[0]}x{im.size[1]} pixels is over the {MAX_PIXELS / 1e6:.0f} MP limit")
+            im.load()
+        im = ImageOps.exif_transpose(im)
+    except UnidentifiedImageError:
+        raise ValueError("not an image Pillow can read") from None
+    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise ValueError(f"truncated or corrupt image ({str(e).splitlines()[0][:80]})") from None
+    if im.mode in ("RGBA", "LA", "PA", "P"):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    classes: tuple[str, ...]
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dataset: str = ""
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], what: str = "the model") -> Preprocessing:
+        missing = [k for k in REQUIRED if k not in meta]
+        if missing:
+            raise ValueError(f"{what} has no preprocessing metadata ({', '.join(missing)}); re-log it with `reslab train`")
+        return cls(tuple(meta["classes"]), int(meta["image_size"]), int(meta["channels"]),
+                   tuple(float(v) for v in meta["mean"]), tuple(float(v) for v in meta["std"]), str(meta.get("dataset", "")))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "classes": list(self.classes), "image_size": self.image_size,
+                "channels": self.channels, "mean": list(self.mean), "std": list(self.std),
+                "input_layout": "NCHW float32: uint8 RGB (or gray) centre square resized to image_size, /255, "
+                                "minus mean, divided by std"}
+
+    def to_model_input(self, rgb: np.ndarray) -> np.ndarray:
+        return to_model_input(rgb, self.image_size, self.channels)
+
+    def tensor(self, seen: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
+        """uint8 (N, S, S, C) model inputs -> the normalised float NCHW batch."""
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(seen) if not isinstance(seen, np.ndarray) else seen))
+        return normalize(x, torch.tensor(self.mean), torch.tensor(self.std), channels_last=False)

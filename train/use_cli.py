@@ -1,0 +1,150 @@
+"""``reslab import``, ``reslab evaluate`` and ``reslab export``: using a model outside training
+(docs/using-models.md). ``reslab predict`` lives in demo/ (it reuses the demo's face finder)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .cli import fail
+from .data import DATASETS
+
+MODEL_HELP = ("a logged model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a run id, "
+              "or a downloaded model folder")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=sorted(DATASETS), help="dataset (default: the one the model was trained on)")
+    p.add_argument("--data", metavar="PATH", help="zip, image folder (one sub-folder per class), cifar-10-batches-py/, "
+                   "fer2013.csv, or a folder holding them (default: $RESLAB_DATA, else ../shared/datasets)")
+
+
+def _open(model: str):
+    from .tracking import setup_tracking
+    from .usemodel import open_model
+
+    setup_tracking()
+    return open_model(model)
+
+
+def _load_data(opened, args: argparse.Namespace):
+    from .data import load_dataset
+
+    name = args.dataset or opened.prep.dataset
+    if name not in DATASETS:
+        fail(f"{opened.uri} does not say which dataset it was trained on; give --dataset")
+    return load_dataset(name, args.data, progress=not args.no_progress)
+
+
+# --------------------------------------------------------------------------- reslab import
+
+
+def add_import_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import", help="log a published CIFAR ResNet checkpoint as a reslab model",
+        description="Map a published CIFAR-10 ResNet checkpoint (the layout of akamaster/pytorch_resnet_cifar10: "
+        "conv1, bn1, layer1..3, linear; e.g. ../shared/pretrained/resnet20-12fca82f.th) onto reslab's network and "
+        "log it to MLflow with its preprocessing, so evaluate, predict, export, the demo and `mlflow models serve` "
+        "can use it. A checkpoint of another depth or layout is refused with what it holds.",
+        epilog="example: reslab import ../shared/pretrained/resnet20-12fca82f.th --model resnet20 --register cifar10-resnet20-published")
+    p.add_argument("path", metavar="PATH", help="the checkpoint (.th/.pt/.safetensors)")
+    p.add_argument("--model", required=True, metavar="NAME", help="reslab architecture it holds: resnet20, resnet32, resnet44, resnet56 or resnet110")
+    p.add_argument("--register", metavar="NAME", help="register it as a new version of NAME")
+    p.add_argument("--experiment", default="imported", help="MLflow experiment of the import run (default: imported)")
+    p.set_defaults(func=cmd_import)
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from .published import import_published
+
+    out = import_published(args.path, args.model, args.register, args.experiment)
+    print(f"imported {args.path} as {args.model}: {out['model_uri']} (run {out['run_id']}, sha256 {out['sha256'][:12]})")
+    if args.register:
+        print(f"registered {out['registered']}")
+    print(f"next: reslab evaluate {out.get('registered', out['model_uri'])}")
+
+
+# --------------------------------------------------------------------------- reslab evaluate
+
+
+def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="accuracy, macro P/R/F1, per-class report and confusion matrix of a logged model",
+        description="Evaluate a logged model on a dataset's test split (or a labelled image folder given with --data), "
+        "with the model's own preprocessing. --log records the metrics in MLflow, linked to the model (model_id) "
+        "and, for a registry URI, tagged on that version.",
+        epilog="example: reslab evaluate models:/cifar10-resnet@champion --log --out report.json")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    _data_args(p)
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N test images")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
+    p.add_argument("--log", action="store_true", help="log the evaluation to MLflow against the model")
+    p.add_argument("--experiment", help="MLflow experiment of the evaluation run (default: the dataset name)")
+    p.add_argument("--out", metavar="FILE.json", help="also write the full report as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate, format_report, log_evaluation
+
+    if args.limit is not None and args.limit < 1:
+        fail(f"--limit {args.limit}: give at least 1 image")
+    opened = _open(args.model)
+    data = _load_data(opened, args)
+    report = evaluate(opened, data, args.limit, args.batch_size, progress=not args.no_progress)
+    print(format_report(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"report written to {args.out}")
+    if args.log:
+        run_id = log_evaluation(opened, data, report, args.experiment)
+        print(f"logged to MLflow run {run_id}" + (f" (model_id {opened.model_id})" if opened.model_id else ""))
+
+
+# --------------------------------------------------------------------------- reslab export
+
+
+def add_export_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a logged model as ONNX or a torch.export pt2 file, verified on real images",
+        description="Export a logged model for runtimes without MLflow, with a dynamic batch dimension. Beside the "
+        "file, FILE.json holds its class names and preprocessing. The export is run on real test images and compared "
+        "with PyTorch (onnxruntime for ONNX): the largest absolute logit difference and top-1 agreement are printed; "
+        "a disagreement is an error.",
+        epilog="example: reslab export models:/cifar10-resnet@champion --format onnx --out cifar10-resnet.onnx")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--format", required=True, choices=["onnx", "pt2"], help="onnx (onnxruntime, other languages) or pt2 (torch.export)")
+    p.add_argument("--out", metavar="FILE", help="output file (default: <model name>.<format> in the current folder)")
+    p.add_argument("--verify", type=int, default=256, metavar="N", help="test images to compare on (default: 256; 0: skip)")
+    p.add_argument("--tolerance", type=float, default=1e-3, metavar="T", help="largest acceptable logit difference (default: 1e-3)")
+    _data_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while loading data")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_model, sidecar_path, verify
+
+    if args.verify < 0:
+        fail(f"--verify {args.verify}: give 0 (skip) or a number of images")
+    opened = _open(args.model)
+    stem = opened.name or opened.config.get("architecture") or "model"
+    out = Path(args.out or f"{stem}.{args.format}")
+    export_model(opened, args.format, out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {sidecar_path(out)}")
+    if args.verify:
+        data = _load_data(opened, args)
+        from .evaluate import check_compatible, model_inputs
+
+        check_compatible(opened, data)
+        check = verify(opened, out, args.format, model_inputs(opened, data.test_x[: args.verify]))
+        side = json.loads(sidecar_path(out).read_text())
+        side["verification"] = {**check, "dataset": data.name, "runtime": "onnxruntime" if args.format == "onnx" else "torch.export"}
+        sidecar_path(out).write_text(json.dumps(side, indent=2))
+        print(f"verified on {check['images']} {data.name} test images: max abs logit diff {check['max_abs_diff']:.2e}, "
+              f"top-1 identical on {check['top1_agree']}/{check['images']}")
+        if check["max_abs_diff"] > args.tolerance or not check["top1_identical"]:
+            raise ValueError(f"the {args.format} export disagrees with PyTorch (max abs diff {check['max_abs_diff']:.2e}, "
+                             f"top-1 {check['top1_agree']}/{check['images']})")
