@@ -239,9 +239,13 @@ def test_model_card(in_store):
 ])
 def test_bad_model_is_a_one_line_error(in_store, capsys, spec, says):
     from demo.app import load_models
+    from train.cli import main
 
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ValueError) as raised:  # the library raises ...
         load_models([spec])
+    assert says in str(raised.value)
+    with pytest.raises(SystemExit) as e:  # ... and only the command line exits, with one line
+        main(["demo", "--port", str(free_port()), "--model", spec])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("reslab: error: ") and says in err, err
 

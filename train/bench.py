@@ -421,8 +421,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     cfg = _bench_config(args)
     try:
         device = select_device(cfg.device)
-    except RuntimeError as e:
-        fail(str(e))
+    except RuntimeError as e:  # no such device here: the user's choice, one line
+        raise ValueError(str(e)) from e
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
@@ -438,7 +438,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     total = args.warmup + args.rounds * (settle + max(1, args.steps // args.rounds))  # sizes the lr schedules
     kind, src = resolve_source(cfg.dataset, cfg.data)
     if "conventional" in selected and kind != "zip":
-        fail(f"the conventional pipeline reads image files from the dataset zip; {src} is a {kind}")
+        raise ValueError(f"the conventional pipeline reads image files from the dataset zip; {src} is a {kind}")
     pipes: list[Pipeline] = []
     with tempfile.TemporaryDirectory(prefix="reslab-bench-images-") as tmp:
         try:

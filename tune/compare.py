@@ -58,7 +58,7 @@ def parse_tags(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            fail(f"--tag {pair!r}: expected KEY=VALUE")
+            raise ValueError(f"--tag {pair!r}: expected KEY=VALUE")
         out[key.strip()] = value.strip()
     return out
 
@@ -78,7 +78,7 @@ def select_runs(client: Any, experiments: list[str] | None, tags: dict[str, str]
         for name in experiments:
             exp = client.get_experiment_by_name(name)
             if exp is None:
-                fail(f"no MLflow experiment named {name!r} in {client.tracking_uri}")
+                raise ValueError(f"no MLflow experiment named {name!r} in {client.tracking_uri}")
             exp_ids.append(exp.experiment_id)
     else:
         exp_ids = [e.experiment_id for e in client.search_experiments()]
@@ -87,14 +87,14 @@ def select_runs(client: Any, experiments: list[str] | None, tags: dict[str, str]
         for rid in run_ids:
             try:
                 run = client.get_run(rid)
-            except MlflowException:
-                fail(f"no run {rid!r} in {client.tracking_uri}")
+            except MlflowException as e:
+                raise ValueError(f"no run {rid!r} in {client.tracking_uri}") from e
             if _has_test_metrics(run):
                 runs.append(run)
                 continue
             children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{rid}'")
             if not children:
-                fail(f"run {rid} has no test metrics and no child runs (was the test split evaluated?)")
+                raise ValueError(f"run {rid} has no test metrics and no child runs (was the test split evaluated?)")
             runs += children
         runs = [r for r in runs if r.info.status == "FINISHED" and _has_test_metrics(r)
                 and (not experiments or r.info.experiment_id in exp_ids)
@@ -106,7 +106,7 @@ def select_runs(client: Any, experiments: list[str] | None, tags: dict[str, str]
     unique = {r.info.run_id: r for r in runs}
     runs = sorted(unique.values(), key=lambda r: r.info.start_time)[-max_runs:]
     if not runs:
-        fail("no finished runs with test metrics match the selection")
+        raise ValueError("no finished runs with test metrics match the selection")
     return runs
 
 

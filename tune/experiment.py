@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from train.cli import add_train_args, config_from_args, fail
+from train.cli import add_train_args, config_from_args
 from train.config import TrainConfig, load_yaml, recipe
+from train.redact import mask_secrets
 
 DEFAULT_DEPTHS = (20, 56)
 
@@ -98,7 +99,7 @@ def shared_config(args: argparse.Namespace) -> TrainConfig:
     """Preset < --recipe < --config < explicit flags: the one recipe every network trains with."""
     for flag in ("model", "init_from", "pretrained"):
         if getattr(args, flag, None):
-            fail(f"--{flag.replace('_', '-')} does not apply: the experiment trains plainD and resnetD for each of --depths")
+            raise ValueError(f"--{flag.replace('_', '-')} does not apply: the experiment trains plainD and resnetD for each of --depths")
     preset = dict(PRESETS[args.preset])
     if args.curves == "val":
         preset["val_fraction"] = 0.1
@@ -113,7 +114,7 @@ def shared_config(args: argparse.Namespace) -> TrainConfig:
             setattr(args, key, value)
     cfg = config_from_args(args)
     if args.curves == "val" and not cfg.val_fraction:
-        fail("--curves val needs a validation split; give --val-fraction > 0")
+        raise ValueError("--curves val needs a validation split; give --val-fraction > 0")
     return cfg
 
 
@@ -123,7 +124,7 @@ def model_names(depths: list[int]) -> list[tuple[str, str, int]]:
 
     bad = [d for d in depths if d not in CIFAR_DEPTHS]
     if bad:
-        fail(f"depth {bad[0]} has no plain/residual pair; choose from {', '.join(map(str, CIFAR_DEPTHS))}")
+        raise ValueError(f"depth {bad[0]} has no plain/residual pair; choose from {', '.join(map(str, CIFAR_DEPTHS))}")
     return [(fam, f"{prefix}{d}", d) for d in sorted(set(depths)) for fam, prefix in (("plain", "plain"), ("residual", "resnet"))]
 
 
@@ -234,7 +235,7 @@ def run_degradation(
                            "preset": preset, "depths": " ".join(str(d) for d in sorted({d for _, _, d in nets})), "curves": curves,
                            "curve_images": len(curve_y), "test_images": len(test_y)})
         mlflow.set_tag("budget", budget)
-        print(f"MLflow parent run {parent_id} in {mlflow.get_tracking_uri()}", flush=True)
+        print(f"MLflow parent run {parent_id} in {mask_secrets(mlflow.get_tracking_uri())}", flush=True)
         for i, (family, name, depth) in enumerate(nets, 1):
             print(f"[{i}/{len(nets)}] {name}", flush=True)
             row, curve = train_child(dataclasses.replace(cfg, model=name), family, depth, data, eval_data,
