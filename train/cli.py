@@ -217,12 +217,12 @@ def cmd_ui(args: argparse.Namespace) -> None:
 def one_line_warnings() -> None:
     """reslab's own warnings (images skipped, a corrupt last.pt fallen back from) as one line each,
     ``reslab: warning: ...``, passwords masked; other libraries' warnings keep Python's format."""
+    from .errors import ReslabWarning
+
     default = warnings.showwarning
-    root = str(Path(__file__).resolve().parents[1])
 
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
-        ours = str(filename).startswith(root) and "site-packages" not in str(filename)
-        if ours and issubclass(category, UserWarning):
+        if issubclass(category, ReslabWarning):
             print(f"reslab: warning: {mask_secrets(str(message))}", file=file or sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)

@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .errors import DataError, ReslabWarning
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 CACHE_VERSION = 2
 # A member or file larger than this is refused before it is read: dataset images are kilobytes, and a
@@ -67,10 +69,6 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 # The label order of FER-2013's original challenge CSV.
 FER_CSV_LABELS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-
-
-class DataError(ValueError):
-    """Bad input data; the message is one line naming the path and what was expected."""
 
 
 @dataclass
@@ -271,7 +269,7 @@ def _read_image_tree(info: DatasetInfo, path: Path, progress: bool) -> tuple:
     if zf is not None:
         zf.close()
     if skipped:
-        warnings.warn(f"{path}: skipped {skipped} unreadable image(s), first: {first_bad}", stacklevel=2)
+        warnings.warn(f"{path}: skipped {skipped} unreadable image(s), first: {first_bad}", ReslabWarning, stacklevel=2)
     return (*out, classes, skipped)
 
 
@@ -361,7 +359,7 @@ def _read_fer_csv(info: DatasetInfo, path: Path, progress: bool) -> tuple:
             raise DataError(f"{path}: no valid {split} rows (Usage 'Training' for train, 'PublicTest'/'PrivateTest' for test)")
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} torn row(s) (not 2304 pixel values 0..255, or an empty emotion), "
-                      f"first: {first_bad}", stacklevel=2)
+                      f"first: {first_bad}", ReslabWarning, stacklevel=2)
     arrays = [f(v) for xs, ys in splits.values() for f, v in ((np.stack, xs), (lambda y: np.asarray(y, np.int64), ys))]
     return (*arrays, list(info.classes), skipped)
 
@@ -412,7 +410,7 @@ def load_dataset(
             cache_file.unlink(missing_ok=True)  # a torn cache file (empty, truncated) is rebuilt below
     train_x, train_y, test_x, test_y, classes, skipped = READERS[kind](info, path, progress)
     if sorted(classes) != sorted(info.classes):
-        warnings.warn(f"{path}: classes {classes} differ from the usual {name} classes", stacklevel=2)
+        warnings.warn(f"{path}: classes {classes} differ from the usual {name} classes", ReslabWarning, stacklevel=2)
     mean, std = channel_stats(train_x)
     ds = ImageData(name, list(classes), train_x, train_y, test_x, test_y, mean, std, str(path), fp, skipped)
     if use_cache:
@@ -420,7 +418,7 @@ def load_dataset(
             write_cache(cache_file, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
                         classes=np.asarray(classes), mean=np.asarray(mean), std=np.asarray(std), skipped=skipped)
         except OSError as e:
-            warnings.warn(f"could not write the data cache {cache_file}: {e}", stacklevel=2)
+            warnings.warn(f"could not write the data cache {cache_file}: {e}", ReslabWarning, stacklevel=2)
     return ds
 
 

@@ -34,7 +34,7 @@ from .augment import normalize, random_crop_flip
 from .budget import CALIBRATION_SKIP, CALIBRATION_STEPS, Horizon, TimeBudget, format_duration
 from .config import TrainConfig
 from .data import ImageData, split_validation, stratified_subset
-from .errors import DivergedError
+from .errors import DivergedError, ReslabWarning
 from .loader import BatchLoader
 from .models import create_model
 
@@ -292,7 +292,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 _FELL_BACK: set[str] = set()
 
 
-class CheckpointFallback(UserWarning):
+class CheckpointFallback(ReslabWarning):
     """last.pt was unreadable and previous.pt was used."""
 
 

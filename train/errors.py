@@ -18,6 +18,11 @@ class DivergedError(RuntimeError):
     """The loss became NaN, infinite or absurdly large: training cannot go on from here."""
 
 
+class ReslabWarning(UserWarning):
+    """Something the user should know that does not stop the command (images skipped, a checkpoint fallen
+    back from); the CLI shows it as one ``reslab: warning:`` line."""
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Set RESLAB_DEBUG=1 to see full tracebacks instead."""
     if os.environ.get("RESLAB_DEBUG"):
