@@ -40,9 +40,18 @@ class TrialFailed(Exception):
     """A trial that cannot finish (diverged, out of memory); Optuna records it as FAIL and goes on."""
 
 
+OOM_MESSAGES = (
+    "out of memory",  # CUDA and others
+    "can't allocate memory",  # PyTorch's CPU allocator
+    # oneDNN (CPU convolutions) reports a failed allocation of its primitive or scratchpad only as this;
+    # seen under a memory cap in tests/test_tune_paths.py, where it crashed the whole study
+    "could not create a primitive",
+)
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
+        isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MESSAGES))
 
 
 class Objective:

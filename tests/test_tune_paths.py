@@ -1,0 +1,308 @@
+"""``reslab tune`` paths beyond the main study of test_tune.py, each proven on a real CIFAR-10 subset
+with a real MLflow store, real Optuna storages and, where the feature is about processes, real
+``reslab`` processes: the hyperband pruner, ``--timeout``, ``--init-from``, the journal reaper after
+``kill -9`` of the only worker, an SQLite study storage, an out-of-memory trial, and registration
+once when a study resumes without ``--refit``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from conftest import module_store
+from test_tune import COMMON, tiny_cifar  # noqa: F401 (tiny_cifar is a fixture: 600 train / 200 test images)
+from train.cli import main
+
+RESLAB = [str(Path(sys.executable).parent / "reslab")]  # the installed console script
+GOOD = {"lr": 0.05, "batch_size": 32, "weight_decay": 5e-4}  # learns in one epoch (test_tune.py)
+SLOW = {"lr": 1e-5, "batch_size": 128, "weight_decay": 5e-4}  # barely moves: ~chance after one epoch
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_cifar):  # noqa: F811
+    """One embedded store (MLflow SQLite + the default Optuna journal) for this module's studies."""
+    from train.tracking import setup_tracking
+
+    tmp = tmp_path_factory.mktemp("tune-paths")
+    with module_store(tmp, RESLAB_CACHE=str(tmp / "cache")):
+        setup_tracking()
+        yield {"root": tmp, "journal": tmp / "mlruns" / "optuna" / "journal.log", "data": str(tiny_cifar)}
+
+
+def storage_of(url_or_log: str | Path) -> optuna.storages.BaseStorage:
+    from tune.storage import open_storage
+
+    return open_storage(str(url_or_log))
+
+
+def study_of(store, name: str, storage: str | Path | None = None) -> optuna.Study:
+    return optuna.create_study(study_name=name, storage=storage_of(storage or store["journal"]), direction="maximize",
+                               load_if_exists=True)
+
+
+def parent_runs(study: str) -> list[mlflow.entities.Run]:
+    return MlflowClient().search_runs(
+        [mlflow.get_experiment_by_name("cifar10").experiment_id],
+        f"tags.kind = 'study' and tags.`optuna.study` = '{study}'", order_by=["attributes.start_time ASC"])
+
+
+def versions_of(study: str) -> list:
+    return [v for v in MlflowClient().search_model_versions("name='cifar10-resnet'") if v.tags.get("study") == study]
+
+
+def trial_weights(trial: optuna.trial.FrozenTrial) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from tune.objective import WEIGHTS_ARTIFACT
+
+    local = mlflow.artifacts.download_artifacts(run_id=trial.user_attrs["mlflow_run_id"], artifact_path=WEIGHTS_ARTIFACT)
+    return load_file(str(Path(local) / "weights.safetensors"))
+
+
+# --------------------------------------------------------------------------- hyperband on SQLite, resumed
+
+
+@pytest.fixture(scope="module")
+def sqlite_url(store) -> str:
+    return f"sqlite:///{store['root'] / 'optuna.db'}"
+
+
+@pytest.fixture(scope="module")
+def hyperband_study(store, sqlite_url):
+    """On an SQLite study storage: a sound trial, then a slow one. Hyperband (one bracket at 1 epoch:
+    successive halving with its rung at epoch 1) keeps the best third of a rung, so the slow trial is
+    pruned at its rung; the default median pruner would not prune here (it waits for 3 complete
+    trials). The best trial is registered: cifar10-resnet version 1."""
+    study = study_of(store, "hb", sqlite_url)
+    study.enqueue_trial(GOOD)
+    study.enqueue_trial(SLOW)
+    main(["tune", "--data", store["data"], "--study", "hb", "--storage", sqlite_url, "--trials", "2",
+          "--pruner", "hyperband", *COMMON])
+    return study_of(store, "hb", sqlite_url)
+
+
+@pytest.fixture(scope="module")
+def hyperband_resumed(hyperband_study, store, sqlite_url):
+    """The same study resumed for one more (slow, queued) trial, without --refit; returns its output."""
+    study_of(store, "hb", sqlite_url).enqueue_trial(SLOW)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["tune", "--data", store["data"], "--study", "hb", "--storage", sqlite_url, "--trials", "1",
+              "--pruner", "hyperband", *COMMON])
+    print(out.getvalue())
+    return out.getvalue()
+
+
+def test_hyperband_prunes_at_its_rungs(hyperband_study):
+    good, slow = hyperband_study.get_trials()
+    assert (good.state, slow.state) == (TrialState.COMPLETE, TrialState.PRUNED), [
+        (t.state, t.intermediate_values) for t in (good, slow)]
+    # hyperband's successive-halving bookkeeping: each trial's value at rung 0 (epoch 1); a median or
+    # no-op pruner writes none
+    assert good.system_attrs["completed_rung_0"] == pytest.approx(good.intermediate_values[1])
+    assert slow.system_attrs["completed_rung_0"] == pytest.approx(slow.intermediate_values[1])
+    assert slow.intermediate_values[1] < good.intermediate_values[1]
+    (parent,) = parent_runs("hb")
+    assert parent.info.status == "FINISHED" and parent.data.params["pruner"] == "hyperband"
+    assert (parent.data.metrics["trials_complete"], parent.data.metrics["trials_pruned"]) == (1, 1)
+
+
+def test_sqlite_study_storage_runs_and_resumes(hyperband_study, hyperband_resumed, sqlite_url, store):
+    """Both invocations ran on the SQLite file: one study, trials numbered on, two finished parents."""
+    study = optuna.load_study(study_name="hb", storage=sqlite_url)
+    assert study._study_id == hyperband_study._study_id
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert all(t.state.is_finished() for t in study.trials), [t.state for t in study.trials]
+    assert [t.user_attrs["invocation"] for t in study.trials] == [1, 1, 2]  # each trial in its invocation's slots
+    assert study.user_attrs["invocation"]["number"] == 2
+    first, second = parent_runs("hb")
+    assert [p.info.status for p in (first, second)] == ["FINISHED", "FINISHED"]
+    assert first.data.params["storage"] == second.data.params["storage"] == sqlite_url
+    assert second.data.metrics["trials_this_invocation"] == 1
+    assert "hb" not in optuna.get_all_study_names(storage_of(store["journal"]))  # not in the default journal
+
+
+def test_resume_without_refit_registers_once(hyperband_study, hyperband_resumed):
+    """The resumed study's best trial is still trial 0, already version 1: no second version."""
+    study = optuna.load_study(study_name="hb", storage=hyperband_study._storage)
+    assert study.best_trial.number == 0 and study.trials[2].state == TrialState.PRUNED
+    (v1,) = versions_of("hb")
+    assert str(v1.version) == "1" and v1.tags["trial"] == "0"
+    assert study.user_attrs["registered_versions"] == {"0": "1"}
+    assert "best trial 0 is already version 1 of cifar10-resnet: nothing new to register" in hyperband_resumed
+    first, second = parent_runs("hb")
+    assert first.data.tags["registered.version"] == "1"
+    assert "registered.version" not in second.data.tags  # the resumed invocation registered nothing
+
+
+# --------------------------------------------------------------------------- --init-from
+
+
+def test_init_from_starts_trials_from_the_registered_weights(hyperband_study, store, tmp_path):
+    """A trial at a learning rate of 1e-9 (no weight decay) keeps the weights it started from: with
+    --init-from they are version 1's, which differ from a fresh initialisation."""
+    from safetensors.torch import load_file
+
+    from train.models import create_model
+    from train.tracking import model_files
+
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: 1.0e-9\nbatch_size: 32\nweight_decay: 0.0\n")
+    main(["tune", "--data", store["data"], "--study", "init", "--trials", "1", "--pruner", "none", "--no-register",
+          "--subset", "100", "--space", str(space), "--init-from", "models:/cifar10-resnet/1", *COMMON])
+    (trial,) = study_of(store, "init").trials
+    assert trial.state == TrialState.COMPLETE
+    started = trial_weights(trial)
+    registered = load_file(str(model_files("models:/cifar10-resnet/1")[1]))
+    torch.manual_seed(0)
+    fresh = create_model("resnet20", 10, 3).state_dict()
+    learned = [k for k, v in registered.items() if v.ndim > 1]  # conv and linear weights (BN statistics move)
+    assert len(learned) >= 20 and set(learned) <= set(started)
+    for k in learned:
+        assert torch.allclose(started[k], registered[k], atol=1e-6), k
+    assert max((registered[k] - fresh[k]).abs().max().item() for k in learned) > 1e-3  # version 1 was trained
+    run = MlflowClient().get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.params["pretrained"].endswith("weights.safetensors")
+
+
+# --------------------------------------------------------------------------- --timeout
+
+
+def test_timeout_stops_starting_trials(store):
+    """A budget of 8 trials and a 5 s timeout: the trial running at the deadline finishes, no trial
+    starts after it, the unused slots stay queued and the parent run ends FINISHED."""
+    main(["tune", "--data", store["data"], "--study", "to", "--trials", "8", "--timeout", "5s", "--pruner", "none",
+          "--no-register", *COMMON])
+    study = study_of(store, "to")
+    done = [t for t in study.trials if t.state.is_finished()]
+    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert 1 <= len(done) < 8 and len(done) + len(waiting) == 8, [t.state for t in study.trials]
+    assert all(t.state == TrialState.COMPLETE for t in done)
+    deadline = study.user_attrs["invocation"]["started"] + 5
+    assert all(t.datetime_start.timestamp() <= deadline + 1 for t in done), (deadline, [t.datetime_start for t in done])
+    assert max(t.datetime_complete.timestamp() for t in done) >= deadline  # it stopped for the time, not the budget
+    (parent,) = parent_runs("to")
+    assert parent.info.status == "FINISHED" and parent.data.params["timeout"] == "5.0"
+    assert parent.data.metrics["trials_this_invocation"] == len(done)
+    children = MlflowClient().search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.status for r in children) == ["FINISHED"] * len(done)
+
+
+# --------------------------------------------------------------------------- processes: kill -9, out of memory
+
+
+def reslab_env(store) -> dict[str, str]:
+    """This module's store for a child process, one thread (2 shared cores)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RESLAB_CACHE": str(store["root"] / "cache")}
+
+
+def test_reaper_fails_and_requeues_the_trial_of_a_killed_only_worker(store):
+    """The only worker of a journal-file study is SIGKILLed inside its trial: the trial stays RUNNING
+    (no heartbeat on a journal). Started again, ``reslab tune`` sees the dead pid on this host, fails
+    that trial, ends its MLflow run KILLED, runs its queued retry, and keeps the budget of 1."""
+    from optuna.storages import RetryFailedTrialCallback
+
+    from tune.storage import STALE_REASON
+
+    log = store["root"] / "reap.log"
+    args = ["tune", "--data", store["data"], "--study", "reap", "--storage", str(log), "--trials", "1",
+            "--pruner", "none", "--no-register", *COMMON]
+    first = subprocess.Popen([*RESLAB, *args], cwd=store["root"], env=reslab_env(store),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    victim = None
+    try:
+        while victim is None:
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the worker never started a trial"
+            if log.exists():
+                try:
+                    running = optuna.load_study(study_name="reap", storage=storage_of(log)).get_trials(
+                        states=(TrialState.RUNNING,))
+                except KeyError:  # the study is not created yet
+                    running = []
+                victim = next((t for t in running if "mlflow_run_id" in t.user_attrs), None)  # inside the objective
+            time.sleep(0.1)
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(30) == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        first.stdout.close()
+    left = optuna.load_study(study_name="reap", storage=storage_of(log)).trials
+    assert [t.state for t in left] == [TrialState.RUNNING]  # what the kill left behind: the test's precondition
+
+    second = subprocess.run([*RESLAB, *args], cwd=store["root"], env=reslab_env(store), capture_output=True,
+                            text=True, timeout=400)
+    assert second.returncode == 0 and "Traceback" not in second.stderr, second.stdout[-3000:] + second.stderr[-3000:]
+    trials = optuna.load_study(study_name="reap", storage=storage_of(log)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE], [(t.number, t.state) for t in trials]
+    dead, retry = trials
+    assert dead.number == victim.number and RetryFailedTrialCallback.retried_trial_number(retry) == dead.number
+    assert retry.params == dead.params  # the same configuration, run again
+    client = MlflowClient()
+    run = client.get_run(victim.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.info.end_time and run.data.tags["fail_reason"] == STALE_REASON
+    (parent,) = parent_runs("reap")  # the second process joined the killed one's invocation
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_this_invocation"] == 1
+    retry_run = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert retry_run.info.status == "FINISHED" and retry_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+# The child process imports everything first, then caps its address space (RLIMIT_AS) at what it
+# uses plus MARGIN and runs `reslab tune`: like a machine with MARGIN of memory free.
+UNDER_A_MEMORY_CAP = """
+import resource, sys
+import matplotlib.pyplot, optuna.visualization, plotly.io, safetensors.torch, torch
+import tune.study, tune.finalize
+from train.cli import main
+vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + int(sys.argv[1]), vm + int(sys.argv[1])))
+main(sys.argv[2:])
+"""
+MARGIN = 1 << 30  # 1 GiB: ResNet-20 at batch 32 needs ~0.1 GiB; ResNet-110 at batch 512 needs several
+
+
+def test_out_of_memory_trial_is_failed_and_the_study_goes_on(store, tmp_path):
+    """Under a real memory cap, a trial whose activations cannot be allocated (ResNet-110 on a batch of
+    512) gets the allocator's out-of-memory error; it is recorded FAIL with reason "out of memory" in
+    Optuna and MLflow, and the study goes on to its summary: exit 0, parent FINISHED, the ResNet-20
+    trial before it the best. (The failed trial runs last: after it the capped process's heap stays
+    at the cap, so a further trial in the same process would run out of memory too.)"""
+    space = tmp_path / "space.yaml"
+    space.write_text("model: [resnet20, resnet110]\nbatch_size: [32, 512]\nlr: 0.05\nweight_decay: 0.0005\n")
+    study = study_of(store, "oom")
+    study.enqueue_trial({"model": "resnet20", "batch_size": 32})
+    study.enqueue_trial({"model": "resnet110", "batch_size": 512})
+    args = ["tune", "--data", store["data"], "--study", "oom", "--trials", "2", "--pruner", "none", "--no-register",
+            "--space", str(space), *COMMON]
+    proc = subprocess.run([sys.executable, "-c", UNDER_A_MEMORY_CAP, str(MARGIN), *args], cwd=store["root"],
+                          env=reslab_env(store), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ok, oom = study_of(store, "oom").trials
+    assert (ok.state, oom.state) == (TrialState.COMPLETE, TrialState.FAIL), proc.stdout[-3000:]
+    assert oom.user_attrs["fail_reason"].startswith("out of memory: "), oom.user_attrs["fail_reason"]
+    # the allocator's own error (PyTorch's, or oneDNN's inside a convolution), not an injected one
+    assert any(m in oom.user_attrs["fail_reason"] for m in ("can't allocate memory", "could not create a primitive"))
+    client = MlflowClient()
+    run = client.get_run(oom.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["fail_reason"] == oom.user_attrs["fail_reason"]
+    assert run.data.tags["state"] == "failed" and run.data.params["model"] == "resnet110"
+    assert client.get_run(ok.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+    (parent,) = parent_runs("oom")
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == "0"
+    assert (parent.data.metrics["trials_fail"], parent.data.metrics["trials_complete"]) == (1, 1)
