@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import os
 import socket
+import sys
 
-from .settings import BATCH_SIZE, CHAMPIONS, QUEUE_SIZE, UPLOAD_LIMIT
+from train.config import champion_uri
+from train.data import DATASETS
+
+from .settings import BATCH_SIZE, QUEUE_SIZE, UPLOAD_LIMIT
+
+AUTH_ENV = "RESLAB_DEMO_AUTH"  # USER:PASSWORD, instead of --auth (which other users can see in `ps`)
 
 
 def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="serve the registered champion models in a web app (Gradio)",
         description="Start a Gradio app with one tab per dataset whose registered model has the `champion` alias "
-        f"({', '.join(CHAMPIONS)}): predictions, Grad-CAM, faces, model card.",
+        f"({', '.join(champion_uri(d) for d in DATASETS)}): predictions, Grad-CAM, faces, model card.",
     )
     p.add_argument("--model", action="append", metavar="[DATASET=]URI",
                    help="serve this model instead of the dataset's champion, e.g. models:/cifar10-resnet/3 or "
@@ -22,6 +29,9 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("--auth", metavar="USER:PASSWORD", default=None,
+                   help=f"require this login (default: ${AUTH_ENV} if set); advised with --host other than "
+                   "127.0.0.1 or --share")
     p.add_argument("--mlflow-ui", metavar="URL", help="MLflow UI to link the model card to "
                    "(default: http://127.0.0.1:5000 if one answers there, e.g. `reslab ui`)")
     p.add_argument("--max-file-size", default=UPLOAD_LIMIT, help=f"largest upload accepted (default: {UPLOAD_LIMIT})")
@@ -52,6 +62,35 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """``USER:PASSWORD`` as Gradio's auth pair; raises ValueError when it is not that."""
+    if value is None or value == "":
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("--auth (or $RESLAB_DEMO_AUTH) must be USER:PASSWORD, both non-empty")
+    return user, password
+
+
+def is_loopback(host: str) -> bool:
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, share: bool, auth: tuple[str, str] | None) -> str | None:
+    """The warning printed when the demo can be reached from other machines with no login."""
+    if auth is not None or (is_loopback(host) and not share):
+        return None
+    where = "a public gradio.live link" if share else f"{host}, reachable from other machines"
+    return (f"reslab demo: warning: serving on {where} with no login; anyone who reaches it can use the "
+            f"models. Set --auth USER:PASSWORD (or ${AUTH_ENV}).")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from train.cli import fail
@@ -59,10 +98,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
     problem = port_problem(args.host, args.port)
     if problem:
         fail(problem)
+    try:
+        auth = parse_auth(args.auth if args.auth is not None else os.environ.get(AUTH_ENV))
+    except ValueError as e:
+        fail(str(e))
+    warning = exposure_warning(args.host, args.share, auth)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
     from train.tracking import setup_tracking
 
+    import logging
+
     from .app import Missing, build_app, launch, load_models
+
+    handler = logging.StreamHandler()  # refused and failed requests, with details, on the server's stderr
+    handler.setFormatter(logging.Formatter("reslab demo: %(levelname)s: %(message)s"))
+    logging.getLogger("reslab.demo").addHandler(handler)
+    logging.getLogger("reslab.demo").setLevel(logging.INFO)
     from .serving import find_mlflow_ui
 
     uri = setup_tracking()
@@ -73,7 +126,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
                                     f"{e.card.name or e.uri} v{e.card.version} ({e.config.get('architecture')})"))
     app = build_app(entries, find_mlflow_ui(args.mlflow_ui), args.batch_size, args.examples, args.queue_size)
     try:
-        launch(app, args.host, args.port, args.share, args.max_file_size)
+        launch(app, args.host, args.port, args.share, args.max_file_size, auth=auth)
     except OSError as e:  # taken while the models loaded (Gradio's "Cannot find empty port"), or unbindable
         if "Cannot find empty port" in str(e):
             fail(f"port {args.port} on {args.host} is already in use; choose another --port, or stop what is serving there")

@@ -2,7 +2,13 @@
 own logged metadata, batched inference, faces and Grad-CAM.
 
 Nothing about a dataset's input format lives here: image size, channels, mean/std and class names
-are read from the ``model_config.json`` logged beside each pt2 model (or the MLmodel metadata).
+are read from the ``model_config.json`` logged beside each model.
+
+Nothing is unpickled: the network is rebuilt from ``train``'s model registry and the logged
+safetensors weights (``extra_files/weights.safetensors``), never through ``mlflow.pytorch.load_model``
+(which unpickles non-pt2 models and may fall back to ``torch.load(weights_only=False)``), so whoever
+can move ``@champion`` on a shared tracking server cannot run code in the demo. A model without
+those files is refused.
 """
 
 from __future__ import annotations
@@ -25,23 +31,54 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from train.augment import normalize
+from train.config import CHAMPION, registered_name
+from train.data import DATASETS
 from train.preprocess import to_model_input
-from train.tracking import load_model, rebuild_module
 
-from .faces import Box, FaceFinder, crop, draw_boxes
+from .faces import MIN_BOX_SIDE, Box, FaceFinder, crop, draw_boxes
 from .gradcam import grad_cam, overlay
 from .inputs import Decoded
 
 # The registry names `reslab tune` / `reslab train --register` use, one per dataset.
-REGISTERED_NAMES = {"cifar10": "cifar10-resnet", "fer2013": "fer2013-resnet"}
-DEFAULT_ALIAS = "champion"
+REGISTERED_NAMES = {d: registered_name(d) for d in DATASETS}
+DEFAULT_ALIAS = CHAMPION
 FACE_DATASETS = {"fer2013"}  # datasets whose pictures are faces: find them before classifying
 HYPERPARAMS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "augment",
                "label_smoothing", "ema", "subset")
 
 
+MAX_FACES = 8  # faces classified per image; the largest are kept
+
+
 class NoModel(LookupError):
     """No registered model behind a URI; the message says which command makes one."""
+
+
+class UnsafeModel(NoModel):
+    """A registered model the demo will not load: no safetensors weights and config beside it."""
+
+
+def safe_module(local: Path, uri: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The logged network rebuilt from ``train``'s registry and its safetensors weights, with its
+    config; reads only ``extra_files/model_config.json`` (JSON) and ``weights.safetensors``."""
+    from safetensors.torch import load_file
+
+    from train.models import create_model
+
+    extra = local / "extra_files"
+    config_path, weights = extra / "model_config.json", extra / "weights.safetensors"
+    if not (config_path.is_file() and weights.is_file()):
+        raise UnsafeModel(f"{uri} has no safetensors weights and model_config.json beside it; the demo loads no "
+                          "pickled models. Log it again with `reslab train` (which writes both).")
+    try:
+        config = json.loads(config_path.read_text())
+        module = create_model(str(config["architecture"]), len(config["classes"]), int(config["channels"]),
+                              **dict(config.get("model_args") or {}))
+        module.load_state_dict(load_file(str(weights)))
+    except Exception as e:  # noqa: BLE001  (bad JSON, unknown architecture, wrong shapes, a torn file)
+        raise UnsafeModel(f"{uri}: its weights and model_config.json do not make a reslab network "
+                          f"({type(e).__name__}); log it again with `reslab train`.") from e
+    return module.eval(), config
 
 
 def default_uri(dataset: str) -> str:
@@ -58,15 +95,11 @@ def missing_message(uri: str, dataset: str | None) -> str:
             "then start `reslab demo` again.")
 
 
-def gradcam_problem(net: Any, module: torch.nn.Module | None, channels: int, size: int) -> str | None:
-    """Why Grad-CAM cannot run on a served model, or None. The rebuilt module must compute what the
-    served graph computes, or its heatmaps would explain another network."""
-    if module is None:
-        return "no safetensors weights logged with it"
-    x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        if not torch.allclose(net(x), module(x), atol=1e-3, rtol=1e-3):
-            return "the network rebuilt from its weights does not match the served graph"
+def gradcam_problem(module: torch.nn.Module) -> str | None:
+    """Why Grad-CAM cannot run on a served model, or None (it needs the ``features`` method every
+    reslab network has)."""
+    if not callable(getattr(module, "features", None)):
+        return "the network has no features() stage"
     return None
 
 
@@ -186,18 +219,14 @@ class ServedModel:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         try:
-            local = Path(mlflow.artifacts.download_artifacts(uri))
+            local = Path(mlflow.artifacts.download_artifacts(uri))  # files only: nothing is loaded here
         except MlflowException as e:
             raise NoModel(missing_message(uri, _dataset_of(uri))) from e
-        self.net = load_model(str(local))
-        self.module: nn.Module | None = None
-        if (local / "extra_files" / "model_config.json").exists():
-            self.module, self.config = rebuild_module(str(local))
-        else:  # an older model without safetensors: predictions only, preprocessing from MLmodel
-            self.config = dict(mlflow.models.Model.load(str(local)).metadata or {})
+        self.module, self.config = safe_module(local, uri)
+        self.net = self.module  # predictions and Grad-CAM from the same rebuilt network
         missing = [k for k in ("classes", "image_size", "channels", "mean", "std") if k not in self.config]
         if missing:
-            raise ValueError(f"{uri} has no preprocessing metadata ({', '.join(missing)}); re-log it with `reslab train`")
+            raise UnsafeModel(f"{uri} has no preprocessing metadata ({', '.join(missing)}); re-log it with `reslab train`")
         self.classes: list[str] = list(self.config["classes"])
         self.image_size = int(self.config["image_size"])
         self.channels = int(self.config["channels"])
@@ -205,7 +234,7 @@ class ServedModel:
         self.std = torch.tensor(self.config["std"], dtype=torch.float32)
         self.dataset: str = self.config.get("dataset", "")
         self.card = read_card(uri)
-        self.gradcam_off = gradcam_problem(self.net, self.module, self.channels, self.image_size)
+        self.gradcam_off = gradcam_problem(self.module)
         if self.gradcam_off:
             print(f"reslab demo: Grad-CAM off for {uri}: {self.gradcam_off}", flush=True)
 
@@ -229,54 +258,77 @@ class ServedModel:
         """Softmax over classes for model-input crops, in one forward pass of the pt2 graph."""
         return torch.softmax(self.net(self.tensor(seen)).float(), 1).numpy()
 
+    def prepare(self, img: Decoded, finder: FaceFinder | None) -> tuple[list[Box | None], list[np.ndarray], list[str]]:
+        """One upload's faces (or the whole image) as model inputs, with its notes."""
+        notes = list(img.notes)
+        boxes: list[Box | None] = []
+        if self.faces and finder is None:
+            notes.append("Face detection is unavailable on this server: classified the whole image.")
+        elif self.faces:
+            boxes = [b for b in finder.detect(img.rgb) if min(b.w, b.h) >= MIN_BOX_SIDE]  # never crop nothing
+            if len(boxes) > MAX_FACES:
+                notes.append(f"{len(boxes)} faces found: classified the {MAX_FACES} largest.")
+                boxes = boxes[:MAX_FACES]
+            if not boxes:
+                notes.append("No face found: classified the whole image.")
+        if not boxes:
+            boxes = [None]
+        seen = [self.to_model_input(img.rgb if b is None else crop(img.rgb, b)) for b in boxes]
+        return boxes, seen, notes
+
     def classify(self, images: list[Decoded], cams: list[bool], finder: FaceFinder | None = None) -> list[Result]:
         """Classify a batch of decoded uploads: every face (or whole image) of every upload goes
-        through the network in one forward pass; Grad-CAM runs on those that asked for it."""
-        per_image: list[tuple[list[Box | None], list[np.ndarray], list[str]]] = []
-        for img in images:
-            notes = list(img.notes)
-            boxes: list[Box | None] = []
-            if self.faces and finder is None:
-                notes.append("Face detection is unavailable on this server: classified the whole image.")
-            elif self.faces:
-                boxes = list(finder.detect(img.rgb))
-                if not boxes:
-                    notes.append("No face found: classified the whole image.")
-            if not boxes:
-                boxes = [None]
-            seen = [self.to_model_input(img.rgb if b is None else crop(img.rgb, b)) for b in boxes]
-            per_image.append((boxes, seen, notes))
-        flat = [s for _, seen, _ in per_image for s in seen]
+        through the network in one forward pass; Grad-CAM runs on those that asked for it.
+        Raises the first upload's exception if any upload fails (see :meth:`classify_each`)."""
+        results = self.classify_each(images, cams, finder)
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results  # type: ignore[return-value]
+
+    def classify_each(self, images: list[Decoded], cams: list[bool], finder: FaceFinder | None = None) -> list[Result | Exception]:
+        """:meth:`classify`, with each upload isolated: one that cannot be prepared (any exception)
+        gets that exception in its place, and the others are classified without it."""
+        out: list[Result | Exception | None] = [None] * len(images)
+        per_image: list[tuple[int, list[Box | None], list[np.ndarray], list[str]]] = []
+        for i, img in enumerate(images):
+            try:
+                per_image.append((i, *self.prepare(img, finder)))
+            except Exception as e:  # noqa: BLE001  (isolated: that upload's answer is an error)
+                out[i] = e
+        if not per_image:
+            return out  # type: ignore[return-value]
+        flat = [s for _, _, seen, _ in per_image for s in seen]
+        owners = [i for i, _, seen, _ in per_image for _ in seen]
         t0 = time.perf_counter()
         probs = self.probabilities(flat)
         model_ms = (time.perf_counter() - t0) * 1000
-        idx = [k for k, owner in enumerate(_owners(per_image)) if cams[owner]]
+        idx = [k for k, owner in enumerate(owners) if cams[owner]]
         heat: dict[int, np.ndarray] = {}
         if self.gradcam_ok and idx:
             maps = grad_cam(self.module, self.tensor([flat[k] for k in idx]),
                             torch.from_numpy(probs[idx].argmax(1)))
             heat = dict(zip(idx, maps))
-        results, k = [], 0
-        for img, (boxes, seen, notes) in zip(images, per_image):
+        k = 0
+        for i, boxes, seen, notes in per_image:
             subjects = []
             for b, s in zip(boxes, seen):
                 subjects.append(Subject(s, b, probs[k], heat.get(k)))
                 k += 1
-            if any(cams) and not self.gradcam_ok:
-                notes.append(f"Grad-CAM is unavailable for this model ({self.gradcam_off}).")
-            annotated = None
-            if subjects[0].box is not None:
-                annotated = draw_boxes(img.rgb, [s.box for s in subjects], [self.classes[int(s.probs.argmax())] for s in subjects])
-            results.append(Result(subjects, notes, model_ms, len(flat), annotated))
-        return results
+            try:
+                if cams[i] and not self.gradcam_ok:
+                    notes.append(f"Grad-CAM is unavailable for this model ({self.gradcam_off}).")
+                annotated = None
+                if subjects[0].box is not None:
+                    annotated = draw_boxes(images[i].rgb, [s.box for s in subjects],
+                                           [self.classes[int(s.probs.argmax())] for s in subjects])
+                out[i] = Result(subjects, notes, model_ms, len(flat), annotated)
+            except Exception as e:  # noqa: BLE001
+                out[i] = e
+        return out  # type: ignore[return-value]
 
     def top(self, probs: np.ndarray) -> dict[str, float]:
         return {c: float(p) for c, p in zip(self.classes, probs)}
-
-
-def _owners(per_image: list[tuple[list, list, list]]) -> list[int]:
-    """For each crop in the flattened batch, the index of the upload it came from."""
-    return [i for i, (_, seen, _) in enumerate(per_image) for _ in seen]
 
 
 def _dataset_of(uri: str) -> str | None:

@@ -4,4 +4,3 @@ and the app read, so neither has to import the other."""
 UPLOAD_LIMIT = "10mb"
 QUEUE_SIZE = 64  # waiting requests beyond this are refused with "queue full" instead of piling up
 BATCH_SIZE = 16  # uploads merged into one forward pass
-CHAMPIONS = ("models:/cifar10-resnet@champion", "models:/fer2013-resnet@champion")

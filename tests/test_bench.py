@@ -22,7 +22,7 @@ PIPELINES = ("ceiling", "reslab", "conventional")
 def bench_run(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     args = ["bench", "--dataset", "cifar10", "--data", str(data_dir), "--batch-size", "16", "--steps", "2",
-            "--rounds", "2", "--warmup", "1", "--loader-workers", "1", "--eval-images", "64",
+            "--rounds", "2", "--warmup-steps", "1", "--loader-workers", "1", "--eval-images", "64",
             "--latency-calls", "5", "--out", str(out), "--no-progress"]
     return args, out
 
@@ -99,7 +99,7 @@ def test_bench_on_cuda(data_dir, tmp_path, precision):
     """The same table on a GPU: data resident on the device, autocast (fp16 with a grad scaler)."""
     out = tmp_path / "cuda.json"
     main(["bench", "--dataset", "cifar10", "--data", str(data_dir), "--device", "cuda", "--precision", precision,
-          "--batch-size", "64", "--steps", "4", "--rounds", "2", "--warmup", "2", "--settle", "1",
+          "--batch-size", "64", "--steps", "4", "--rounds", "2", "--warmup-steps", "2", "--settle", "1",
           "--loader-workers", "1", "--eval-images", "256", "--latency-calls", "5", "--out", str(out), "--no-progress"])
     res = json.loads(out.read_text())
     assert res["device"].startswith("cuda") and res["precision"] == precision and "gpu" in res["machine"]

@@ -169,8 +169,8 @@ def test_compare_needs_a_selection(store, capsys):
 
 
 def test_flops_from_the_architecture_name():
-    from tune.compare import kind_of
-    from tune.flops import model_cost
+    from train.compare import kind_of
+    from train.flops import model_cost
 
     params20, flops20 = model_cost("resnet20", 10, 3, 32)
     params56, flops56 = model_cost("resnet56", 10, 3, 32)

@@ -16,11 +16,6 @@ import torch.nn.functional as F
 
 cv2.setNumThreads(1)  # the loader threads parallelise; OpenCV's own pool would oversubscribe 2 cores
 
-# Per-dataset defaults: CIFAR-10 is served well by crop+flip (the paper's recipe); faces gain from
-# small rotations/shifts, lighting changes and occlusion.
-DEFAULT_AUGMENT = {"cifar10": "crop-flip", "fer2013": "album"}
-AUGMENT_CHOICES = ("none", "flip", "crop-flip", "album")
-
 
 def random_crop_flip(
     x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None

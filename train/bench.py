@@ -49,9 +49,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocator import keep_freed_memory
-from .cli import fail
-from .config import TrainConfig, recipe
-from .data import DATASETS, ImageData, load_dataset, resolve_source, split_validation
+from .cli import add_train_args, config_from_args, fail
+from .config import TrainConfig
+from .data import ImageData, load_dataset, resolve_source, split_validation
 from .engine import (
     batch_augment,
     build_model,
@@ -103,14 +103,7 @@ class Pipeline:
 
 def _bench_config(args: argparse.Namespace) -> TrainConfig:
     """The dataset's default training configuration (or a recipe's), with the benchmark's overrides."""
-    merged: dict[str, Any] = {"dataset": args.dataset}
-    if args.recipe:
-        merged.update(recipe(args.recipe, args.dataset))
-    merged.update({k: v for k, v in {"data": args.data, "model": args.model, "batch_size": args.batch_size,
-                                     "device": args.device, "precision": args.precision, "workers": args.workers,
-                                     "augment": args.augment, "compile": args.compile}.items() if v is not None})
-    merged["progress"] = False
-    return TrainConfig.from_dict(merged).resolved()
+    return dataclasses.replace(config_from_args(args), progress=False)
 
 
 def _cycle_epochs(epoch_iter: Callable[[int], Iterator[Any]]) -> Iterator[Any]:
@@ -427,7 +420,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data = load_dataset(cfg.dataset, cfg.data, progress=args.progress)
+    progress = args.progress is not False  # `--no-progress` turns the bars off
+    data = load_dataset(cfg.dataset, cfg.data, progress=progress)
     # compile as a training run with this configuration would (auto: by the length of that run)
     train_steps = cfg.max_steps or cfg.epochs * (round(len(data.train_y) * (1 - cfg.val_fraction)) // cfg.batch_size)
     compiled, compile_reason = compile_decision(cfg, device, precision, train_steps)
@@ -435,7 +429,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     selected = [p for p in PIPELINES if p in args.pipelines]
     depths = queue_depths(cfg, args.loader_workers)
     settle = args.settle if args.settle is not None else max(depths[p] for p in selected) + 1
-    total = args.warmup + args.rounds * (settle + max(1, args.steps // args.rounds))  # sizes the lr schedules
+    total = args.warmup_steps + args.rounds * (settle + max(1, args.steps // args.rounds))  # sizes the lr schedules
     kind, src = resolve_source(cfg.dataset, cfg.data)
     if "conventional" in selected and kind != "zip":
         raise ValueError(f"the conventional pipeline reads image files from the dataset zip; {src} is a {kind}")
@@ -453,7 +447,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 extract_s = time.perf_counter() - t0
                 pipes.append(conventional_process(cfg, data, device, Path(tmp), args.loader_workers,
                                                   args.conventional_allocator == "reslab"))
-            measure(pipes, cfg.batch_size, args.steps, args.rounds, args.warmup, settle, args.progress)
+            measure(pipes, cfg.batch_size, args.steps, args.rounds, args.warmup_steps, settle, progress)
             pipelines = {}
             for p in pipes:  # before close(): a pipeline in its own process answers until then
                 r = p.result(cfg.batch_size)
@@ -479,7 +473,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": cfg.dataset, "recipe": args.recipe, "model": cfg.model, "model_args": cfg.model_args, "batch_size": cfg.batch_size,
         "precision": precision, "augment": cfg.augment, "compile": cfg.compile, "compile_reason": compile_reason,
         "device": str(device),
-        "steps_per_pipeline": args.steps, "rounds": args.rounds, "warmup_steps": args.warmup,
+        "steps_per_pipeline": args.steps, "rounds": args.rounds, "warmup_steps": args.warmup_steps,
         "settle_steps": settle, "queue_depths": {p: depths[p] for p in selected},
         "pipelines": pipelines, "ratios": ratios, "serving": serving,
         "machine": machine_info(device), "seconds": time.perf_counter() - t_start,
@@ -543,36 +537,26 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         "conventional: ImageFolder + PIL transforms + DataLoader workers, fp32, NCHW, in a process of its own), "
         "alternating short windows "
         "between them; then evaluation images/s and single-image latency of a logged model. Prints a table and "
-        "writes JSON with --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "writes JSON with --out. The training flags are `reslab train`'s: the benchmark measures the step such "
+        "a run would take (model, batch size, precision, augmentation, compile, recipe).",
     )
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
-    p.add_argument("--data", metavar="PATH", help="dataset zip or folder holding it (default: $RESLAB_DATA, else ../shared/datasets)")
-    p.add_argument("--model", help="architecture (default: the dataset's default model)")
-    p.add_argument("--recipe", metavar="NAME", help="take model, batch size, augmentation, ... from a recipe (e.g. fast-cpu)")
-    p.add_argument("--batch-size", type=int, help="batch size (default: the dataset's default)")
-    p.add_argument("--steps", type=int, default=40, help="timed training steps per pipeline, split over the rounds")
-    p.add_argument("--rounds", type=int, default=8, help="alternating measurement windows per pipeline")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per pipeline before the first round")
-    p.add_argument("--settle", type=int, help="untimed steps at the start of every window (default: the deepest "
+    g = p.add_argument_group("measurement")
+    g.add_argument("--steps", type=int, default=40, help="timed training steps per pipeline, split over the rounds (default: 40)")
+    g.add_argument("--rounds", type=int, default=8, help="alternating measurement windows per pipeline (default: 8)")
+    g.add_argument("--warmup-steps", type=int, default=3, help="untimed steps per pipeline before the first round (default: 3)")
+    g.add_argument("--settle", type=int, help="untimed steps at the start of every window (default: the deepest "
                    "background batch queue of the pipelines plus one, so that each window times a steady state)")
-    p.add_argument("--device", help="auto, cpu or cuda[:N] (default auto)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="precision of ceiling and reslab (default auto)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the step of ceiling and reslab (default: as `reslab train` decides for a run with "
-                   "this configuration; compilation happens in the untimed warm-up)")
-    p.add_argument("--augment", choices=["auto", "none", "flip", "crop-flip", "album"], help="reslab's augmentation (default: the dataset's)")
-    p.add_argument("--workers", type=int, help="reslab's albumentations threads (default: TrainConfig's)")
-    p.add_argument("--loader-workers", type=int, default=min(4, os.cpu_count() or 2),
-                   help="DataLoader worker processes of the conventional pipeline")
-    p.add_argument("--conventional-allocator", choices=["default", "reslab"], default="default",
+    g.add_argument("--loader-workers", type=int, default=min(4, os.cpu_count() or 2),
+                   help="DataLoader worker processes of the conventional pipeline (default: up to 4, one per core)")
+    g.add_argument("--conventional-allocator", choices=["default", "reslab"], default="default",
                    help="malloc settings of the conventional pipeline's process: glibc's defaults, as a tutorial "
-                   "script runs, or the ones reslab applies to its own processes")
-    p.add_argument("--pipelines", nargs="+", default=list(PIPELINES), metavar="NAME", help=f"subset of {', '.join(PIPELINES)}")
-    p.add_argument("--model-uri", help="logged model for the evaluation/latency numbers (default: log the benchmark's model to a temporary store)")
-    p.add_argument("--eval-images", type=int, default=2000, help="test images for evaluation images/s")
-    p.add_argument("--latency-calls", type=int, default=100, help="single-image calls for the latency percentiles")
-    p.add_argument("--no-serving", action="store_true", help="skip the evaluation and latency measurements")
-    p.add_argument("--out", metavar="FILE.json", help="write the full results as JSON")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+                   "script runs, or the ones reslab applies to its own processes (default: default)")
+    g.add_argument("--pipelines", nargs="+", default=list(PIPELINES), metavar="NAME",
+                   help=f"subset of {', '.join(PIPELINES)} (default: all)")
+    g.add_argument("--model-uri", help="logged model for the evaluation/latency numbers (default: log the benchmark's model to a temporary store)")
+    g.add_argument("--eval-images", type=int, default=2000, help="test images for evaluation images/s (default: 2000)")
+    g.add_argument("--latency-calls", type=int, default=100, help="single-image calls for the latency percentiles (default: 100)")
+    g.add_argument("--no-serving", action="store_true", help="skip the evaluation and latency measurements")
+    g.add_argument("--out", metavar="FILE.json", help="write the full results as JSON")
+    add_train_args(p)
     p.set_defaults(func=cmd_bench)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .allocator import keep_freed_memory
-from .config import TrainConfig, load_yaml, recipe
+from .config import AUGMENT_CHOICES, TrainConfig, load_yaml, recipe
 from .data import DATASETS
 from .interrupt import EXIT_SIGINT, EXIT_SIGTERM, Terminated, terminate_like_ctrl_c
 from .redact import mask_secrets
@@ -32,25 +32,46 @@ def fail(message: str) -> NoReturn:
 # --------------------------------------------------------------------------- shared flags
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=sorted(DATASETS), help="dataset (default: cifar10)")
+class _DefaultsInHelp:
+    """An argument group whose flags' help ends with TrainConfig's real (CIFAR-10) default, so the
+    defaults printed by --help are the ones a run uses."""
+
+    def __init__(self, group: Any, defaults: dict[str, Any]) -> None:
+        self._group, self._defaults = group, defaults
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> argparse.Action:
+        action = self._group.add_argument(*flags, **kwargs)
+        value = self._defaults.get(action.dest)
+        if value not in (None, "") and not isinstance(value, bool) and "default" not in (action.help or ""):
+            action.help = f"{action.help or ''} (default: {value})".strip()
+        return action
+
+
+def _group(p: argparse.ArgumentParser, title: str, show_defaults: bool) -> Any:
+    group = p.add_argument_group(title)
+    return _DefaultsInHelp(group, TrainConfig().resolved().to_dict()) if show_defaults else group
+
+
+def add_data_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> None:
+    g = _group(p, "data", show_defaults)
+    g.add_argument("--dataset", choices=sorted(DATASETS), help="dataset")
     g.add_argument("--data", metavar="PATH", help="zip, image folder, cifar-10-batches-py/, fer2013.csv, or a folder "
                    "holding them (default: $RESLAB_DATA, else ../shared/datasets)")
     g.add_argument("--download", action="store_true", default=None, help="download CIFAR-10 through torchvision")
     g.add_argument("--subset", type=int, metavar="N", help="train on a stratified subset of N images")
-    g.add_argument("--val-fraction", type=float, metavar="F", help="validation share carved out of train (default 0.1)")
+    g.add_argument("--val-fraction", type=float, metavar="F", help="validation share carved out of train")
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """Flags that map onto :class:`TrainConfig` fields (None means: not given)."""
-    add_data_args(p)
-    g = p.add_argument_group("model")
+def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> None:
+    """Flags that map onto :class:`TrainConfig` fields (None means: not given). ``show_defaults``:
+    append TrainConfig's defaults to the help (off where a preset decides them instead)."""
+    add_data_args(p, show_defaults)
+    g = _group(p, "model", show_defaults)
     g.add_argument("--model", metavar="NAME", help="architecture (default: resnet20 for CIFAR-10, resnet9 at width 32 for FER-2013); see --list-models")
     g.add_argument("--shortcut", choices=["A", "B"], help="CIFAR ResNet shortcut: A zero-padding (paper), B projection")
     g.add_argument("--pretrained", metavar="PATH", help="initialise from a state dict (.pt/.safetensors) or 'torchvision'")
     g.add_argument("--init-from", metavar="MODEL_URI", help="initialise from a logged model, e.g. models:/cifar10-resnet@champion")
-    g = p.add_argument_group("optimisation")
+    g = _group(p, "optimisation", show_defaults)
     g.add_argument("--epochs", type=int)
     g.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
     g.add_argument("--time-budget", metavar="DURATION", help="train for this long (e.g. 15m; training + evaluation): "
@@ -66,13 +87,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--milestones", type=float, nargs="+", metavar="M", help="step schedule: fractions (<=1) or iterations")
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--ema", type=float, metavar="DECAY", help="evaluate an EMA of the weights (e.g. 0.999)")
-    g = p.add_argument_group("augmentation")
-    g.add_argument("--augment", choices=["auto", "none", "flip", "crop-flip", "album"],
+    g = _group(p, "augmentation", show_defaults)
+    g.add_argument("--augment", choices=["auto", *AUGMENT_CHOICES],
                    help="auto: crop-flip for cifar10, albumentations for fer2013")
     g.add_argument("--aug-strength", type=float, metavar="S", help="scale of the albumentations magnitudes")
     g.add_argument("--workers", type=int, help="augmentation threads")
     g.add_argument("--tta", action="store_true", default=None, help="flip test-time augmentation")
-    g = p.add_argument_group("machine")
+    g = _group(p, "machine", show_defaults)
     g.add_argument("--device", help="auto, cpu or cuda[:N]")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
@@ -80,20 +101,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the training step (default: auto, i.e. on for the CIFAR ResNets and their plain "
                    "twins on a bf16 CPU when the run is long enough to repay ~25 s of compilation)")
     g.add_argument("--seed", type=int)
-    g = p.add_argument_group("configuration")
+    g = _group(p, "configuration", show_defaults)
     g.add_argument("--config", metavar="FILE.yaml", help="saved configuration (CLI flags override it)")
     g.add_argument("--recipe", metavar="NAME", help="named recipe from train/recipes/, e.g. fast-cpu")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    _show_defaults(p)
-
-
-def _show_defaults(p: argparse.ArgumentParser) -> None:
-    """Append the real (CIFAR-10) defaults from TrainConfig to each flag's help."""
-    defaults = TrainConfig().resolved().to_dict()
-    for action in p._actions:
-        value = defaults.get(action.dest)
-        if action.dest in defaults and value not in (None, "") and not isinstance(value, bool) and "default" not in (action.help or ""):
-            action.help = f"{action.help or ''} (default: {value})".strip()
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

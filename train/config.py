@@ -9,6 +9,11 @@ from typing import Any
 
 import yaml
 
+AUGMENT_CHOICES = ("none", "flip", "crop-flip", "album")  # train/augment.py implements them
+# Per-dataset defaults: CIFAR-10 is served well by crop+flip (the paper's recipe); faces gain from
+# small rotations/shifts, lighting changes and occlusion.
+DEFAULT_AUGMENT = {"cifar10": "crop-flip", "fer2013": "album"}
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 # Per-dataset defaults, used where the user gave nothing.
@@ -20,6 +25,18 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "fer2013": {"model": "resnet9", "model_args": {"width": 32}, "lr": 0.1, "batch_size": 128, "weight_decay": 5e-4,
                 "epochs": 30},
 }
+
+
+CHAMPION = "champion"  # the alias the best registered version holds (the demo serves it)
+
+
+def registered_name(dataset: str) -> str:
+    """The registry name of a dataset's tuned models (``reslab tune`` and ``make run`` register there)."""
+    return f"{dataset}-resnet"
+
+
+def champion_uri(dataset: str, alias: str = CHAMPION) -> str:
+    return f"models:/{registered_name(dataset)}@{alias}"
 
 
 @dataclass
@@ -78,8 +95,6 @@ class TrainConfig:
         c.lr = c.lr or d["lr"]
         c.weight_decay = d["weight_decay"] if c.weight_decay < 0 else c.weight_decay
         if c.augment == "auto":
-            from .augment import DEFAULT_AUGMENT
-
             c.augment = DEFAULT_AUGMENT.get(c.dataset, "crop-flip")
         return c
 

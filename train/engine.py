@@ -648,7 +648,7 @@ def fit(
     final.eval()
     if not history:
         warnings.warn("no epoch was trained (already finished?)", stacklevel=2)
-    extra: dict[str, Any] = {"meta": meta or {}, "compile": stepper.compile_reason, "train_images": len(x_train)}
+    extra: dict[str, Any] = {"compile": stepper.compile_reason, "train_images": len(x_train)}
     if budget is not None:
         extra["budget"] = {"budget_seconds": budget.seconds, "budget_steps": horizon.total,
                            "budget_epochs": horizon.total / steps_per_epoch,

@@ -34,10 +34,34 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, classes: list[
 
 
 def plot_confusion(cm: list[list[int]] | np.ndarray, classes: list[str], path: Path, title: str = "") -> Path:
-    cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(classes), 0.8 + 0.7 * len(classes)))
-    ConfusionMatrixDisplay(cm, display_labels=classes).plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
-    ax.set_title(title or f"confusion matrix (accuracy {np.trace(cm) / max(cm.sum(), 1):.2%})")
+    """One run's confusion matrix (logged with every evaluated run)."""
+    return plot_confusions([(cm, classes, title)], path)
+
+
+def plot_confusions(panels: list[tuple[Any, list[str], str]], path: Path, per_line: int = 4) -> Path:
+    """Confusion matrices ``(matrix, class names, title)`` side by side, at most ``per_line`` a line,
+    so that several runs can be read together (``reslab compare``); one panel is drawn larger."""
+    several = len(panels) > 1
+    cols = min(per_line, len(panels))
+    lines = -(-len(panels) // cols)
+    k = max(len(classes) for _, classes, _ in panels)
+    width, height = (1.2 + 0.42 * k, 1.2 + 0.42 * k) if several else (1.0 + 0.7 * k, 0.8 + 0.7 * k)
+    fig, axes = plt.subplots(lines, cols, figsize=(width * cols, height * lines + (0.4 if several else 0)), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (cm, classes, title) in zip(axes.flat, panels):
+        cm = np.asarray(cm)
+        accuracy = f"accuracy {np.trace(cm) / max(cm.sum(), 1):.2%}"
+        disp = ConfusionMatrixDisplay(cm, display_labels=classes)
+        if not several:
+            disp.plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
+            ax.set_title(title or f"confusion matrix ({accuracy})")
+            continue
+        disp.plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=90, text_kw={"fontsize": 6})
+        ax.set_title(f"{title}\n{accuracy}", fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("predicted", fontsize=7)
+        ax.set_ylabel("true", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -25,7 +25,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from .config import TrainConfig
+from .config import CHAMPION, TrainConfig
 from .data import ImageData, project_root
 from .errors import TrackingError
 from .distributed import env_context
@@ -239,10 +239,10 @@ def promote(name: str, version: str | int, test_acc: float) -> str:
     champion's (or there is none); otherwise the version becomes ``challenger``."""
     client = MlflowClient()
     try:
-        champ = client.get_model_version_by_alias(name, "champion")
+        champ = client.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:
         champ = None
     current = float(champ.tags.get("test_acc", "nan")) if champ is not None else float("nan")
-    alias = "champion" if champ is None or not np.isfinite(current) or test_acc > current else "challenger"
+    alias = CHAMPION if champ is None or not np.isfinite(current) or test_acc > current else "challenger"
     client.set_registered_model_alias(name, alias, str(version))
     return alias

@@ -13,15 +13,12 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from torch import nn
 
+from .config import champion_uri
 from .preprocess import Preprocessing
 from .tracking import MODEL_ARTIFACT, rebuild_module
 
-# The registry names `reslab tune` / `reslab train --register` use (demo.serving.REGISTERED_NAMES too).
-DEFAULT_NAMES = {"cifar10": "cifar10-resnet", "fer2013": "fer2013-resnet"}
-
-
 def default_model_uri(dataset: str) -> str:
-    return f"models:/{DEFAULT_NAMES.get(dataset, dataset + '-resnet')}@champion"
+    return champion_uri(dataset)
 
 
 def resolve_model_uri(model: str) -> str:

@@ -10,13 +10,14 @@ from typing import Any
 
 from train.budget import format_duration, parse_duration
 from train.cli import add_train_args, config_from_args, fail
+from train.config import RECIPES_DIR, load_yaml
 
-# `make run`: a study per dataset within one wall-clock budget (about 20 minutes on any machine: the
-# trials and the refits are sized from the speed measured at run time, tune/budget.py), each
-# registering <dataset>-resnet. The budget is split between the datasets by these shares.
-PRESETS: dict[str, dict[str, Any]] = {
-    "make-run": {"datasets": {"cifar10": 0.55, "fer2013": 0.45}, "budget": "20m", "study_prefix": "make-run"},
-}
+# Presets of whole tuning runs, as recipe files (train/recipes/<name>.yaml, section `tune`).
+PRESETS = ("make-run",)
+
+
+def tune_preset(name: str) -> dict[str, Any]:
+    return load_yaml(RECIPES_DIR / f"{name}.yaml")["tune"]
 
 
 def check_batch_split(space: Any, batch_size: int, nproc: int) -> None:
@@ -70,7 +71,7 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--experiment", help="MLflow experiment (default: the dataset name)")
     g.add_argument("--nproc", type=int, default=1, metavar="N", help="train every trial data-parallel on N processes "
                    "(torchrun; DDP over gloo on CPU, NCCL on GPUs); the batch size is the global one (default 1)")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="make-run: a CIFAR-10 study, then a FER-2013 study, in "
+    g.add_argument("--preset", choices=PRESETS, help="make-run: a CIFAR-10 study, then a FER-2013 study, in "
                    "20 minutes of wall clock on any machine (--budget changes it), each registering <dataset>-resnet")
     p.set_defaults(func=cmd_tune)
 
@@ -80,10 +81,10 @@ def cmd_tune(args: argparse.Namespace) -> None:
     if not args.preset:
         tune_one(args)
         return
-    preset = PRESETS[args.preset]
+    preset = tune_preset(args.preset)
     if args.nproc > 1:
         fail("--preset runs one process per study; for DDP trials run `reslab tune --dataset D --budget T --nproc N`")
-    shares: dict[str, float] = preset["datasets"] if not args.dataset else {args.dataset: 1.0}
+    shares: dict[str, float] = preset["shares"] if not args.dataset else {args.dataset: 1.0}
     total = parse_duration(args.budget or preset["budget"])
     t0 = time.time()
     rows = []

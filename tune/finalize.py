@@ -19,7 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from train.config import TrainConfig
+from train.config import TrainConfig, registered_name
 from train.data import ImageData
 from train.engine import FitResult, evaluate, fit, resolve_precision, select_device
 from train.models import create_model
@@ -29,10 +29,6 @@ from . import ddp
 from .objective import WEIGHTS_ARTIFACT
 
 REGISTERED_ATTR = "registered_versions"  # {trial number: model version}
-
-
-def registered_name(dataset: str) -> str:
-    return f"{dataset}-resnet"
 
 
 def _trial_network(run_id: str, cfg: TrainConfig, data: ImageData) -> torch.nn.Module:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from train.models import count_parameters, create_model
+from .models import count_parameters, create_model
 
 
 @lru_cache(maxsize=64)

@@ -3,7 +3,7 @@
 Accuracy, macro precision/recall/F1 and per-class F1 are the run's logged test metrics; training time
 and images/s are its ``train_seconds`` / ``train_images_per_sec``; the confusion matrix is its
 ``test_report.json`` artifact. Parameters and FLOPs per image are computed from the architecture
-name (``tune.flops``). Each residual network is set against its "baseline CNN": the plain network of
+name (``train.flops``). Each residual network is set against its "baseline CNN": the plain network of
 the same depth, when one is among the selected runs.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from train.cli import fail
+from .cli import fail
 
 COMPARE_TAG = "reslab.compare"
 
@@ -115,7 +115,7 @@ def select_runs(client: Any, experiments: list[str] | None, tags: dict[str, str]
 
 def kind_of(arch: str) -> str:
     """Which family an architecture belongs to, in the words of the papers."""
-    from train.models import CIFAR_DEPTHS, IMAGENET_LAYERS
+    from .models import CIFAR_DEPTHS, IMAGENET_LAYERS
 
     m = re.fullmatch(r"(plain|resnet)(\d+)(v2)?", arch)
     if not m:
@@ -143,7 +143,7 @@ def run_row(client: Any, run: Any, workdir: Path) -> dict[str, Any]:
     """Everything the report shows about one run, from its MLflow record (plus the computed cost)."""
     import mlflow
 
-    from train.data import DATASETS
+    from .data import DATASETS
 
     from .flops import model_cost
 
@@ -241,37 +241,12 @@ def per_class_tables(rows: list[dict[str, Any]]) -> list[tuple[str, list[str], l
     return tables
 
 
-def plot_confusions(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """All confusion matrices in one figure, at most four per line, so they can be read side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from sklearn.metrics import ConfusionMatrixDisplay
+def confusion_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """All the runs' confusion matrices in one figure, so they can be read side by side."""
+    from .report import plot_confusions
 
     shown = [r for r in rows if r["confusion_matrix"] is not None]
-    if not shown:
-        return None
-    cols = min(4, len(shown))
-    lines = -(-len(shown) // cols)
-    k = max(len(r["classes"]) for r in shown)
-    size = 1.2 + 0.42 * k
-    fig, axes = plt.subplots(lines, cols, figsize=(size * cols, size * lines + 0.4), squeeze=False)
-    for ax in axes.flat[len(shown):]:
-        ax.axis("off")
-    for ax, r in zip(axes.flat, shown):
-        cm = np.asarray(r["confusion_matrix"])
-        disp = ConfusionMatrixDisplay(cm, display_labels=r["classes"])
-        disp.plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=90, text_kw={"fontsize": 6})
-        ax.set_title(f"{label(r)}\naccuracy {np.trace(cm) / max(cm.sum(), 1):.2%}", fontsize=8)
-        ax.tick_params(labelsize=6)
-        ax.set_xlabel("predicted", fontsize=7)
-        ax.set_ylabel("true", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_confusions([(r["confusion_matrix"], r["classes"], label(r)) for r in shown], path) if shown else None
 
 
 NOTES = [
@@ -310,7 +285,7 @@ def compare(experiments: list[str] | None = None, tags: dict[str, str] | None = 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from train.tracking import experiment_id, setup_tracking
+    from .tracking import experiment_id, setup_tracking
 
     setup_tracking()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run is noise
@@ -326,7 +301,7 @@ def compare(experiments: list[str] | None = None, tags: dict[str, str] | None = 
         attach_baselines(rows)
         out = Path(output) if output else work / "report"
         out.mkdir(parents=True, exist_ok=True)
-        figure = plot_confusions(rows, out / "confusion_matrices.png")
+        figure = confusion_figure(rows, out / "confusion_matrices.png")
         md, page = build_report(rows, selection, figure)
         (out / "compare.md").write_text(md)
         (out / "compare.html").write_text(page)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -22,25 +21,21 @@ from typing import Any
 
 import numpy as np
 
-from train.cli import add_train_args, config_from_args
-from train.config import TrainConfig, load_yaml, recipe
-from train.redact import mask_secrets
+from .cli import add_train_args, config_from_args
+from .config import TrainConfig, load_yaml, recipe
+from .redact import mask_secrets
 
 DEFAULT_DEPTHS = (20, 56)
 
-# Each preset is one recipe shared by every network; explicit flags override it.
-PRESETS: dict[str, dict[str, Any]] = {
-    # Sized to finish in under 30 minutes on 2 CPU cores (4 networks, depths 20 and 56).
-    "cpu": {"subset": 10000, "epochs": 10, "batch_size": 128, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9,
-            "nesterov": False, "weight_decay": 1e-4, "schedule": "step", "milestones": [0.5, 0.75],
-            "val_fraction": 0.0},
-    # The paper (section 4.2): batch 128, lr 0.1 divided by 10 at 32k and 48k iterations, 64k iterations,
-    # weight decay 1e-4, momentum 0.9, all 50k training images. Both presets keep the dataset's default
-    # augmentation (CIFAR-10: 4-pixel-pad random crop + flip, as in the paper).
-    "paper": {"max_steps": 64000, "epochs": 0, "batch_size": 128, "lr": 0.1, "optimizer": "sgd", "momentum": 0.9,
-              "nesterov": False, "weight_decay": 1e-4, "schedule": "step", "milestones": [32000, 48000],
-              "val_fraction": 0.0},
-}
+# Each preset is one recipe file shared by every network (train/recipes/degradation-<preset>.yaml);
+# explicit flags override it.
+PRESETS = ("cpu", "paper")
+
+
+def preset(name: str, dataset: str = "cifar10") -> dict[str, Any]:
+    return recipe(f"degradation-{name}", dataset)
+
+
 # Size of the test-split sample the per-epoch curve is measured on (None: the whole split).
 PRESET_CURVE_IMAGES = {"cpu": 1000, "paper": None}
 
@@ -61,7 +56,7 @@ def add_experiment_command(sub: argparse._SubParsersAction) -> None:
         "for a GPU). Training flags override the preset; unset ones take the preset's value.",
     )
     g = d.add_argument_group("experiment")
-    g.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="shared recipe (default: cpu)")
+    g.add_argument("--preset", choices=PRESETS, default="cpu", help="shared recipe (default: cpu)")
     g.add_argument("--depths", type=int, nargs="+", default=list(DEFAULT_DEPTHS), metavar="D",
                    help="depths 6n+2 to train, each as plainD and resnetD (default: 20 56; the paper also has 32 44 110)")
     g.add_argument("--curves", choices=["test", "val"], default="test",
@@ -77,16 +72,12 @@ def add_experiment_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-log-models", dest="log_models", action="store_false",
                    help="do not log each trained network as an MLflow model (faster)")
     g.add_argument("--output", metavar="DIR", help="also write degradation.png/.md/.json into DIR")
-    add_train_args(d)
-    fields = set(TrainConfig.__dataclass_fields__)
-    for action in d._actions:  # the printed defaults are `reslab train`'s; here the preset decides
-        if action.dest in fields and action.help:
-            action.help = re.sub(r"\s*\(default: [^)]*\)$", "", action.help) or None
+    add_train_args(d, show_defaults=False)  # `reslab train`'s defaults do not apply: the preset decides
     d.set_defaults(func=cmd_degradation)
 
 
 def _describe_preset(name: str) -> str:
-    p = PRESETS[name]
+    p = preset(name)
     if p.get("max_steps"):
         length = f"{p['max_steps']} iterations, lr {p['lr']} /10 at {', '.join(str(int(m)) for m in p['milestones'])}"
     else:
@@ -100,16 +91,16 @@ def shared_config(args: argparse.Namespace) -> TrainConfig:
     for flag in ("model", "init_from", "pretrained"):
         if getattr(args, flag, None):
             raise ValueError(f"--{flag.replace('_', '-')} does not apply: the experiment trains plainD and resnetD for each of --depths")
-    preset = dict(PRESETS[args.preset])
-    if args.curves == "val":
-        preset["val_fraction"] = 0.1
-    from_files: set[str] = set()
     dataset = args.dataset or "cifar10"
+    shared = dict(preset(args.preset, dataset))
+    if args.curves == "val":
+        shared["val_fraction"] = 0.1
+    from_files: set[str] = set()
     if args.recipe:
         from_files |= set(recipe(args.recipe, dataset))
     if args.config:
         from_files |= set(load_yaml(args.config))
-    for key, value in preset.items():
+    for key, value in shared.items():
         if getattr(args, key, None) is None and key not in from_files:
             setattr(args, key, value)
     cfg = config_from_args(args)
@@ -120,7 +111,7 @@ def shared_config(args: argparse.Namespace) -> TrainConfig:
 
 def model_names(depths: list[int]) -> list[tuple[str, str, int]]:
     """(family, model name, depth) for every network of the experiment, shallow first."""
-    from train.models import CIFAR_DEPTHS
+    from .models import CIFAR_DEPTHS
 
     bad = [d for d in depths if d not in CIFAR_DEPTHS]
     if bad:
@@ -147,7 +138,7 @@ def cmd_degradation(args: argparse.Namespace) -> None:
 
 def sample_split(x: np.ndarray, y: np.ndarray, n: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A fixed stratified sample of ``n`` images (all of them when n is None or too large)."""
-    from train.data import stratified_subset
+    from .data import stratified_subset
 
     if n is None or n >= len(y):
         return x, y
@@ -165,7 +156,7 @@ class TestCurve:
     def __init__(self, cfg: TrainConfig, data: Any, x: np.ndarray, y: np.ndarray) -> None:
         import torch
 
-        from train.engine import build_model, resolve_precision, select_device
+        from .engine import build_model, resolve_precision, select_device
 
         self.cfg, self.x, self.y = cfg, x, y
         self.device = select_device(cfg.device)
@@ -180,7 +171,7 @@ class TestCurve:
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
         import mlflow
 
-        from train.engine import evaluate, load_checkpoint
+        from .engine import evaluate, load_checkpoint
 
         self.model.load_state_dict(load_checkpoint(self.cfg.checkpoint_dir)["model"])
         r = evaluate(self.model, self.x, self.y, self.device, self.precision, self.mean, self.std, self.cfg.channels_last)
@@ -213,8 +204,8 @@ def run_degradation(
     """Train every network of ``nets`` as a child run of one parent run; log the figure and table there."""
     import mlflow
 
-    from train.data import load_dataset
-    from train.tracking import experiment_id, flat_params, setup_tracking
+    from .data import load_dataset
+    from .tracking import experiment_id, flat_params, setup_tracking
 
     setup_tracking()
     data = load_dataset(cfg.dataset, cfg.data, cfg.download, progress=cfg.progress)
@@ -282,9 +273,9 @@ def train_child(cfg: TrainConfig, family: str, depth: int, data: Any, eval_data:
     """One network as a child run of ``parent_id``: (table row, figure series or None if it diverged)."""
     import mlflow
 
-    from train.engine import DivergedError, fit, resolve_precision, select_device
-    from train.models import count_parameters
-    from train.tracking import epoch_logger, flat_params, log_fit, run_tags
+    from .engine import DivergedError, fit, resolve_precision, select_device
+    from .models import count_parameters
+    from .tracking import epoch_logger, flat_params, log_fit, run_tags
 
     device = select_device(cfg.device)
     tags = {**run_tags(cfg, data, str(device), resolve_precision(cfg.precision, device)),
