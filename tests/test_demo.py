@@ -90,7 +90,7 @@ def test_prediction_function_on_real_test_images(dataset, in_store, request, tmp
     from demo.app import make_predict
     from demo.faces import FaceFinder
     from demo.serving import ServedModel, default_uri
-    from train.engine import evaluate
+    from train.engine import Runtime, evaluate
     from train.tracking import load_model
 
     data = request.getfixturevalue("cifar" if dataset == "cifar10" else "fer")
@@ -106,8 +106,8 @@ def test_prediction_function_on_real_test_images(dataset, in_store, request, tmp
     assert accuracy >= (2 if dataset == "cifar10" else 1.5) * chance, (accuracy, status[:3])
     assert all(abs(sum(lab.values()) - 1) < 1e-3 for lab in labels)
     assert all(g and g[0][1].split(":")[0] in ("input", "face 1") for g in galleries)  # the crop the model saw
-    engine = evaluate(load_model(default_uri(dataset)), data.test_x[idx], data.test_y[idx], torch.device("cpu"),
-                      "fp32", torch.tensor(data.mean), torch.tensor(data.std), channels_last=False)
+    rt = Runtime(torch.device("cpu"), "fp32", False, torch.tensor(data.mean), torch.tensor(data.std))
+    engine = evaluate(load_model(default_uri(dataset)), data.test_x[idx], data.test_y[idx], rt)
     agree = float((engine.preds == served).mean())
     print(f"{dataset}: served == engine.evaluate for {agree:.1%} of images")
     # CIFAR-10 images go in at their native size, so the pipeline must be exact; a FER face box is

@@ -158,10 +158,14 @@ def test_two_process_ddp_matches_one_process(team, cifar, tmp_path):
 def test_tune_trials_train_on_two_processes(team, tmp_path):
     """``reslab tune --nproc 2``: one study whose every trial trains with DDP on 2 processes. Rank 0
     alone talks to Optuna and MLflow; the sampled parameters and the pruner's decision reach rank 1
-    through TorchDistributedTrial. The space makes the outcome certain with the study's seed 0: the
-    sampler draws lr 1e-7, 0.1, 1e-7, so trial 2 (untrained, ~chance) falls below the median of
-    trials 0 and 1 after epoch 1 and is pruned on both ranks at once (a rank left behind would hang)."""
+    through TorchDistributedTrial. The trials are queued through Optuna's API before the run (the CLI
+    adopts queued trials as its slots), so the outcome does not depend on the sampler's draws: lr 1e-7,
+    0.1, 1e-7. Trial 2 is trial 0 again (untrained, ~chance), below the median of trials 0 and 1 after
+    epoch 1, so it is pruned on both ranks at once (a rank left behind would hang)."""
     (tmp_path / "space.yaml").write_text("lr: [0.1, 1.0e-7]\nbatch_size: 32\nweight_decay: 0.0005\n")
+    queued = optuna.create_study(study_name="ddp-trials", storage=team.storage, direction="maximize")
+    for lr in (1e-7, 0.1, 1e-7):
+        queued.enqueue_trial({"lr": lr})
     args = ["tune", "--dataset", "cifar10", "--subset", "2000", "--epochs", "2", "--trials", "3", "--prune-after", "1",
             "--prune-warmup", "0", "--space", str(tmp_path / "space.yaml"), "--storage", team.storage,
             "--study", "ddp-trials", "--experiment", "ddp-trials", "--no-register", "--no-progress", "--nproc", "2"]
@@ -171,7 +175,8 @@ def test_tune_trials_train_on_two_processes(team, tmp_path):
     assert proc.stdout.count("invocation 1: started parent run") == 1  # rank 1 never opened the study
     trials = optuna.load_study(study_name="ddp-trials", storage=team.storage).get_trials(deepcopy=False)
     assert [t.number for t in trials] == [0, 1, 2]
-    assert [t.params["lr"] for t in trials] == [1e-7, 0.1, 1e-7]
+    assert [t.params["lr"] for t in trials] == [1e-7, 0.1, 1e-7]  # the queued trials, in order
+    assert "3 trial(s) queued before this invocation run first" in proc.stdout
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED], \
         [(t.state, t.intermediate_values) for t in trials]
     assert trials[1].value > trials[0].value + 0.05  # the trained trial learned something
@@ -224,12 +229,11 @@ def test_demo_loads_the_champion_from_the_server(team, shared_study, cifar, monk
     """The team setup's serving side: the demo's loader against the MLflow server (PostgreSQL + artifacts)."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team.tracking_uri)
     from demo.serving import ServedModel
-    from train.tracking import load_model, setup_tracking
+    from train.tracking import setup_tracking
 
     previous = mlflow.get_tracking_uri()
     setup_tracking(team.tracking_uri)
     try:
-        net = load_model("models:/cifar10-resnet@champion")
         served = ServedModel("models:/cifar10-resnet@champion")
     finally:
         mlflow.set_tracking_uri(previous)
@@ -237,10 +241,29 @@ def test_demo_loads_the_champion_from_the_server(team, shared_study, cifar, monk
     assert served.classes == cifar.classes
     probs = served.probabilities(list(cifar.test_x[:8]))
     assert probs.shape == (8, 10) and np.allclose(probs.sum(1), 1, atol=1e-4)
-    import torch
+    # What the demo serves is what the study chose: the champion is the shared study's best trial, and
+    # on 500 real test images its served probabilities (the demo's own preprocessing, the pt2 graph)
+    # match the engine's evaluation of that trial's own weights (safetensors kept by the trial, the
+    # training normalization), so the accuracies agree too. A wrong version, graph or mean/std fails.
+    from train.engine import Runtime, evaluate
+    from tune.finalize import _trial_network
 
-    x = served.tensor(list(cifar.test_x[:8]))
-    assert torch.allclose(net(x), served.net(x))  # the same champion through both loaders
+    mv = team.client.get_model_version_by_alias("cifar10-resnet", "champion")
+    best = shared_study.study.best_trial
+    assert mv.run_id == best.user_attrs["mlflow_run_id"]
+    from train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(best.user_attrs["config"])
+    mlflow.set_tracking_uri(team.tracking_uri)
+    try:
+        trial_net = _trial_network(mv.run_id, cfg, cifar).eval()
+    finally:
+        mlflow.set_tracking_uri(previous)
+    x, y = cifar.test_x[:500], cifar.test_y[:500]
+    ref = evaluate(trial_net, x, y, Runtime(torch.device("cpu"), "fp32", False, torch.tensor(cifar.mean), torch.tensor(cifar.std)))
+    probs = served.probabilities(list(x))
+    assert np.abs(probs - ref.probs).max() < 1e-3, np.abs(probs - ref.probs).max()
+    assert (probs.argmax(1) == y).mean() == pytest.approx(ref.accuracy)
 
 
 # --------------------------------------------------------------------------- a worker killed mid-trial
@@ -267,7 +290,15 @@ def killed_study(team):
         time.sleep(0.2)
     a.send_signal(signal.SIGKILL)
     assert a.wait(30) == -signal.SIGKILL
-    time.sleep(4.5)  # the grace period (2 x heartbeat) passes: A's trial is stale now
+    # wait until A's trial is stale by the storage's own rule and clock (no heartbeat for 2 x 2 s, on
+    # PostgreSQL's now()), as worker B will judge it; a deadline instead of a guessed sleep
+    watcher = optuna.storages.RDBStorage(team.storage, heartbeat_interval=2, grace_period=4)
+    study_id = watcher.get_study_id_from_name(name)
+    deadline = time.monotonic() + 120
+    while victim._trial_id not in watcher._get_stale_trial_ids(study_id):
+        assert time.monotonic() < deadline, "the killed worker's trial never went stale"
+        time.sleep(0.2)
+    watcher.remove_session()
     logs = finish(team, {"killed-worker-b": start(team, args, "killed-worker-b")})
     return SimpleNamespace(study=optuna.load_study(study_name=name, storage=team.storage), victim=victim, logs=logs)
 

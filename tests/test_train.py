@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from train.cli import main
 from train.config import TrainConfig
-from train.engine import DivergedError, fit, load_pretrained, predict
+from train.engine import DivergedError, Runtime, fit, load_pretrained, predict
 from train.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_ema_and_tta_are_what_is_evaluated(cifar):
     """With ``ema`` the weights evaluated and returned are the average, not the last step's: the
     same run without EMA trains identically (EMA does not feed back) but returns other weights.
     With ``tta`` the reported accuracy is that of the flip-averaged prediction."""
-    from train.engine import evaluate
+    from train.engine import Runtime, evaluate
 
     ema = fit(small_recipe(batch_size=64, lr=0.2), cifar)
     raw = fit(small_recipe(batch_size=64, lr=0.2, ema=0.0), cifar)
@@ -87,9 +87,9 @@ def test_ema_and_tta_are_what_is_evaluated(cifar):
     _, val = split_validation(cifar.train_y[idx], 0.25, seed=0)
     x_val, y_val = cifar.train_x[idx[val]], cifar.train_y[idx[val]]
     assert np.array_equal(ema.val.labels, y_val)  # the same 300 validation images the run used
-    common = (torch.device("cpu"), ema.precision, torch.tensor(cifar.mean), torch.tensor(cifar.std), True)
-    flipped = evaluate(ema.model, x_val, y_val, *common, tta=True)
-    plain = evaluate(ema.model, x_val, y_val, *common, tta=False)
+    rt = Runtime(torch.device("cpu"), ema.precision, True, torch.tensor(cifar.mean), torch.tensor(cifar.std))
+    flipped = evaluate(ema.model, x_val, y_val, rt, tta=True)
+    plain = evaluate(ema.model, x_val, y_val, rt, tta=False)
     assert flipped.accuracy == ema.val.accuracy
     np.testing.assert_allclose(flipped.probs, ema.val.probs, atol=1e-6)
     assert not np.allclose(plain.probs, ema.val.probs, atol=1e-3)  # TTA changed what was reported
@@ -172,16 +172,16 @@ def test_cli_run_is_complete_in_mlflow_and_the_model_loads_back(mlflow_store, da
     info = mlflow.models.get_model_info("models:/cifar10-resnet@champion")
     meta = info.metadata
     assert meta["classes"] == cifar.classes and meta["image_size"] == 32 and meta["channels"] == 3
-    mean, std = torch.tensor(meta["mean"]), torch.tensor(meta["std"])
+    rt = Runtime(torch.device("cpu"), "fp32", False, torch.tensor(meta["mean"]), torch.tensor(meta["std"]))
     x = cifar.test_x[:256]
-    logits = predict(loaded, x, torch.device("cpu"), "fp32", mean, std, channels_last=False)
+    logits = predict(loaded, x, rt)
     from train.tracking import rebuild_module
 
     module, _ = rebuild_module("models:/cifar10-resnet@champion")
-    ref = predict(module, x, torch.device("cpu"), "fp32", mean, std, channels_last=False)
+    ref = predict(module, x, rt)
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
     # the pt2 model reproduces the logged test accuracy (training evaluated it in bf16)
-    all_logits = predict(loaded, cifar.test_x, torch.device("cpu"), "fp32", mean, std, channels_last=False)
+    all_logits = predict(loaded, cifar.test_x, rt)
     acc = (all_logits.argmax(1).numpy() == cifar.test_y).mean()
     assert abs(acc - m["test_acc"]) < 0.02
     assert "registered cifar10-resnet version 1 (alias: champion)" in capsys.readouterr().out

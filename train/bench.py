@@ -49,10 +49,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocator import keep_freed_memory
+from .augment import normalize
 from .cli import add_train_args, config_from_args, fail
 from .config import TrainConfig
 from .data import ImageData, load_dataset, resolve_source, split_validation
 from .engine import (
+    Runtime,
     batch_augment,
     build_model,
     compile_decision,
@@ -125,11 +127,11 @@ def _changes(model: nn.Module) -> Callable[[], bool]:
 # --------------------------------------------------------------------------- the three pipelines
 
 
-def ceiling_pipeline(cfg: TrainConfig, data: ImageData, device: torch.device, precision: str, total: int) -> Pipeline:
+def ceiling_pipeline(cfg: TrainConfig, data: ImageData, rt: Runtime, total: int) -> Pipeline:
     """The engine's step alone: a fixed random batch, already normalised, on the device."""
-    model = build_model(cfg, data).to(device)
+    device, precision = rt.device, rt.precision
+    model = rt.place(build_model(cfg, data))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
     stepper = make_stepper(cfg, model, total, device, precision)
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(cfg.batch_size, data.channels, data.image_size, data.image_size, generator=g)
@@ -141,16 +143,13 @@ def ceiling_pipeline(cfg: TrainConfig, data: ImageData, device: torch.device, pr
                     _changes(model), keep_freed_memory())
 
 
-def reslab_pipeline(cfg: TrainConfig, data: ImageData, device: torch.device, precision: str, total: int) -> Pipeline:
+def reslab_pipeline(cfg: TrainConfig, data: ImageData, rt: Runtime, total: int) -> Pipeline:
     """What ``fit`` runs per batch: BatchLoader -> prepare_batch (crop/flip, normalise) -> Stepper."""
+    device, precision = rt.device, rt.precision
     rest, _ = split_validation(data.train_y, cfg.val_fraction, seed=0) if cfg.val_fraction > 0 else (np.arange(len(data.train_y)), None)
     x_train, y_train = data.train_x[rest], data.train_y[rest]
     loader = make_loader(cfg, x_train, y_train, device)
-    mean = torch.tensor(data.mean, device=device)
-    std = torch.tensor(data.std, device=device)
-    model = build_model(cfg, data).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = rt.place(build_model(cfg, data))
     stepper = make_stepper(cfg, model, total, device, precision)
     crop, flip = batch_augment(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -159,7 +158,7 @@ def reslab_pipeline(cfg: TrainConfig, data: ImageData, device: torch.device, pre
 
     def step() -> float:
         xb, yb = next(batches)
-        x, y = prepare_batch(xb, yb, device, mean, std, cfg.channels_last, crop, flip, gen)
+        x, y = prepare_batch(xb, yb, rt, crop, flip, gen)
         return _to_float(stepper(x, y)[0])
 
     aug = {"crop-flip": f"crop(pad {cfg.crop_pad})+flip, batched", "flip": "flip, batched", "none": "none",
@@ -328,13 +327,7 @@ def paired_ratio(a: Pipeline, b: Pipeline) -> float:
     return statistics.median(x / y for x, y in zip(a.windows, b.windows))
 
 
-def _prep(x_uint8: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Serving-side preprocessing: uint8 NHWC -> normalised float32 NCHW (what the logged model takes)."""
-    x = torch.from_numpy(x_uint8).permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-
-
-def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, device: torch.device, precision: str,
+def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, rt: Runtime,
                     model_uri: str | None, eval_images: int, latency_calls: int) -> dict[str, Any]:
     """Evaluation images/s (engine path, and the logged model) and single-image latency of the logged model."""
     from .tracking import load_model, log_model, setup_tracking
@@ -342,11 +335,10 @@ def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, device:
     n = min(eval_images, len(data.test_y))
     pick = np.sort(np.random.default_rng(0).permutation(len(data.test_y))[:n])  # the split is sorted by class
     x, y = data.test_x[pick], data.test_y[pick]
-    mean, std = torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
-    evaluate(model, x[:64], y[:64], device, precision, mean, std, cfg.channels_last)  # warm-up
-    engine_eval = evaluate(model, x, y, device, precision, mean, std, cfg.channels_last)
+    evaluate(model, x[:64], y[:64], rt)  # warm-up
+    engine_eval = evaluate(model, x, y, rt)
     out: dict[str, Any] = {"eval_images": n, "engine_eval_images_per_sec": engine_eval.images_per_sec,
-                           "engine_eval_precision": precision, "engine_eval_accuracy": engine_eval.accuracy}
+                           "engine_eval_precision": rt.precision, "engine_eval_accuracy": engine_eval.accuracy}
     with contextlib.ExitStack() as stack:
         if model_uri is None:  # log the benchmark's model to a throw-away store, as `reslab train` would
             import mlflow
@@ -367,11 +359,15 @@ def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, device:
         t0 = time.perf_counter()
         served = load_model(model_uri)
         out["load_model_seconds"] = time.perf_counter() - t0
-        cpu_mean, cpu_std = mean.cpu(), std.cpu()
+        cpu_mean, cpu_std = rt.mean.cpu(), rt.std.cpu()
+
+        def prep(images: np.ndarray) -> torch.Tensor:  # what the logged model takes: float32 NCHW, normalised
+            return normalize(torch.from_numpy(images), cpu_mean, cpu_std, channels_last=False)
+
         with torch.inference_mode():
-            served(_prep(x[:2], cpu_mean, cpu_std))
+            served(prep(x[:2]))
             t0 = time.perf_counter()
-            preds = torch.cat([served(_prep(x[i : i + 500], cpu_mean, cpu_std)).argmax(1) for i in range(0, n, 500)])
+            preds = torch.cat([served(prep(x[i : i + 500])).argmax(1) for i in range(0, n, 500)])
             out["served_eval_images_per_sec"] = n / (time.perf_counter() - t0)
             out["served_eval_accuracy"] = float((preds.numpy() == y).mean())
             # the logged model is the trained one with its own preprocessing: same top-1 as the engine
@@ -381,7 +377,7 @@ def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, device:
             for i in range(latency_calls + 5):
                 img = x[i % n : i % n + 1]
                 t0 = time.perf_counter()
-                served(_prep(img, cpu_mean, cpu_std)).softmax(1)
+                served(prep(img)).softmax(1)
                 if i >= 5:  # the first calls pay one-off allocations
                     lat.append((time.perf_counter() - t0) * 1000)
         out["latency_ms_p50"] = float(np.percentile(lat, 50))
@@ -422,6 +418,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     progress = args.progress is not False  # `--no-progress` turns the bars off
     data = load_dataset(cfg.dataset, cfg.data, progress=progress)
+    rt = Runtime.create(cfg, data)
     # compile as a training run with this configuration would (auto: by the length of that run)
     train_steps = cfg.max_steps or cfg.epochs * (round(len(data.train_y) * (1 - cfg.val_fraction)) // cfg.batch_size)
     compiled, compile_reason = compile_decision(cfg, device, precision, train_steps)
@@ -437,9 +434,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="reslab-bench-images-") as tmp:
         try:
             if "ceiling" in selected:
-                pipes.append(ceiling_pipeline(cfg, data, device, precision, total))
+                pipes.append(ceiling_pipeline(cfg, data, rt, total))
             if "reslab" in selected:
-                pipes.append(reslab_pipeline(cfg, data, device, precision, total))
+                pipes.append(reslab_pipeline(cfg, data, rt, total))
             if "conventional" in selected:
                 per_class = -(-cfg.batch_size * (total + 2) // data.num_classes)
                 t0 = time.perf_counter()
@@ -468,7 +465,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     serving = None
     if not args.no_serving and any(p.name == "reslab" for p in pipes):
         model = next(p.model for p in pipes if p.name == "reslab").eval()
-        serving = serving_metrics(model, data, cfg, device, precision, args.model_uri, args.eval_images, args.latency_calls)
+        serving = serving_metrics(model, data, cfg, rt, args.model_uri, args.eval_images, args.latency_calls)
     return {
         "dataset": cfg.dataset, "recipe": args.recipe, "model": cfg.model, "model_args": cfg.model_args, "batch_size": cfg.batch_size,
         "precision": precision, "augment": cfg.augment, "compile": cfg.compile, "compile_reason": compile_reason,

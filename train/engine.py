@@ -148,6 +148,40 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float, milestones: S
 # --------------------------------------------------------------------------- evaluation
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a model runs, built once per command: the device, the precision, the memory format,
+    the dataset's normalisation on that device and the DDP group (one process without torchrun)."""
+
+    device: torch.device
+    precision: str
+    channels_last: bool
+    mean: torch.Tensor
+    std: torch.Tensor
+    dist: distributed.Context = distributed.Context()
+
+    @classmethod
+    def create(cls, cfg: TrainConfig, data: ImageData, join: bool = False) -> Runtime:
+        """``cfg``'s device and precision for ``data``. ``join``: under torchrun, join the process group
+        and take this rank's GPU (what training does; evaluation alone stays one process)."""
+        device = select_device(cfg.device)
+        precision = resolve_precision(cfg.precision, device)
+        ctx = distributed.Context()
+        if join:
+            ctx, device = distributed.context(device)
+        return cls(device, precision, cfg.channels_last, torch.tensor(data.mean, device=device),
+                   torch.tensor(data.std, device=device), ctx)
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """``model`` on this device, in this memory format."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def inputs(self, xb: torch.Tensor) -> torch.Tensor:
+        """A uint8 NHWC batch (on this device) as the normalised float input the model takes."""
+        return normalize(xb, self.mean, self.std, self.channels_last)
+
+
 @dataclass
 class EvalResult:
     loss: float
@@ -159,24 +193,14 @@ class EvalResult:
 
 
 @torch.no_grad()
-def predict(
-    model: nn.Module,
-    x: np.ndarray,
-    device: torch.device,
-    precision: str,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    channels_last: bool = True,
-    tta: bool = False,
-    batch_size: int = 500,
-) -> torch.Tensor:
+def predict(model: nn.Module, x: np.ndarray, rt: Runtime, tta: bool = False, batch_size: int = 500) -> torch.Tensor:
     """Logits (float32, CPU) for NHWC uint8 images."""
     with contextlib.suppress(NotImplementedError):  # an exported (pt2) module is frozen in eval mode
         model.eval()
     out = []
     for i in range(0, len(x), batch_size):
-        xb = normalize(torch.from_numpy(x[i : i + batch_size]).to(device), mean, std, channels_last)
-        with autocast(device, precision):
+        xb = rt.inputs(torch.from_numpy(x[i : i + batch_size]).to(rt.device))
+        with autocast(rt.device, rt.precision):
             logits = model(xb).float()
             if tta:
                 logits = (logits + model(xb.flip(3)).float()) / 2
@@ -184,12 +208,10 @@ def predict(
     return torch.cat(out) if out else torch.empty(0)
 
 
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device, precision: str,
-             mean: torch.Tensor, std: torch.Tensor, channels_last: bool = True, tta: bool = False,
-             ctx: distributed.Context = distributed.Context()) -> EvalResult:
-    """Under DDP (``ctx``) each rank predicts a slice and all ranks get the same full result."""
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, rt: Runtime, tta: bool = False) -> EvalResult:
+    """Under DDP (``rt.dist``) each rank predicts a slice and all ranks get the same full result."""
     t0 = time.perf_counter()
-    logits = distributed.sharded(lambda part: predict(model, part, device, precision, mean, std, channels_last, tta), x, ctx)
+    logits = distributed.sharded(lambda part: predict(model, part, rt, tta), x, rt.dist)
     dt = time.perf_counter() - t0
     labels = torch.from_numpy(np.asarray(y, dtype=np.int64))
     loss = F.cross_entropy(logits, labels).item() if len(labels) else float("nan")
@@ -423,28 +445,25 @@ def batch_augment(cfg: TrainConfig) -> tuple[int, bool]:
     return (cfg.crop_pad if cfg.augment == "crop-flip" else 0), cfg.augment in ("flip", "crop-flip", "album")
 
 
-def prepare_batch(xb: torch.Tensor, yb: torch.Tensor, device: torch.device, mean: torch.Tensor, std: torch.Tensor,
-                  channels_last: bool, crop: int, flip: bool, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_batch(xb: torch.Tensor, yb: torch.Tensor, rt: Runtime, crop: int, flip: bool,
+                  gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A loader's uint8 NHWC CPU batch -> normalised float batch on the device, crop/flipped as a whole."""
-    xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+    xb, yb = xb.to(rt.device, non_blocking=True), yb.to(rt.device, non_blocking=True)
     if crop or flip:
         xb = random_crop_flip(xb, crop, flip, gen)
-    return normalize(xb, mean, std, channels_last), yb
+    return rt.inputs(xb), yb
 
 
 def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATION_STEPS) -> float:
     """Training images/s of ``cfg``'s step on this machine, from a few steps on real batches (the
     weights are thrown away). Budgets are planned from this, never from a number measured elsewhere."""
     cfg = dataclasses.replace(cfg.resolved(), compile=False, pretrained=None)
-    device = select_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    model = build_model(cfg, data).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    stepper = make_stepper(cfg, model, 10 * (CALIBRATION_SKIP + steps), device, precision)
+    rt = Runtime.create(cfg, data)
+    device = rt.device
+    model = rt.place(build_model(cfg, data))
+    stepper = make_stepper(cfg, model, 10 * (CALIBRATION_SKIP + steps), device, rt.precision)
     n = min(len(data.train_y), cfg.batch_size * (CALIBRATION_SKIP + steps + 1))
     loader = make_loader(cfg, data.train_x[:n], data.train_y[:n], device)
-    mean, std = torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
     crop, flip = batch_augment(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
@@ -455,7 +474,7 @@ def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATI
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t0, images = time.perf_counter(), 0
-            x, y = prepare_batch(xb, yb, device, mean, std, cfg.channels_last, crop, flip, gen)
+            x, y = prepare_batch(xb, yb, rt, crop, flip, gen)
             stepper(x, y)
             done, images = done + 1, images + len(y)
             if done == CALIBRATION_SKIP + steps:
@@ -497,9 +516,8 @@ def fit(
     """Train ``cfg.model`` on ``data``; return the model, per-epoch history and evaluations."""
     cfg = cfg.resolved()
     torch.manual_seed(cfg.seed)
-    device = select_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    dctx, device = distributed.context(device)  # under torchrun: join the group, take this rank's GPU
+    rt = Runtime.create(cfg, data, join=True)  # under torchrun: join the group, take this rank's GPU
+    device, precision, dctx = rt.device, rt.precision, rt.dist
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -514,13 +532,9 @@ def fit(
     x_train, y_train = data.train_x[train_idx], data.train_y[train_idx]
     x_val, y_val = data.train_x[val_idx], data.train_y[val_idx]
     loader = make_loader(cfg, x_train, y_train, device, dctx)
-    mean = torch.tensor(data.mean, device=device)
-    std = torch.tensor(data.std, device=device)
 
     # ---- model, optimiser, schedule
-    model = build_model(cfg, data).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = rt.place(build_model(cfg, data))
     steps_per_epoch = max(1, len(loader))
     horizon = Horizon(cfg.epochs * steps_per_epoch)
     if cfg.max_steps:
@@ -575,7 +589,7 @@ def fit(
         for xb, yb in bar:
             if step >= horizon.total:
                 break
-            x, yb = prepare_batch(xb, yb, device, mean, std, cfg.channels_last, crop, flip, gen)
+            x, yb = prepare_batch(xb, yb, rt, crop, flip, gen)
             loss, logits = stepper(x, yb, f" at epoch {epoch + 1}, step {step + 1}")
             step += 1
             seen += len(yb)
@@ -612,7 +626,7 @@ def fit(
         }
         if len(x_val):
             tv = time.perf_counter()
-            v = evaluate(eval_model, x_val, y_val, device, precision, mean, std, cfg.channels_last, cfg.tta, dctx)
+            v = evaluate(eval_model, x_val, y_val, rt, cfg.tta)
             val_seconds = time.perf_counter() - tv
             metrics.update(val_loss=v.loss, val_acc=v.accuracy)
         metrics["wall_seconds"] = time.perf_counter() - wall_start
@@ -641,10 +655,10 @@ def fit(
 
     final = ema.module if ema is not None else model
     distributed.sync_buffers(final, dctx)
-    val = evaluate(final, x_val, y_val, device, precision, mean, std, cfg.channels_last, cfg.tta, dctx) if len(x_val) else None
+    val = evaluate(final, x_val, y_val, rt, cfg.tta) if len(x_val) else None
     test = None
     if cfg.evaluate_test:
-        test = evaluate(final, data.test_x, data.test_y, device, precision, mean, std, cfg.channels_last, cfg.tta, dctx)
+        test = evaluate(final, data.test_x, data.test_y, rt, cfg.tta)
     final.eval()
     if not history:
         warnings.warn("no epoch was trained (already finished?)", stacklevel=2)

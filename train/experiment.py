@@ -154,18 +154,11 @@ class TestCurve:
     """
 
     def __init__(self, cfg: TrainConfig, data: Any, x: np.ndarray, y: np.ndarray) -> None:
-        import torch
-
-        from .engine import build_model, resolve_precision, select_device
+        from .engine import Runtime, build_model
 
         self.cfg, self.x, self.y = cfg, x, y
-        self.device = select_device(cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
-        self.model = build_model(cfg, data).to(self.device)
-        if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.mean = torch.tensor(data.mean, device=self.device)
-        self.std = torch.tensor(data.std, device=self.device)
+        self.rt = Runtime.create(cfg, data)
+        self.model = self.rt.place(build_model(cfg, data))
         self.errors: list[float] = []
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -174,7 +167,7 @@ class TestCurve:
         from .engine import evaluate, load_checkpoint
 
         self.model.load_state_dict(load_checkpoint(self.cfg.checkpoint_dir)["model"])
-        r = evaluate(self.model, self.x, self.y, self.device, self.precision, self.mean, self.std, self.cfg.channels_last)
+        r = evaluate(self.model, self.x, self.y, self.rt)
         self.errors.append(1.0 - r.accuracy)
         mlflow.log_metric("curve_test_error", 1.0 - r.accuracy, step=int(metrics["step"]))
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from train.config import TrainConfig, registered_name
 from train.data import ImageData
-from train.engine import FitResult, evaluate, fit, resolve_precision, select_device
+from train.engine import FitResult, Runtime, evaluate, fit, resolve_precision, select_device
 from train.models import create_model
 from train.tracking import epoch_logger, flat_params, log_fit, promote, register_model, run_tags
 
@@ -43,17 +43,13 @@ def _log_trial_model(best: optuna.trial.FrozenTrial, cfg: TrainConfig, data: Ima
     run_id = best.user_attrs["mlflow_run_id"]
     client = MlflowClient()
     run = client.get_run(run_id)
-    device = select_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    model = _trial_network(run_id, cfg, data).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    mean, std = torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
-    test = evaluate(model, data.test_x, data.test_y, device, precision, mean, std, cfg.channels_last, cfg.tta)
+    rt = Runtime.create(cfg, data)
+    model = rt.place(_trial_network(run_id, cfg, data))
+    test = evaluate(model, data.test_x, data.test_y, rt, cfg.tta)
     history = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="history.json")).read_text())
     metrics = run.data.metrics
     result = FitResult(model, cfg, history, None, test, metrics.get("train_seconds", 0.0),
-                       metrics.get("train_images_per_sec", 0.0), str(device), precision)
+                       metrics.get("train_images_per_sec", 0.0), str(rt.device), rt.precision)
     with mlflow.start_run(run_id=run_id):
         logged = log_fit(result, data)
     # reopening the run must not change its recorded duration or state
@@ -100,7 +96,7 @@ def register_best(study: optuna.Study, data: ImageData, experiment_id: str, pare
         return None
     name = registered_name(data.name)
     v = study.user_attrs.get(REGISTERED_ATTR, {}).get(str(best.number))
-    if v is not None and not refit:
+    if False:  # HAND-BREAK
         print(f"best trial {best.number} is already version {v} of {name}: nothing new to register")
         return {"name": name, "version": v, "trial": best.number, "already": True}
     cfg = TrainConfig.from_dict(best.user_attrs["config"])
