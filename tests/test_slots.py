@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
@@ -87,3 +88,25 @@ def test_a_later_invocation_adopts_queued_trials_and_runs_only_its_budget(tmp_pa
     assert len(trials) == 8, [(t.number, t.state) for t in trials]
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert [t.user_attrs[SLOT_ATTR] for t in trials] == [1] * 5 + [2] * 3 and trials[5].params["x"] == 0.25
+
+
+def test_optuna_contract(tmp_path):
+    """What tune/slots.py relies on beyond Optuna's public API; fails loudly when an upgrade changes it.
+    (1) ``Study.optimize`` takes its trials through ``study.ask()``: with no slot queued, the study
+    starts no trial and ``optimize`` ends with BudgetSpent. (2) The per-thread trial cache that ``ask``
+    clears exists where it is cleared. (3) The installed Optuna is the minor version pinned."""
+    import importlib.metadata
+
+    from tune.slots import BudgetSpent
+
+    study = _study(tmp_path / "journal.log", 1)
+    with pytest.raises(BudgetSpent):
+        study.optimize(lambda trial: 0.0, n_trials=3)
+    assert study.get_trials(deepcopy=False) == []  # optimize never created a trial of its own
+    assert hasattr(study._thread_local, "cached_all_trials")
+    study.provide(2)
+    with pytest.raises(BudgetSpent):
+        study.optimize(lambda trial: trial.suggest_float("x", 0, 1))
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] * 2
+    version = importlib.metadata.version("optuna")
+    assert version.startswith("5.1."), f"tune/slots.py was checked against Optuna 5.1, not {version}"

@@ -25,32 +25,43 @@ class BudgetSpent(Exception):
 
 
 class SlotStudy(optuna.Study):
-    """A study whose ``ask`` takes one of the invocation's slots and never creates a trial."""
+    """A study whose ``ask`` takes one of the invocation's slots and never creates a trial.
+
+    Every storage call goes through the storage's public interface (``BaseStorage``), on the storage
+    object this study was given. Two uses of Optuna internals remain, both checked by
+    ``tests/test_slots.py::test_optuna_contract`` so that an Optuna upgrade fails loudly there, and
+    Optuna is pinned to its minor version in pyproject.toml:
+    - ``Study.optimize`` takes its trials through ``self.ask()`` (overridden here);
+    - ``ask`` clears the per-thread trial cache (``_thread_local.cached_all_trials``) as Optuna's own
+      ``ask`` does, so the sampler sees the trials other workers finished meanwhile.
+    """
 
     def __init__(self, study_name: str, storage: Any, sampler: Any, pruner: Any, invocation: int) -> None:
         super().__init__(study_name, storage, sampler=sampler, pruner=pruner)
         self.invocation = invocation
+        self.slot_storage = storage  # the object given: its public methods only
+        self.slot_study_id = storage.get_study_id_from_name(study_name)
 
     def ask(self, fixed_distributions: dict[str, Any] | None = None) -> optuna.Trial:
-        self._thread_local.cached_all_trials = None  # as Optuna's ask: see the other workers' trials
+        if fixed_distributions:
+            raise NotImplementedError("a slot trial takes its parameters from the sampler or its queue entry")
+        self._thread_local.cached_all_trials = None  # (internal, see above) see the other workers' trials
         for t in self.waiting():
             if t.user_attrs.get(SLOT_ATTR) != self.invocation:
                 continue
+            trial_id = self._trial_id(t)
             try:
-                if self._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                    return self._trial(t._trial_id, fixed_distributions)
+                if self.slot_storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    return optuna.Trial(self, trial_id)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker took it and already finished it
         raise BudgetSpent
 
-    def _trial(self, trial_id: int, fixed_distributions: dict[str, Any] | None) -> optuna.Trial:
-        trial = optuna.Trial(self, trial_id)
-        for name, dist in (fixed_distributions or {}).items():
-            trial._suggest(name, dist)
-        return trial
+    def _trial_id(self, t: optuna.trial.FrozenTrial) -> int:
+        return self.slot_storage.get_trial_id_from_study_id_trial_number(self.slot_study_id, t.number)
 
     def waiting(self) -> list[optuna.trial.FrozenTrial]:
-        return self.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        return self.slot_storage.get_all_trials(self.slot_study_id, deepcopy=False, states=(TrialState.WAITING,))
 
     def provide(self, budget: int, first: dict[str, Any] | None = None) -> int:
         """Make this invocation's slots (by its creator only): trials still queued from an earlier
@@ -58,7 +69,7 @@ class SlotStudy(optuna.Study):
         first of them with the parameters ``first`` when given."""
         adopted = self.waiting()[:budget]
         for t in adopted:
-            self._storage.set_trial_user_attr(t._trial_id, SLOT_ATTR, self.invocation)
+            self.slot_storage.set_trial_user_attr(self._trial_id(t), SLOT_ATTR, self.invocation)
         for i in range(budget - len(adopted)):
             self.enqueue_trial(first if i == 0 and first else {}, user_attrs={SLOT_ATTR: self.invocation})
         self.set_user_attr(ready_key(self.invocation), budget)
