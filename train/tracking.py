@@ -30,6 +30,8 @@ from .data import ImageData, project_root
 from .errors import TrackingError
 from .distributed import env_context
 from .engine import FitResult
+from .lineage import log_datasets, model_card
+from .pyfunc import log_model as log_pytorch_with_serving
 from .report import classification_metrics, plot_confusion, plot_curves
 
 MODEL_ARTIFACT = "model"
@@ -140,11 +142,25 @@ def model_metadata(cfg: TrainConfig, data: ImageData) -> dict[str, Any]:
     return {**data.metadata(), "architecture": cfg.model, "model_args": dict(cfg.model_args), "input_layout": "NCHW float32, normalised"}
 
 
+def save_weights(model: nn.Module, path: Path) -> Path:
+    """The network's weights as a safetensors file (no pickle: loading it cannot run code)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """``model`` with the weights of a file written by :func:`save_weights`."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+    return model
+
+
 def log_model(model: nn.Module, cfg: TrainConfig, data: ImageData, registered_name: str | None = None) -> Any:
     """Log the network as a pt2 (torch.export) model with a signature, an input example, the
     preprocessing metadata, and safetensors weights + config for rebuilding it as a module."""
-    from safetensors.torch import save_file
-
     cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).float().eval()
     example = np.random.default_rng(0).standard_normal((2, data.channels, data.image_size, data.image_size)).astype(np.float32)
     with torch.no_grad():
@@ -152,9 +168,9 @@ def log_model(model: nn.Module, cfg: TrainConfig, data: ImageData, registered_na
     meta = model_metadata(cfg, data)
     with tempfile.TemporaryDirectory() as tmp:
         weights, config = Path(tmp) / "weights.safetensors", Path(tmp) / "model_config.json"
-        save_file({k: v.contiguous() for k, v in cpu_model.state_dict().items()}, str(weights))
+        save_weights(cpu_model, weights)
         config.write_text(json.dumps(meta, indent=2))
-        return mlflow.pytorch.log_model(
+        return log_pytorch_with_serving(  # + image/tensor REST serving (train/pyfunc.py)
             cpu_model,
             name=MODEL_ARTIFACT,
             serialization_format="pt2",
@@ -178,6 +194,7 @@ def log_fit(result: FitResult, data: ImageData, registered_name: str | None = No
     summary["train_images"] = float(result.extra.get("train_images", 0))
     summary.update(result.extra.get("budget", {}))  # a budgeted run: the budget, the horizon it chose, its wall time
     report: dict[str, Any] = {}
+    inputs = log_datasets(result.config, data, result.test is not None)  # contexts train/validation/test
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         if result.history:
@@ -196,18 +213,21 @@ def log_fit(result: FitResult, data: ImageData, registered_name: str | None = No
             mlflow.log_artifact(str(t / "test_report.json"))
         (t / "history.json").write_text(json.dumps(result.history, indent=1))
         mlflow.log_artifact(str(t / "history.json"))
+    test_metrics = {k: summary.pop(k) for k in list(summary) if k.startswith("test_")}
     mlflow.log_metrics(summary)
     info = log_model(result.model, result.config, data, registered_name) if log_model_ else None
+    if test_metrics:  # on the logged model's page too, against the test dataset
+        mlflow.log_metrics(test_metrics, model_id=info.model_id if info else None, dataset=inputs.get("test"))
+        summary.update(test_metrics)
     return {"summary": summary, "report": report, "model_info": info}
 
 
 def register_model(model_uri: str, name: str, tags: dict[str, Any] | None = None) -> Any:
-    """Register ``model_uri`` as a new version of ``name`` and tag it."""
-    mv = mlflow.register_model(model_uri, name)
+    """Register ``model_uri`` as a new version of ``name`` with its tags (one call), and write the
+    version's description: a short model card from its run (train/lineage.py)."""
+    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
     client = MlflowClient()
-    for k, v in (tags or {}).items():
-        client.set_model_version_tag(name, mv.version, k, str(v))
-    return mv
+    return client.update_model_version(name, mv.version, description=model_card(client, name, mv.version))
 
 
 def load_model(uri: str) -> nn.Module:
@@ -224,14 +244,11 @@ def model_files(uri: str) -> tuple[dict[str, Any], Path]:
 
 def rebuild_module(uri: str) -> tuple[nn.Module, dict[str, Any]]:
     """The logged network as an ``nn.Module`` (for Grad-CAM, fine-tuning), through the registry."""
-    from safetensors.torch import load_file
-
     from .models import create_model
 
     cfg, weights = model_files(uri)
     model = create_model(cfg["architecture"], len(cfg["classes"]), cfg["channels"], **cfg.get("model_args", {}))
-    model.load_state_dict(load_file(str(weights)))
-    return model.eval(), cfg
+    return load_weights(model, weights).eval(), cfg
 
 
 def promote(name: str, version: str | int, test_acc: float) -> str:

@@ -17,13 +17,12 @@ import mlflow
 import optuna
 import torch
 from mlflow.tracking import MlflowClient
-from safetensors.torch import load_file
 
 from train.config import TrainConfig, registered_name
 from train.data import ImageData
 from train.engine import FitResult, Runtime, evaluate, fit, resolve_precision, select_device
 from train.models import create_model
-from train.tracking import epoch_logger, flat_params, log_fit, promote, register_model, run_tags
+from train.tracking import epoch_logger, flat_params, load_weights, log_fit, promote, register_model, run_tags
 
 from . import ddp
 from .objective import WEIGHTS_ARTIFACT
@@ -33,9 +32,8 @@ REGISTERED_ATTR = "registered_versions"  # {trial number: model version}
 
 def _trial_network(run_id: str, cfg: TrainConfig, data: ImageData) -> torch.nn.Module:
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_ARTIFACT))
-    model = create_model(cfg.model, data.num_classes, data.channels, **cfg.model_args)
-    model.load_state_dict(load_file(str(local / "weights.safetensors")))
-    return model
+    return load_weights(create_model(cfg.model, data.num_classes, data.channels, **cfg.model_args),
+                        local / "weights.safetensors")
 
 
 def _log_trial_model(best: optuna.trial.FrozenTrial, cfg: TrainConfig, data: ImageData) -> tuple[str, dict[str, Any]]:

@@ -22,6 +22,7 @@ from train.data import ImageData
 from train.engine import DivergedError, EpochCallback, fit, resolve_precision, select_device
 from train.interrupt import end_reason
 from train.tracking import epoch_logger, flat_params, log_fit, run_tags
+from train.tracking import save_weights as store_weights
 
 from . import ddp, storage
 from .pruning import pruning_callback
@@ -121,10 +122,5 @@ class Objective:
 
 def save_weights(model: torch.nn.Module) -> None:
     """Keep the trial's final weights (safetensors, a few MB) so any worker can register it later."""
-    from safetensors.torch import save_file
-
-    state: dict[str, Any] = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "weights.safetensors"
-        save_file(state, str(path))
-        mlflow.log_artifact(str(path), WEIGHTS_ARTIFACT)
+        mlflow.log_artifact(str(store_weights(model, Path(tmp) / "weights.safetensors")), WEIGHTS_ARTIFACT)
