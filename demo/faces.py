@@ -15,6 +15,7 @@ import numpy as np
 CASCADE = "haarcascade_frontalface_default.xml"
 DETECT_MAX_SIDE = 1024  # detect on a copy no larger than this (Haar cost grows with the pixel count)
 DETECT_MIN_SIDE = 256  # small inputs (e.g. a 48x48 FER crop) are upscaled so a face fits the detector
+MIN_BOX_SIDE = 4  # a box thinner than this (clipped at the image's edge) is no face: dropped, never cropped
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class FaceFinder:
             x0, y0 = (fx - m * fw) / scale, (fy - m * fh) / scale
             x1, y1 = (fx + fw * (1 + m)) / scale, (fy + fh * (1 + m)) / scale
             x0, y0, x1, y1 = max(0, int(x0)), max(0, int(y0)), min(w, int(round(x1))), min(h, int(round(y1)))
-            boxes.append(Box(x0, y0, x1 - x0, y1 - y0))
+            if min(x1 - x0, y1 - y0) >= MIN_BOX_SIDE:
+                boxes.append(Box(x0, y0, x1 - x0, y1 - y0))
         kept: list[Box] = []
         for b in sorted(boxes, key=lambda b: b.area, reverse=True):
             if all(_inside(b, k) < 0.5 for k in kept):  # a face within a face is a false detection

@@ -1,7 +1,7 @@
 """Grad-CAM (Selvaraju et al. 2017) on the last residual stage: where the network looked.
 
 It needs the network as an ``nn.Module`` with gradients, which the exported pt2 graph is not, so
-the demo rebuilds the module from the logged safetensors weights (``train.tracking.rebuild_module``).
+the demo rebuilds the module from the logged safetensors weights (``demo.serving.safe_module``).
 Every reslab model exposes ``features(x)`` and computes ``forward`` through it; the feature map is
 captured by wrapping that method on the instance for one call.
 """

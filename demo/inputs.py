@@ -15,9 +15,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Refuse to decode more than this: 40 MP is a large phone photo; a 10000x10000 upload would need
-# 300 MB of RGB just to be shrunk to 32x32 pixels.
-MAX_PIXELS = 40_000_000
+# Refuse to decode more than this: 16 MP takes a 12 MP phone photo (4032x3024) with room to spare, and
+# decodes to at most 48 MB of RGB; a tiny file of one colour can claim any size (a 126 KB PNG of
+# 40 MP would decode to 120 MB), so the limit is on pixels, not bytes.
+MAX_PIXELS = 16_000_000
+# Decoded images are shrunk to this longest side at once: the models see 32-48 pixels and faces are
+# looked for at 1024 px, so nothing is lost, and a batch of 16 holds 16 small images, not 16 photos.
+MAX_SIDE = 1024
+# Only the formats a browser upload, paste or webcam photo can be. Pillow knows many more (EPS is
+# handed to Ghostscript, others have had decoder bugs): none of them is opened.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+FORMAT_NAMES = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 # Smaller than this and there is nothing to classify (the models see 32x32 or 48x48 pixels).
 MIN_SIDE = 8
 
@@ -50,6 +58,21 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def _shrink(im: Image.Image) -> Image.Image:
+    """``im`` with its longest side cut to MAX_SIDE (aspect kept); palette and 1-bit images first
+    become RGB(A)/L, which resample properly."""
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+    elif im.mode == "1":
+        im = im.convert("L")
+    try:
+        im.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+    except ValueError:  # a mode Pillow does not resample
+        im = im.convert("RGBA")
+        im.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+    return im
+
+
 def channel_note(mode: str, channels: int | None) -> str | None:
     """The note naming the colour conversion an upload of Pillow ``mode`` needs for a model with
     ``channels`` input channels (3: RGB, 1: grayscale), or None when it needs none."""
@@ -78,12 +101,12 @@ def decode_image(path: str | Path | None, channels: int | None = None) -> Decode
     except OSError:
         raise BadImage("The upload did not arrive; please try again.") from None
     if size == 0:
-        raise BadImage("The file is empty (0 bytes); upload a PNG, JPEG, WebP, GIF or BMP image.")
+        raise BadImage(f"The file is empty (0 bytes); upload a {FORMAT_NAMES} image.")
     notes: list[str] = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # own limit below
-            im = Image.open(p)
+            im = Image.open(p, formats=FORMATS)
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise BadImage(
@@ -96,16 +119,20 @@ def decode_image(path: str | Path | None, channels: int | None = None) -> Decode
             if frames > 1:
                 im.seek(0)
                 notes.append(f"Animated image with {frames} frames: classified the first frame.")
+            if im.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale straight away when that is enough
+                im.draft(im.mode, (MAX_SIDE, MAX_SIDE))
             im.load()
     except BadImage:
         raise
     except UnidentifiedImageError:
-        raise BadImage("This file is not an image Pillow can read; upload a PNG, JPEG, WebP, GIF or BMP image.") from None
+        raise BadImage(f"This file is not an image the demo accepts: upload a {FORMAT_NAMES} image.") from None
     except Image.DecompressionBombError:
         raise BadImage(f"The image is too large to decode safely (limit {MAX_PIXELS / 1e6:.0f} MP).") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadImage(f"The image file is truncated or corrupt ({str(e).splitlines()[0][:80]}).") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError):  # the reason goes to no one: it may name paths
+        raise BadImage("The image file is truncated or corrupt.") from None
     mode = im.mode
+    if max(im.size) > MAX_SIDE:  # before any conversion copies the full-size picture
+        im = _shrink(im)
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # broken EXIF must not stop a readable image
