@@ -122,8 +122,10 @@ def test_transfer_from_cifar_to_fer_keeps_matching_layers(tmp_path):
     torch.save(src.state_dict(), tmp_path / "cifar.pt")
     dst = create_model("resnet20", 7, 1)
     n, skipped = load_pretrained(dst, str(tmp_path / "cifar.pt"))
-    assert set(skipped) == {"stem.0.weight", "fc.weight", "fc.bias"}  # other channel and class counts
-    assert n == len(src.state_dict()) - 3
+    assert set(skipped) == {"fc.weight", "fc.bias"}  # another class count: a fresh classifier
+    assert n == len(src.state_dict()) - 2
+    # the grayscale stem takes the colour filters summed over RGB (a gray image is R = G = B)
+    torch.testing.assert_close(dst.stem[0].weight, src.stem[0].weight.sum(1, keepdim=True))
     assert torch.equal(dst.layers[2][0].conv1.weight, src.layers[2][0].conv1.weight)
 
 
@@ -185,6 +187,27 @@ def test_cli_run_is_complete_in_mlflow_and_the_model_loads_back(mlflow_store, da
     acc = (all_logits.argmax(1).numpy() == cifar.test_y).mean()
     assert abs(acc - m["test_acc"]) < 0.02
     assert "registered cifar10-resnet version 1 (alias: champion)" in capsys.readouterr().out
+    # MLflow 3 as a user sees it (issue 15): the data as run inputs, one per split with its context, the
+    # fingerprint as digest and its size; the test metrics on the logged model, against the test data;
+    # the version registered with its tags and a model card as description
+    inputs = {}
+    for d in run.inputs.dataset_inputs:
+        tags = {x.key: x.value for x in d.tags}
+        inputs[tags["mlflow.data.context"]] = (d.dataset.name, d.dataset.digest, tags["images"])
+    fp = cifar.fingerprint[:36]
+    assert inputs == {"train": ("cifar10-train", fp, "900"), "validation": ("cifar10-validation", fp, "100"),
+                      "test": ("cifar10-test", fp, "10000")}
+    (output,) = run.outputs.model_outputs
+    assert mv.source == f"models:/{output.model_id}"
+    linked = {x.key: x for x in mlflow.get_logged_model(output.model_id).metrics}
+    assert linked["test_acc"].value == m["test_acc"] and linked["test_f1_cat"].value == m["test_f1_cat"]
+    assert (linked["test_acc"].dataset_name, linked["test_acc"].dataset_digest) == ("cifar10-test", fp)
+    assert mv.tags["model"] == "resnet20" and float(mv.tags["test_acc"]) == m["test_acc"] and mv.tags["lr"]
+    card = mv.description
+    assert card.startswith("**cifar10-resnet** version 1: resnet20 trained on cifar10"), card
+    assert f"train 900 images, validation 100 images, test 10000 images (fingerprint `{fp}`" in card, card
+    assert "epochs=2" in card and "batch_size=64" in card and "subset=1000" in card, card
+    assert f"test accuracy {m['test_acc']:.4f}" in card, card
 
     # transfer learning: FER-2013 initialised from our own registered CIFAR-10 model
     run_cli("--dataset", "fer2013", "--model", "resnet20", "--data", str(data_dir), "--subset", "300", "--epochs", "1",
