@@ -242,9 +242,10 @@ def test_demo_loads_the_champion_from_the_server(team, shared_study, cifar, monk
     probs = served.probabilities(list(cifar.test_x[:8]))
     assert probs.shape == (8, 10) and np.allclose(probs.sum(1), 1, atol=1e-4)
     # What the demo serves is what the study chose: the champion is the shared study's best trial, and
-    # on 500 real test images its served probabilities (the demo's own preprocessing, the pt2 graph)
-    # match the engine's evaluation of that trial's own weights (safetensors kept by the trial, the
-    # training normalization), so the accuracies agree too. A wrong version, graph or mean/std fails.
+    # on 500 real test images its served probabilities (the demo's own preprocessing and network, from
+    # the registered version) match the engine's evaluation of that trial's own weights (the safetensors
+    # the trial kept, the training normalization), so the accuracies agree too. A wrong version, wrong
+    # weights or a wrong mean/std fails.
     from train.engine import Runtime, evaluate
     from tune.finalize import _trial_network
 
