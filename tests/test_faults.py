@@ -268,6 +268,32 @@ def test_checkpoints_are_fsynced_and_concurrent_writers_do_not_share_a_temp_file
 # --------------------------------------------------------------------------- SIGTERM (issue 16)
 
 
+def test_a_sigterm_whose_exception_python_drops_is_raised_at_the_next_step(monkeypatch, capsys):
+    """A signal handler's exception raised inside a __del__ (garbage collection runs them at any moment)
+    is printed as "Exception ignored" and dropped: once in six SIGTERMs here, a run then trained on to
+    the end. The signal is remembered and the training loop raises it at its next step, silently."""
+    from train.interrupt import Terminated, raise_if_terminated, terminate_like_ctrl_c
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored afterwards
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        terminate_like_ctrl_c()
+
+        class SignalledDuringCollection:
+            def __del__(self) -> None:
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # the handler runs here, inside __del__
+                    pass
+
+        SignalledDuringCollection()  # collected at once: Terminated raised in __del__, dropped
+        with pytest.raises(Terminated):
+            raise_if_terminated()
+        raise_if_terminated()  # raised once only
+        assert "Exception ignored" not in capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_sigterm_ends_train_like_ctrl_c_and_a_resume_continues_past_a_corrupt_last_pt(tmp_path, no_test_split,
                                                                                        in_process):
     """SIGTERM (docker stop, systemd, a scheduler) during epoch 3 of 3: the MLflow run ends KILLED with

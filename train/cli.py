@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from .allocator import keep_freed_memory
 from .config import AUGMENT_CHOICES, TrainConfig, load_yaml, recipe
 from .data import DATASETS
-from .interrupt import EXIT_SIGINT, EXIT_SIGTERM, Terminated, terminate_like_ctrl_c
+from .interrupt import EXIT_SIGINT, EXIT_SIGTERM, Terminated, handled, terminate_like_ctrl_c
 from .redact import mask_secrets
 
 EXIT_USAGE = 2
@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else (str(e).splitlines() or [repr(e)])[0])
     except KeyboardInterrupt as e:
+        handled()
         print("\nterminated (SIGTERM)" if isinstance(e, Terminated) else "\ninterrupted", file=sys.stderr)
         raise SystemExit(EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT) from None
 

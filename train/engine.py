@@ -35,6 +35,7 @@ from .budget import CALIBRATION_SKIP, CALIBRATION_STEPS, Horizon, TimeBudget, fo
 from .config import TrainConfig
 from .data import ImageData, split_validation, stratified_subset
 from .errors import DivergedError, ReslabWarning
+from .interrupt import raise_if_terminated
 from .loader import BatchLoader
 from .models import create_model
 
@@ -589,6 +590,7 @@ def fit(
         for xb, yb in bar:
             if step >= horizon.total:
                 break
+            raise_if_terminated()  # a SIGTERM whose exception Python dropped (train/interrupt.py)
             x, yb = prepare_batch(xb, yb, rt, crop, flip, gen)
             loss, logits = stepper(x, yb, f" at epoch {epoch + 1}, step {step + 1}")
             step += 1

@@ -11,7 +11,7 @@ from .config import TrainConfig
 from .data import load_dataset
 from .distributed import is_main_process
 from .engine import fit, load_checkpoint, resolve_precision, select_device
-from .interrupt import END_REASON_TAG, end_reason
+from .interrupt import END_REASON_TAG, end_reason, raise_if_terminated
 from .redact import mask_secrets
 from .tracking import (
     epoch_logger,
@@ -62,6 +62,7 @@ def train_and_log(
         try:
             result = fit(cfg, data, [epoch_logger], resume=resume,
                          meta={"mlflow_run_id": run.info.run_id, "run_name": run_name})
+            raise_if_terminated()  # a SIGTERM dropped during the final evaluation
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (train/interrupt.py): KILLED, with the reason
             mlflow.set_tag(END_REASON_TAG, end_reason(e))
             mlflow.end_run("KILLED")
