@@ -94,7 +94,7 @@ def register_best(study: optuna.Study, data: ImageData, experiment_id: str, pare
         return None
     name = registered_name(data.name)
     v = study.user_attrs.get(REGISTERED_ATTR, {}).get(str(best.number))
-    if False:  # HAND-BREAK
+    if v is not None and not refit:
         print(f"best trial {best.number} is already version {v} of {name}: nothing new to register")
         return {"name": name, "version": v, "trial": best.number, "already": True}
     cfg = TrainConfig.from_dict(best.user_attrs["config"])
