@@ -107,8 +107,12 @@ def predict_paths(opened: Any, paths: list[str], top_k: int = 3, batch_size: int
     def add(name: str, decoded: Any) -> None:
         boxes = finder.detect(decoded.rgb) if finder else []
         notes = list(decoded.notes) + (["No face found: classified the whole image."] if finder and not boxes else [])
+        # large uploads are shrunk right after decoding (demo/inputs.py): boxes go back to the file's pixels
+        h, w = decoded.rgb.shape[:2]
+        sx, sy = (decoded.source_size[0] / w, decoded.source_size[1] / h) if all(decoded.source_size) else (1.0, 1.0)
         for i, b in enumerate(boxes or [None]):
-            row = Row(name, i + 1 if b else None, (b.x, b.y, b.w, b.h) if b else None, notes=notes)
+            box = (round(b.x * sx), round(b.y * sy), round(b.w * sx), round(b.h * sy)) if b else None
+            row = Row(name, i + 1 if b else None, box, notes=notes)
             rows.append(row)
             pending.append((row, opened.prep.to_model_input(decoded.rgb if b is None else crop(decoded.rgb, b))))
 

@@ -217,6 +217,14 @@ def test_predict_faces_gives_one_row_per_face_with_its_box(imported, store, fer)
     big, small = rows[0]["box"], rows[1]["box"]
     assert big[2] > small[2] and 216 < big[0] + big[2] / 2 < 408 and 24 < small[0] + small[2] / 2 < 168, rows  # each box on its face
     assert all(len(r["top"]) == 3 for r in rows)
+    # the same photo 6x larger (2592 px wide) is shrunk for detection; its boxes are in the file's pixels
+    Image.fromarray(cv2.resize(canvas, None, fx=6, fy=6)).save(store / "two-faces-6x.png")
+    cli(["predict", imported, str(store / "two-faces-6x.png"), "--faces", "--out", "faces6.json", "--no-progress"])
+    large = json.loads(Path("faces6.json").read_text())
+    assert [r["face"] for r in large] == [1, 2], large
+    for r6, r1 in zip(large, rows):
+        centre6, centre1 = r6["box"][0] + r6["box"][2] / 2, r1["box"][0] + r1["box"][2] / 2
+        assert abs(centre6 - 6 * centre1) < 0.1 * 6 * 432 and 0.75 < r6["box"][2] / (6 * r1["box"][2]) < 1.33, (r6, r1)
 
 
 def test_export_onnx_agrees_with_pytorch_on_real_images(imported, cifar, capsys):
