@@ -138,7 +138,7 @@ def test_sqlite_study_storage_runs_and_resumes(hyperband_study, hyperband_resume
 def test_resume_without_refit_registers_once(hyperband_study, hyperband_resumed):
     """The resumed study's best trial is still trial 0, already version 1: no second version."""
     study = optuna.load_study(study_name="hb", storage=hyperband_study._storage)
-    assert [(v.version, v.tags["trial"]) for v in versions_of("hb")] == [("1", "0")]
+    assert [(str(v.version), v.tags["trial"]) for v in versions_of("hb")] == [("1", "0")]
     assert study.user_attrs["registered_versions"] == {"0": "1"}
     assert study.best_trial.number == 0 and study.trials[2].intermediate_values[1] < study.best_value  # precondition: best unchanged
     assert "best trial 0 is already version 1 of cifar10-resnet: nothing new to register" in hyperband_resumed
