@@ -57,8 +57,9 @@ def setup_tracking(uri: str | None = None) -> str:
     """Point MLflow at the store and check it works, so a bad store fails now, not after training."""
     uri = uri or default_tracking_uri()
     if uri.startswith(("http://", "https://")):
+        bound_http_retries()
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as r:
+            with urllib.request.urlopen(health_request(uri), timeout=10) as r:
                 r.read()
         except (urllib.error.URLError, OSError) as e:
             raise TrackingError(f"MLflow tracking server {uri} is unreachable ({e}); start it or fix MLFLOW_TRACKING_URI") from None
@@ -74,6 +75,65 @@ def setup_tracking(uri: str | None = None) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
+
+
+def health_request(uri: str) -> urllib.request.Request:
+    """GET <server>/health. urllib refuses ``user:password@`` in a URL ("nonnumeric port", with the password
+    in the message), so the userinfo becomes a Basic auth header, as MLflow's client (requests) sends it;
+    without userinfo, MLFLOW_TRACKING_USERNAME/PASSWORD are sent, as MLflow does."""
+    import base64
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri)
+    user, password = parts.username, parts.password
+    if user is None:
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    else:
+        user, password = urllib.parse.unquote(user), urllib.parse.unquote(password or "")
+    netloc = parts.netloc.rpartition("@")[2]
+    req = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health")
+    if user and password is not None:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    return req
+
+
+def bound_http_retries() -> None:
+    """MLflow's client retries a lost server with backoff 2 x 2^n s, 7 times: about 4 minutes per call, and a
+    failing trial makes several calls. reslab processes retry for about RESLAB_TRACKING_RETRY_SECONDS
+    (default 60: waits of 2, 4, 8, 16, 32 s) unless MLflow's own variables are set."""
+    seconds = float(os.environ.get("RESLAB_TRACKING_RETRY_SECONDS", "60"))
+    retries = 1
+    while 2**retries - 2 < seconds and retries < 10:  # n retries wait 0, 2, 4, ..., 2^(n-1) s: 2^n - 2 in all
+        retries += 1
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+
+
+def tracking_outage(e: BaseException) -> bool:
+    """An MLflow call that failed because the server could not be reached (after the client's retries)."""
+    import requests
+
+    while e is not None:
+        if isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError):
+            return True
+        if isinstance(e, mlflow.exceptions.MlflowException) and (
+                "Max retries exceeded" in str(e) or "Connection refused" in str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def tracking_gone(e: BaseException) -> bool:
+    """Whether ``e`` is a tracking outage that outlasted the client's retries; if so, later MLflow calls of this
+    process (cleanup, MLflow's own end_run at exit) try once instead of waiting out the window again."""
+    if not tracking_outage(e):
+        return False
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    return True
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def experiment_id(name: str) -> str:

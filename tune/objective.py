@@ -8,8 +8,10 @@ its reason recorded; the study goes on.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,9 @@ import torch
 from train.config import TrainConfig
 from train.data import ImageData
 from train.engine import DivergedError, EpochCallback, fit, resolve_precision, select_device
+from train.errors import ReslabWarning
 from train.interrupt import end_reason
-from train.tracking import epoch_logger, flat_params, log_fit, run_tags
+from train.tracking import epoch_logger, first_line, flat_params, log_fit, run_tags, tracking_gone
 from train.tracking import save_weights as store_weights
 
 from . import ddp, storage
@@ -92,16 +95,15 @@ class Objective:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 raise self._failed(trial, "out of memory", e) from e
-            mlflow.set_tag("fail_reason", f"{type(e).__name__}: {e}"[:5000])
+            if not tracking_gone(e):  # a server gone for good is not asked again
+                mlflow.set_tag("fail_reason", f"{type(e).__name__}: {e}"[:5000])
             raise
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the run ends KILLED with the reason
             state = "killed"
             mlflow.set_tag("end_reason", end_reason(e))
             raise
         finally:
-            mlflow.log_metric("trial_seconds", time.perf_counter() - t0)
-            mlflow.set_tag("state", state)
-            mlflow.end_run(MLFLOW_STATUS.get(state, "KILLED"))
+            end_trial_run(state, time.perf_counter() - t0, failing=state != "complete")
 
     def _train(self, trial: optuna.Trial, shared: Any, cfg: TrainConfig) -> float:
         callbacks = [epoch_logger, *([self.on_epoch] if self.on_epoch else []), pruning_callback(shared)]
@@ -118,6 +120,24 @@ class Objective:
         trial.set_user_attr("fail_reason", reason)
         mlflow.set_tag("fail_reason", reason)
         return TrialFailed(reason)
+
+
+def end_trial_run(state: str, seconds: float, failing: bool) -> None:
+    """Close the trial's MLflow run. When the trial is already failing (or pruned, or interrupted), a failure
+    here (the server is gone) is a warning: the trial's own error is the one the user sees."""
+    try:
+        mlflow.log_metric("trial_seconds", seconds)
+        mlflow.set_tag("state", state)
+        mlflow.end_run(MLFLOW_STATUS.get(state, "KILLED"))
+    except Exception as e:
+        if not failing:
+            raise
+        gone = tracking_gone(e)
+        if mlflow.active_run():
+            with contextlib.suppress(Exception):  # pops the run even when the server does not answer
+                mlflow.end_run(MLFLOW_STATUS.get(state, "KILLED"))
+        if not gone:  # a lost server is what the trial's own error says already
+            warnings.warn(f"could not close the trial's MLflow run ({first_line(e)})", ReslabWarning, stacklevel=2)
 
 
 def save_weights(model: torch.nn.Module) -> None:

@@ -62,6 +62,8 @@ def join_or_start(study: optuna.Study, experiment_id: str, trials: int, params: 
     """Join the running invocation of ``study`` or start a new one; returns (invocation, created)."""
     client = MlflowClient()
     current = study.user_attrs.get(INVOCATION_ATTR)
+    if current and study.user_attrs.get(f"ended:{current['parent_run_id']}"):
+        end_left_running(client, current["parent_run_id"], study.user_attrs[f"ended:{current['parent_run_id']}"])
     if current and _is_running(client, current["parent_run_id"]):
         return Invocation(**current), False
     number = (current or {}).get("number", 0) + 1
@@ -75,6 +77,25 @@ def join_or_start(study: optuna.Study, experiment_id: str, trials: int, params: 
         return Invocation(**winner), False
     client.log_batch(mine.parent_run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     return mine, True
+
+
+def ended_key(inv: Invocation) -> str:
+    """Study attribute: the invocation ended (status) while MLflow was unreachable; its runs are still RUNNING there."""
+    return f"ended:{inv.parent_run_id}"
+
+
+def end_left_running(client: MlflowClient, parent_run_id: str, status: str) -> None:
+    """End the parent run, and its trial runs still RUNNING, of an invocation that ended while the tracking
+    server was unreachable (issue 16): its last worker could not tell MLflow, so it told the study."""
+    if not _is_running(client, parent_run_id):
+        return
+    reason = "the MLflow tracking server was unreachable when the study stopped"
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, "end_reason", reason)
+        client.set_terminated(run.info.run_id, status="FAILED")
+    client.set_tag(parent_run_id, "end_reason", reason)
+    client.set_terminated(parent_run_id, status=status)
 
 
 def _is_running(client: MlflowClient, run_id: str) -> bool:

@@ -8,8 +8,10 @@ storage URL (``sqlite:///...``, ``postgresql+psycopg://...``, ``mysql+pymysql://
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +22,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from train.redact import mask_secrets
 from train.tracking import mlruns_dir
@@ -78,11 +80,11 @@ def open_storage(url: str | None = None, heartbeat: int | None = None) -> optuna
         warnings.simplefilter("ignore", ExperimentalWarning)
         for attempt in range(4):  # workers starting together on a fresh database race to create its tables
             try:
-                return RDBStorage(url, **kwargs)
+                return RetryingRDBStorage(url, **kwargs)
             except DBAPIError:
                 time.sleep(0.5 + attempt)
         try:
-            return RDBStorage(url, **kwargs)  # the last attempt: its error is the one reported
+            return RetryingRDBStorage(url, **kwargs)  # the last attempt: its error is the one reported
         except DBAPIError as e:
             first = (str(e.orig or e).splitlines() or [type(e).__name__])[0]
             raise StorageError(f"storage {describe(url)} is unreachable ({first})") from None
@@ -90,6 +92,94 @@ def open_storage(url: str | None = None, heartbeat: int | None = None) -> optuna
 
 class StorageError(ValueError):
     """The study storage cannot be used (a one-line error in the CLI)."""
+
+
+# --------------------------------------------------------------------------- outages (issue 16)
+
+
+def retry_seconds() -> float:
+    """How long a storage call retries a lost database before the worker gives up (default 60 s)."""
+    return float(os.environ.get("RESLAB_STORE_RETRY_SECONDS", "60"))
+
+
+def is_outage(e: BaseException) -> bool:
+    """The database cannot be reached (refused, dropped, restarting): Optuna wraps SQLAlchemy's error in
+    StorageInternalError; a bad statement or a constraint is not an outage."""
+    if isinstance(e, StorageUnreachable):
+        return True
+    if isinstance(e, optuna.exceptions.StorageInternalError):
+        e = e.__cause__ or e
+    return isinstance(e, (OperationalError, InterfaceError))
+
+
+class StorageUnreachable(StorageError):
+    """The storage stayed unreachable for the whole retry window."""
+
+
+_gave_up: list[StorageUnreachable] = []  # the first time the storage stayed unreachable, until a call succeeds
+
+
+def _first(e: StorageUnreachable) -> StorageUnreachable:
+    if not _gave_up:
+        _gave_up.append(e)
+    return e
+
+
+def storage_gone() -> StorageUnreachable | None:
+    """The error of the call that first gave up on the storage (later calls fail on top of it), if it is still gone."""
+    return _gave_up[0] if _gave_up else None
+
+
+_retrying = threading.local()  # .active: this thread is inside a retried call
+
+
+def _with_retries(method):
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if getattr(_retrying, "active", False):  # a call inside a retried call: the outer one retries
+            return method(self, *args, **kwargs)
+        _retrying.active = True
+        try:  # once a call gave up, the next ones try once: cleanup after the error does not wait again
+            deadline, wait, warned = time.monotonic() + (0 if _gave_up else retry_seconds()), 0.5, False
+            while True:
+                try:
+                    out = method(self, *args, **kwargs)
+                    _gave_up.clear()
+                    return out
+                except Exception as e:
+                    if not is_outage(e):
+                        raise
+                    cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e
+                    first = (str(getattr(cause, "orig", None) or cause).strip().splitlines() or [type(cause).__name__])[0]
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise _first(StorageUnreachable(f"study storage {describe(self.url)} unreachable for "
+                                                        f"{retry_seconds():.0f} s ({first})")) from e
+                    if not warned:
+                        print(f"study storage unreachable ({first}); retrying for up to {retry_seconds():.0f} s",
+                              flush=True)  # stdout, with the trial lines: stderr keeps the one error line
+                        warned = True
+                    time.sleep(min(wait, left))
+                    wait = min(2 * wait, 10.0)
+        finally:
+            _retrying.active = False
+    return call
+
+
+class RetryingRDBStorage(RDBStorage):
+    """An RDB storage whose calls ride out a database restart: a connection error is retried with backoff
+    (0.5 s doubling to 10 s) for ``RESLAB_STORE_RETRY_SECONDS``, then raised as one StorageUnreachable.
+    Only connection errors are retried, and a call that fails to connect never reached the database."""
+
+
+for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+              "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+              "get_all_studies", "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param",
+              "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_trial_param",
+              "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+              "get_trial", "get_all_trials", "_get_trials", "get_n_trials", "get_best_trial", "_get_best_trial_id",
+              "record_heartbeat", "_get_stale_trial_ids"):
+    setattr(RetryingRDBStorage, _name, _with_retries(getattr(RDBStorage, _name)))
 
 
 def reap_dead_local_trials(study: optuna.Study) -> int:

@@ -25,8 +25,9 @@ from train.config import TrainConfig
 from train.data import load_dataset
 from train.distributed import is_main_process, shutdown
 from train.engine import measure_throughput
+from train.errors import ReslabWarning
 from train.interrupt import end_reason
-from train.tracking import experiment_id, flat_params, setup_tracking
+from train.tracking import experiment_id, first_line, flat_params, setup_tracking, tracking_gone
 
 from . import ddp, parent
 from .budget import BudgetPlan, plan_budget
@@ -35,7 +36,7 @@ from .objective import Objective, TrialFailed, worker_id
 from .progress import StudyProgress
 from .slots import BudgetSpent, SlotStudy
 from .space import SearchSpace
-from .storage import describe, open_storage, reap_dead_local_trials
+from .storage import describe, is_outage, open_storage, reap_dead_local_trials, storage_gone
 
 
 @dataclass
@@ -150,17 +151,35 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
         pass
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (train/interrupt.py)
         progress.close()
-        if not inv.running(study):
-            parent.end(inv, "KILLED", end_reason(e))
+        end_after_error(study, inv, e, "KILLED", end_reason(e))
         print(f"\ninterrupted; resume with: reslab tune --study {opts.study} ...")
         raise
-    except Exception:  # a bug or a broken store: do not leave the parent RUNNING for the next invocation to join
+    except Exception as e:  # a bug or a broken store: do not leave the parent RUNNING for the next invocation to join
         progress.close()
-        if not inv.running(study):
-            parent.end(inv, "FAILED")
+        first = storage_gone()  # Optuna's own cleanup can bury it (an UnboundLocalError when its tell fails)
+        end_after_error(study, inv, first or e, "FAILED")
+        if first is not None and first is not e:
+            raise first.with_traceback(first.__traceback__) from None
         raise
     progress.close()
     return finish(study, inv, worker, opts, data, exp, plan)
+
+
+def end_after_error(study: optuna.Study, inv: parent.Invocation, error: BaseException, status: str,
+                    reason: str | None = None) -> None:
+    """End the parent run after ``error`` if no other worker still runs a trial of the invocation. Best effort:
+    a server that outlasted its retry window is not waited for again, and a failure here is a warning line,
+    never the error the user sees (that stays ``error``)."""
+    try:
+        if is_outage(error):  # the storage is gone: whether others still run cannot be known; they end it again
+            parent.end(inv, status, reason or f"the study storage is unreachable ({first_line(error)})")
+        elif tracking_gone(error):  # MLflow is gone: the next invocation ends the parent (tune/parent.py)
+            if not inv.running(study):
+                study.set_user_attr(parent.ended_key(inv), status)
+        elif not inv.running(study):
+            parent.end(inv, status, reason)
+    except Exception as e:  # noqa: BLE001 (best effort: the error the user sees is ``error``)
+        warnings.warn(f"could not end the study's parent run {inv.parent_run_id} ({first_line(e)})", ReslabWarning)
 
 
 def plan_key(invocation: int) -> str:
