@@ -247,6 +247,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     disk raises a plain OSError (ENOSPC) rather than torch's zip-writer error."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    keep = path.with_name(f".{PREVIOUS}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     buf = io.BytesIO()
     torch.save(state, buf)
     try:
@@ -255,7 +256,6 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         if path.exists():
-            keep = path.with_name(f".{PREVIOUS}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
             try:
                 os.link(path, keep)
             except OSError:  # a file system without hard links: a copy
@@ -265,9 +265,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         _fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        keep.unlink(missing_ok=True)
         raise OSError(e.errno, f"cannot write checkpoint ({e.strerror})", str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
+        keep.unlink(missing_ok=True)
         raise
 
 
