@@ -81,6 +81,40 @@ def module_store(folder: Path, **env: str) -> Iterator[Path]:
         mp.undo()
 
 
+@pytest.fixture
+def in_process(tmp_path, monkeypatch, capsys):
+    """Run ``reslab`` in this process (imports already paid for); returns (exit code, stdout, stderr)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    previous = mlflow.get_tracking_uri()
+
+    def run(args: list[str], mlruns: Path) -> subprocess.CompletedProcess:
+        from train.cli import main
+
+        monkeypatch.setenv("RESLAB_MLRUNS", str(mlruns))
+        capsys.readouterr()
+        try:
+            main(args)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    yield run
+    mlflow.set_tracking_uri(previous)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a server the test started: SIGTERM, then SIGKILL if it does not exit in ``timeout`` s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_for_server(url: str, proc: subprocess.Popen, timeout: float, output: Callable[[], str]) -> None:
     """Poll ``url`` until it answers 2xx; if ``proc`` exits or ``timeout`` seconds pass first, raise
     with the end of the server's ``output``."""

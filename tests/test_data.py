@@ -11,7 +11,6 @@ import struct
 import threading
 import zlib
 import pickle
-import time
 import zipfile
 from pathlib import Path
 
@@ -428,7 +427,6 @@ def test_official_md5s_are_torchvisions():
 
 
 def test_cache_is_private_fsynced_and_leaves_no_temp_file(tmp_path, cifar_members, monkeypatch):
-    import train.data as data
 
     src = write_zip(tmp_path / "c.zip", cifar_members)
     synced = []

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import free_port
+from conftest import free_port, stop
 
 # Small enough for the test budget on 2 CPU cores, big enough to be well above chance.
 # FER-2013 learns slowly: plain flips instead of its default heavy albumentations, and its full test
@@ -442,12 +442,7 @@ def test_reslab_demo_process(in_store, cifar, tmp_path):
         after = client.predict(handle_file(image), False, api_name="/classify_cifar10_cifar10_resnet_v1")
         assert after[0]["label"] in cifar.classes, after  # still serving
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import free_port
+from conftest import free_port, stop
 from test_demo import client, face_collage, in_store, save_png, server, store  # noqa: F401  (fixtures)
 
 CIFAR_API, FER_API = "/classify_cifar10", "/classify_fer2013"
@@ -228,12 +228,7 @@ def test_memory_under_50_concurrent_large_images(in_store, tmp_path):
         assert all("Inference" in s for s in out), [s[:80] for s in out if "Inference" not in s][:3]
         assert peak - before < 1000, (before, peak)  # before the fix: +2,800 MB
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
 
 
@@ -259,7 +254,7 @@ def test_one_bad_upload_does_not_fail_the_batch(server, fer, tmp_path, monkeypat
         return [Box(3, 3, 0, 0)] if rgb.shape[0] == 77 else detect(self, rgb)
 
     monkeypatch.setattr(demo.faces.FaceFinder, "detect", zero_box_for_77)
-    faces = face_collage(fer, (3, 3, 3), tmp_path / "faces.png")
+    face_collage(fer, (3, 3, 3), tmp_path / "faces.png")
     row = np.asarray(Image.open(tmp_path / "faces.png"))
     panorama = save_png(np.pad(row, ((0, 0), (0, 17000 - row.shape[1])), constant_values=128)[..., None],
                         tmp_path / "panorama.png")

@@ -129,30 +129,6 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
     assert not cache.exists() or not any(cache.rglob("*.npz")), sorted(cache.rglob("*"))  # nothing was decoded
 
 
-@pytest.fixture
-def in_process(tmp_path, monkeypatch, capsys):
-    """Run ``reslab`` in this process (imports already paid for); returns (exit code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    previous = mlflow.get_tracking_uri()
-
-    def run(args: list[str], mlruns: Path) -> subprocess.CompletedProcess:
-        from train.cli import main
-
-        monkeypatch.setenv("RESLAB_MLRUNS", str(mlruns))
-        capsys.readouterr()
-        try:
-            main(args)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-    yield run
-    mlflow.set_tracking_uri(previous)
-
-
 def test_mlruns_under_a_file_is_a_clear_error(tmp_path, in_process):
     (tmp_path / "not-a-folder").write_text("x")
     proc = in_process(["train", *TINY, "--epochs", "1"], tmp_path / "not-a-folder" / "mlruns")

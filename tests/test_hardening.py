@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 
 import optuna
 import pytest
@@ -63,28 +62,14 @@ def test_mask_secrets():
 
 
 @pytest.fixture
-def cli(tmp_path, monkeypatch, capsys):
-    """``reslab`` in this process; returns (exit code, stdout + stderr)."""
-    import mlflow
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RESLAB_MLRUNS", str(tmp_path / "mlruns"))
-    previous = mlflow.get_tracking_uri()
+def cli(in_process, tmp_path):
+    """``reslab`` in this process (conftest.in_process); returns (exit code, stdout + stderr)."""
 
     def run(args: list[str]) -> tuple[int, str]:
-        from train.cli import main
+        done = in_process(args, tmp_path / "mlruns")
+        return done.returncode, done.stdout + done.stderr
 
-        capsys.readouterr()
-        try:
-            main(args)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return code, out.out + out.err
-
-    yield run
-    mlflow.set_tracking_uri(previous)
+    return run
 
 
 def test_passwords_are_masked_in_errors_and_the_torchrun_line(cli, monkeypatch):

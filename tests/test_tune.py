@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import free_port, module_store, wait_for_server
+from conftest import free_port, module_store, stop, wait_for_server
 from train.cli import main
 from train.data import stratified_subset
 
@@ -238,10 +238,5 @@ def test_ui_serves_the_store_and_lists_runs(first_study, store):
         assert {t.user_attrs["mlflow_run_id"] for t in first_study.trials} <= served
         assert first_study.user_attrs["invocation"]["parent_run_id"] in served
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         proc.stderr.close()

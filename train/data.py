@@ -461,6 +461,20 @@ def stratified_indices(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     return rest, chosen
 
 
+def split_indices(train_y: np.ndarray, subset: int | None, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices into the training split that a run uses: the seeded stratified
+    subset (if any), then the fixed validation split carved out of it. One place, so that training and
+    what is logged about its data (train/lineage.py) cannot disagree."""
+    train_idx = np.arange(len(train_y))
+    if subset:
+        train_idx = stratified_subset(train_y, subset, seed)
+    val_idx = np.empty(0, dtype=np.int64)
+    if val_fraction > 0:
+        rest, val = split_validation(train_y[train_idx], val_fraction, seed=0)
+        train_idx, val_idx = train_idx[rest], train_idx[val]
+    return train_idx, val_idx
+
+
 def split_validation(y: np.ndarray, fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, val) index split of the train set; fixed seed so every run sees the same."""
     if not 0 < fraction < 1:

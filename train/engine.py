@@ -33,7 +33,7 @@ from . import distributed
 from .augment import normalize, random_crop_flip
 from .budget import CALIBRATION_SKIP, CALIBRATION_STEPS, Horizon, TimeBudget, format_duration
 from .config import TrainConfig
-from .data import ImageData, split_validation, stratified_subset
+from .data import ImageData, split_indices
 from .errors import DivergedError, ReslabWarning
 from .interrupt import raise_if_terminated
 from .loader import BatchLoader
@@ -525,13 +525,7 @@ def fit(
         torch.backends.cudnn.benchmark = True
 
     # ---- data: subset, validation split, loaders
-    train_idx = np.arange(len(data.train_y))
-    if cfg.subset:
-        train_idx = stratified_subset(data.train_y, cfg.subset, cfg.seed)
-    val_idx = np.empty(0, dtype=np.int64)
-    if cfg.val_fraction > 0:
-        rest, val = split_validation(data.train_y[train_idx], cfg.val_fraction, seed=0)
-        train_idx, val_idx = train_idx[rest], train_idx[val]
+    train_idx, val_idx = split_indices(data.train_y, cfg.subset, cfg.val_fraction, cfg.seed)
     x_train, y_train = data.train_x[train_idx], data.train_y[train_idx]
     x_val, y_val = data.train_x[val_idx], data.train_y[val_idx]
     loader = make_loader(cfg, x_train, y_train, device, dctx)

@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 
 from .config import TrainConfig
-from .data import ImageData, split_validation, stratified_subset
+from .data import ImageData, split_indices
 
 CONTEXTS = ("train", "validation", "test")
 CARD_PARAMS = ("model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "augment",
@@ -20,13 +20,7 @@ CARD_PARAMS = ("model", "epochs", "batch_size", "optimizer", "lr", "weight_decay
 
 def split_labels(cfg: TrainConfig, data: ImageData) -> dict[str, np.ndarray]:
     """Indices of the train/validation/test images ``fit`` used (the same seeded subset and split)."""
-    train_idx = np.arange(len(data.train_y))
-    if cfg.subset:
-        train_idx = stratified_subset(data.train_y, cfg.subset, cfg.seed)
-    val_idx = np.empty(0, dtype=np.int64)
-    if cfg.val_fraction > 0:
-        rest, val = split_validation(data.train_y[train_idx], cfg.val_fraction, seed=0)
-        train_idx, val_idx = train_idx[rest], train_idx[val]
+    train_idx, val_idx = split_indices(data.train_y, cfg.subset, cfg.val_fraction, cfg.seed)
     return {"train": data.train_y[train_idx], "validation": data.train_y[val_idx], "test": data.test_y}
 
 
