@@ -6,7 +6,7 @@ RESLAB := $(VENV)/bin/reslab
 SHARED := $(abspath ../shared/datasets)
 export RESLAB_DATA ?= $(if $(wildcard $(SHARED)),$(SHARED),)
 
-.PHONY: run test install install-test system-deps ui demo bench clean
+.PHONY: run test test-all install install-test system-deps ui demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,12 @@ system-deps:
 run: install
 	$(RESLAB) tune --preset make-run
 
+# `make test`: the suite without the tests marked slow (servers, DDP processes, budgets; about 8 minutes
+# on 2 cores). CI sets CI=true and runs everything, as does `make test-all`.
 test: install-test
+	$(PY) -m pytest $(if $(filter true 1,$(CI)),,-m "not slow")
+
+test-all: install-test
 	$(PY) -m pytest
 
 ui: install

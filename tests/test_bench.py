@@ -27,6 +27,7 @@ def bench_run(tmp_path_factory, data_dir):
     return args, out
 
 
+@pytest.mark.slow
 def test_bench_table_and_json(bench_run, capsys):
     args, out = bench_run
     main(args)

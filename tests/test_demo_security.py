@@ -193,6 +193,7 @@ def peak_rss_mb(pid: int) -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
 
 
+@pytest.mark.slow
 def test_memory_under_50_concurrent_large_images(in_store, tmp_path):
     """`reslab demo` as a process; 50 concurrent uploads of a 16 MP PNG (4000x4000, the largest
     accepted: 48 MB of RGB each, a few hundred KB on disk). Before, each decoded image was kept at full

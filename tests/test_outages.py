@@ -27,6 +27,10 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from pgcluster import _as_owner, pg_bin, postgres_cluster
 
+# Minutes of servers, processes or budgets: run by CI (CI=true make test) and `make test-all`, not by a plain `make test`.
+pytestmark = pytest.mark.slow
+
+
 RESLAB = [str(Path(sys.executable).parent / "reslab")]
 TRIAL = ["--dataset", "cifar10", "--subset", "300", "--epochs", "1", "--batch-size", "32", "--no-progress"]
 

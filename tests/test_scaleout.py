@@ -31,6 +31,10 @@ from optuna.trial import TrialState
 
 from pgcluster import mlflow_server, pg_bin, postgres_cluster
 
+# Minutes of servers, processes or budgets: run by CI (CI=true make test) and `make test-all`, not by a plain `make test`.
+pytestmark = pytest.mark.slow
+
+
 RESLAB = [str(Path(sys.executable).parent / "reslab")]  # the installed console script
 TRIAL = ["--dataset", "cifar10", "--subset", "300", "--epochs", "1", "--batch-size", "32", "--no-progress"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

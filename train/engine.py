@@ -261,6 +261,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             except OSError:  # a file system without hard links: a copy
                 shutil.copyfile(path, keep)
             os.replace(keep, path.with_name(PREVIOUS))
+            # rename() between two links of one file does nothing (POSIX): a concurrent writer may
+            # have made previous.pt a link to the same last.pt, so the temp link can still be there
+            keep.unlink(missing_ok=True)
         tmp.replace(path)
         _fsync_dir(path.parent)
     except OSError as e:
