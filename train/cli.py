@@ -47,13 +47,19 @@ class _DefaultsInHelp:
         return action
 
 
-def _group(p: argparse.ArgumentParser, title: str, show_defaults: bool) -> Any:
+def _group(p: argparse.ArgumentParser, title: str, defaults: dict[str, Any] | None) -> Any:
     group = p.add_argument_group(title)
-    return _DefaultsInHelp(group, TrainConfig().resolved().to_dict()) if show_defaults else group
+    return _DefaultsInHelp(group, defaults) if defaults is not None else group
 
 
-def add_data_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> None:
-    g = _group(p, "data", show_defaults)
+def _help_defaults(show: bool) -> dict[str, Any] | None:
+    """TrainConfig's resolved defaults, computed once per parser (None: leave the help as written)."""
+    return TrainConfig().resolved().to_dict() if show else None
+
+
+def add_data_args(p: argparse.ArgumentParser, show_defaults: bool = True,
+                  defaults: dict[str, Any] | None = None) -> None:
+    g = _group(p, "data", defaults if defaults is not None else _help_defaults(show_defaults))
     g.add_argument("--dataset", choices=sorted(DATASETS), help="dataset")
     g.add_argument("--data", metavar="PATH", help="zip, image folder, cifar-10-batches-py/, fer2013.csv, or a folder "
                    "holding them (default: $RESLAB_DATA, else ../shared/datasets)")
@@ -65,13 +71,14 @@ def add_data_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> Non
 def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> None:
     """Flags that map onto :class:`TrainConfig` fields (None means: not given). ``show_defaults``:
     append TrainConfig's defaults to the help (off where a preset decides them instead)."""
-    add_data_args(p, show_defaults)
-    g = _group(p, "model", show_defaults)
+    defaults = _help_defaults(show_defaults)
+    add_data_args(p, show_defaults, defaults)
+    g = _group(p, "model", defaults)
     g.add_argument("--model", metavar="NAME", help="architecture (default: resnet20 for CIFAR-10, resnet9 at width 32 for FER-2013); see --list-models")
     g.add_argument("--shortcut", choices=["A", "B"], help="CIFAR ResNet shortcut: A zero-padding (paper), B projection")
     g.add_argument("--pretrained", metavar="PATH", help="initialise from a state dict (.pt/.safetensors) or 'torchvision'")
     g.add_argument("--init-from", metavar="MODEL_URI", help="initialise from a logged model, e.g. models:/cifar10-resnet@champion")
-    g = _group(p, "optimisation", show_defaults)
+    g = _group(p, "optimisation", defaults)
     g.add_argument("--epochs", type=int)
     g.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
     g.add_argument("--time-budget", metavar="DURATION", help="train for this long (e.g. 15m; training + evaluation): "
@@ -87,13 +94,13 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
     g.add_argument("--milestones", type=float, nargs="+", metavar="M", help="step schedule: fractions (<=1) or iterations")
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--ema", type=float, metavar="DECAY", help="evaluate an EMA of the weights (e.g. 0.999)")
-    g = _group(p, "augmentation", show_defaults)
+    g = _group(p, "augmentation", defaults)
     g.add_argument("--augment", choices=["auto", *AUGMENT_CHOICES],
                    help="auto: crop-flip for cifar10, albumentations for fer2013")
     g.add_argument("--aug-strength", type=float, metavar="S", help="scale of the albumentations magnitudes")
     g.add_argument("--workers", type=int, help="augmentation threads")
     g.add_argument("--tta", action="store_true", default=None, help="flip test-time augmentation")
-    g = _group(p, "machine", show_defaults)
+    g = _group(p, "machine", defaults)
     g.add_argument("--device", help="auto, cpu or cuda[:N]")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
@@ -101,7 +108,7 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
                    help="torch.compile the training step (default: auto, i.e. on for the CIFAR ResNets and their plain "
                    "twins on a bf16 CPU when the run is long enough to repay ~25 s of compilation)")
     g.add_argument("--seed", type=int)
-    g = _group(p, "configuration", show_defaults)
+    g = _group(p, "configuration", defaults)
     g.add_argument("--config", metavar="FILE.yaml", help="saved configuration (CLI flags override it)")
     g.add_argument("--recipe", metavar="NAME", help="named recipe from train/recipes/, e.g. fast-cpu")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None)
