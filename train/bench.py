@@ -32,7 +32,6 @@ import dataclasses
 import itertools
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -67,6 +66,7 @@ from .engine import (
     select_device,
 )
 from .loader import PREFETCH as BATCHLOADER_PREFETCH
+from .machine import cpu_model
 
 PIPELINES = ("ceiling", "reslab", "conventional")
 LOADER_PREFETCH = 2  # batches each DataLoader worker prepares ahead: torch's default prefetch_factor
@@ -391,14 +391,9 @@ def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, rt: Run
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "cpu_bf16": cpu_supports_bf16(), "torch": torch.__version__,
             "device": str(device), "load_average_1min": os.getloadavg()[0]}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -161,6 +162,16 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def command_tags(args: argparse.Namespace) -> dict[str, str]:
+    """How the run was started, for its result file (``reslab results export``): the command line as typed
+    (passwords masked) and the recipe, which the flat params do not show."""
+    argv = getattr(args, "argv", None)
+    tags = {"recipe": args.recipe} if args.recipe else {}
+    if argv is not None:
+        tags["command"] = mask_secrets("reslab " + shlex.join(argv))
+    return tags
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     if args.list_models:
         from .models import list_models
@@ -193,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .distributed import shutdown
 
     train_and_log(cfg, experiment=args.experiment, run_name=run_name, register=args.register,
-                  resume=args.resume, init_from=args.init_from, run_id=run_id)
+                  resume=args.resume, init_from=args.init_from, run_id=run_id, tags=command_tags(args))
     shutdown()  # under torchrun: leave the process group before exiting
 
 

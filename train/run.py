@@ -34,8 +34,10 @@ def train_and_log(
     resume: str | None = None,
     init_from: str | None = None,
     run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg`` inside an MLflow run (a new one, or the interrupted one on resume)."""
+    """Train ``cfg`` inside an MLflow run (a new one, or the interrupted one on resume); ``tags`` are set on a
+    new run only (e.g. the command line that started it)."""
     if not is_main_process():  # a DDP worker other than rank 0: train its shard, log nothing
         data = load_dataset(cfg.dataset, cfg.data, cfg.download, progress=False)
         return {"result": fit(cfg, data, [], resume=resume)}  # DDP copies rank 0's weights (init_from)
@@ -50,7 +52,7 @@ def train_and_log(
     with mlflow.start_run(run_id=run_id, experiment_id=experiment_id(experiment or cfg.dataset), run_name=run_name) as run:
         if run_id is None:
             mlflow.log_params(flat_params(cfg))
-            mlflow.set_tags(run_tags(cfg, data, str(device), precision))
+            mlflow.set_tags({**run_tags(cfg, data, str(device), precision), **(tags or {})})
             if init_from:
                 mlflow.set_tag("init_from", init_from)
         print(f"MLflow run {run.info.run_id} in {mask_secrets(mlflow.get_tracking_uri())}")

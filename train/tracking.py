@@ -31,6 +31,7 @@ from .errors import TrackingError
 from .distributed import env_context
 from .engine import FitResult
 from .lineage import log_datasets, model_card
+from .machine import machine_tags
 from .pyfunc import log_model as log_pytorch_with_serving
 from .report import classification_metrics, plot_confusion, plot_curves
 
@@ -175,6 +176,7 @@ def run_tags(cfg: TrainConfig, data: ImageData, device: str, precision: str) -> 
         "dataset_hash": data.fingerprint,
         "model": cfg.model,
         "world_size": str(env_context().world_size),  # processes training it (reslab train/tune --nproc)
+        **machine_tags(torch.get_num_threads()),  # cpu_model, cpu_avx512_bf16, cpu_cores, torch_threads
     }
 
 
