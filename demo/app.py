@@ -7,6 +7,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -326,10 +327,11 @@ def build_app(entries: list[ServedModel | Missing], mlflow_ui: str | None = None
     return app
 
 
-def wait_until_up(url: str, timeout: float = 60.0) -> None:
-    """Block until the server answers (raise TimeoutError with the URL if it never does)."""
+def wait_until_up(url: str, timeout: float = 60.0, alive: Callable[[], bool] = lambda: True) -> None:
+    """Block until the server answers (raise TimeoutError with the URL if it never does, or at once
+    when ``alive`` says the server's process is gone)."""
     deadline = time.monotonic() + timeout
-    while True:
+    while alive():
         try:
             with urllib.request.urlopen(url, timeout=10) as r:
                 if r.status == 200:
@@ -339,6 +341,7 @@ def wait_until_up(url: str, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the demo did not answer on {url} within {timeout:.0f} s")
         time.sleep(0.5)
+    raise TimeoutError(f"the demo's process ended before it answered on {url}")
 
 
 THEME = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])  # no web fonts

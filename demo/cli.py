@@ -38,6 +38,21 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help=f"requests allowed to wait in the queue (default: {QUEUE_SIZE})")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"most uploads merged into one forward pass (default: {BATCH_SIZE})")
     p.add_argument("--no-examples", dest="examples", action="store_false", help="skip the test-split examples")
+    b = p.add_argument_group(
+        "benchmark (--bench)", "measure end-to-end HTTP latency instead of serving: start `reslab demo` as a process on "
+        "127.0.0.1 and a free port (with --batch-size and --queue-size), send it real test images as the page does "
+        "(upload, queue, event stream), one at a time and then all at once, print a table and stop it")
+    b.add_argument("--bench", action="store_true", help="run the benchmark instead of serving")
+    b.add_argument("--model-uri", help="model to serve and measure (default: the --dataset's champion)")
+    b.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10",
+                   help="whose champion --model-uri defaults to (default: cifar10)")
+    b.add_argument("--requests", type=int, default=50, help="timed requests one at a time (default: 50)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed requests first (default: 5)")
+    b.add_argument("--concurrent", type=int, default=50, help="requests sent at once after those (default: 50; 0: none)")
+    b.add_argument("--no-gradcam", dest="gradcam", action="store_false",
+                   help="ask without Grad-CAM (default: with it, as the page's checkbox is on)")
+    b.add_argument("--timeout", type=float, default=120, help="seconds one request may take (default: 120)")
+    b.add_argument("--out", metavar="FILE.json", help="write every latency and the machine's details as JSON")
     p.set_defaults(func=cmd_demo)
 
 
@@ -94,6 +109,12 @@ def exposure_warning(host: str, share: bool, auth: tuple[str, str] | None) -> st
 def cmd_demo(args: argparse.Namespace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from train.cli import fail
+
+    if args.bench:
+        from .bench import cmd_bench
+
+        cmd_bench(args)
+        return
 
     problem = port_problem(args.host, args.port)
     if problem:

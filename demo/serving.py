@@ -36,7 +36,7 @@ from train.data import DATASETS
 from train.preprocess import to_model_input
 
 from .faces import MIN_BOX_SIDE, Box, FaceFinder, crop, draw_boxes
-from .gradcam import grad_cam, overlay
+from .gradcam import forward_with_cam, overlay
 from .inputs import Decoded
 
 # The registry names `reslab tune` / `reslab train --register` use, one per dataset.
@@ -208,7 +208,7 @@ class Subject:
 class Result:
     subjects: list[Subject]
     notes: list[str]
-    model_ms: float  # forward pass of the whole batch this image was part of
+    model_ms: float  # forward pass of the whole batch this image was part of (with Grad-CAM's head gradients)
     batch: int  # images (crops) in that forward pass
     annotated: np.ndarray | None = None  # the input with numbered face boxes
 
@@ -300,15 +300,16 @@ class ServedModel:
             return out  # type: ignore[return-value]
         flat = [s for _, _, seen, _ in per_image for s in seen]
         owners = [i for i, _, seen, _ in per_image for _ in seen]
-        t0 = time.perf_counter()
-        probs = self.probabilities(flat)
-        model_ms = (time.perf_counter() - t0) * 1000
-        idx = [k for k, owner in enumerate(owners) if cams[owner]]
+        idx = [k for k, owner in enumerate(owners) if cams[owner]] if self.gradcam_ok else []
         heat: dict[int, np.ndarray] = {}
-        if self.gradcam_ok and idx:
-            maps = grad_cam(self.module, self.tensor([flat[k] for k in idx]),
-                            torch.from_numpy(probs[idx].argmax(1)))
+        t0 = time.perf_counter()
+        if idx:  # the predictions and the heatmaps from one pass (Grad-CAM differentiates only the head)
+            logits, maps = forward_with_cam(self.module, self.tensor(flat), idx)
+            probs = torch.softmax(logits.float(), 1).numpy()
             heat = dict(zip(idx, maps))
+        else:
+            probs = self.probabilities(flat)
+        model_ms = (time.perf_counter() - t0) * 1000
         k = 0
         for i, boxes, seen, notes in per_image:
             subjects = []

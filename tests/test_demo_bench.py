@@ -1,0 +1,74 @@
+"""`reslab demo --bench` end to end (issue 17): the real `reslab demo` process, real test images over HTTP,
+and a JSON that must hold what was measured: positive latencies in the order a request lives them, the
+answers the model itself gives for those very images (reslab's predict path, computed here), and every
+concurrent request answered.
+
+The model is a ResNet-9 trained for a few steps into a throw-away store: its accuracy does not matter here,
+only that the served answers are its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+
+@pytest.fixture
+def champion(mlflow_store, data_dir, monkeypatch) -> str:
+    """``cifar10-resnet@champion`` in a fresh store: ResNet-9 (width 16) after 3 steps on real images."""
+    from train.config import TrainConfig
+    from train.run import train_and_log
+
+    monkeypatch.setenv("RESLAB_DATA", str(data_dir))  # the demo process and the benchmark read the same data
+    cfg = TrainConfig(dataset="cifar10", model="resnet9", model_args={"width": 16}, subset=500, max_steps=3,
+                      batch_size=64, progress=False, evaluate_test=False).resolved()
+    train_and_log(cfg, register="cifar10-resnet")
+    return "models:/cifar10-resnet@champion"
+
+
+@pytest.mark.slow
+def test_demo_bench_measures_the_served_answers(champion, cifar, tmp_path, capsys):
+    import torch
+
+    from demo.predict import predict_paths
+    from train.cli import main
+    from train.usemodel import open_model
+
+    out = tmp_path / "bench.json"
+    main(["demo", "--bench", "--requests", "5", "--warmup", "1", "--concurrent", "8", "--out", str(out)])
+    table = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert "end to end (HTTP)" in table and "target: one image p50" in table, table
+
+    seq, conc = res["sequential"], res["concurrent"]
+    assert (seq["requests"], seq["answered"], conc["requests"], conc["answered"]) == (5, 5, 8, 8), (seq["failed"], conc["failed"])
+    calls = seq["calls"] + conc["calls"]
+    for c in calls:  # each phase of each request was timed, in the order it happens
+        assert c["ok"] and 0 < c["upload_ms"] <= c["joined_ms"] <= c["total_ms"], c
+        assert c["forward_ms"] > 0 and c["handler_ms"] >= 0 and c["batch"] >= 1, c
+    assert seq["total_ms"]["p50"] == pytest.approx(float(np.percentile([c["total_ms"] for c in seq["calls"]], 50)))
+    # the burst really ran at once: answered in less time than its requests took added up
+    assert 0 < conc["wall_ms"] < sum(c["total_ms"] for c in conc["calls"]), conc["wall_ms"]
+    assert seq["server"]["batches"] == 5 and seq["server"]["total_ms"]["p50"] > 0  # Gradio's own traces came back
+
+    # the served answers are the model's own predictions for those test images (reslab predict's path)
+    opened = open_model(res["model_uri"])
+    assert (res["dataset"], res["architecture"]) == ("cifar10", "resnet9")
+    paths = []
+    for c in calls:
+        path = tmp_path / f"{c['image']}.png"
+        Image.fromarray(cifar.test_x[c["image"]]).save(path)
+        paths.append(str(path))
+    rows = predict_paths(opened, paths, top_k=1, progress=False)
+    assert [c["label"] for c in calls] == [r.top[0][0] for r in rows]
+    assert np.allclose([c["confidence"] for c in calls], [r.top[0][1] for r in rows], atol=1e-4)
+    assert len({c["image"] for c in calls}) == 8  # different images, so a mix-up cannot go unseen
+    assert [i["index"] for i in res["images"][:8]] == [c["image"] for c in conc["calls"]]
+
+    m = res["machine"]
+    assert m["avx512_bf16"] == ("avx512_bf16" in Path("/proc/cpuinfo").read_text().split())
+    assert m["cpu"] and m["torch_threads"] == torch.get_num_threads()
