@@ -35,26 +35,24 @@ def forward_with_cam(model: nn.Module, x: torch.Tensor, rows: list[int],
     feature map: so the trunk runs once without autograd, its output becomes a leaf, and only the head
     (pooling and classifier) is run with gradients and differentiated. Differentiating the whole
     network, as a second forward and backward pass did, cost about three forward passes per request."""
-    head_input: dict[str, torch.Tensor] = {}
-    original = model.features
-
     def features(inp: torch.Tensor) -> torch.Tensor:  # the head runs on the leaf, not on a new trunk pass
-        return head_input["fmap"]
+        return leaf
 
-    with torch.no_grad():
-        fmap = original(x)
-    with _lock, torch.enable_grad():
-        head_input["fmap"] = leaf = fmap.detach().requires_grad_(bool(rows))
-        model.features = features  # type: ignore[method-assign]
-        try:
-            logits = model(x)
-        finally:
-            del model.features
-        if not rows:
-            return logits.detach(), np.zeros((0, *x.shape[-2:]), np.float32)
-        picked = torch.as_tensor(rows)
-        target = logits[picked].argmax(1) if target is None else target
-        logits[picked].gather(1, target.view(-1, 1)).sum().backward()
+    with _lock:  # another thread's wrap must be neither read as the trunk nor replaced mid-call
+        with torch.no_grad():
+            fmap = model.features(x)
+        leaf = fmap.detach().requires_grad_(bool(rows))
+        with torch.enable_grad():
+            model.features = features  # type: ignore[method-assign]
+            try:
+                logits = model(x)
+            finally:
+                del model.features
+            if not rows:
+                return logits.detach(), np.zeros((0, *x.shape[-2:]), np.float32)
+            picked = torch.as_tensor(rows)
+            target = logits[picked].argmax(1) if target is None else target
+            logits[picked].gather(1, target.view(-1, 1)).sum().backward()
     fmap, grad = leaf.detach()[picked], leaf.grad[picked]
     weights = grad.mean(dim=(2, 3), keepdim=True)  # global-average-pooled gradients per channel
     cam = F.relu((weights * fmap).sum(1, keepdim=True))
