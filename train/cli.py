@@ -84,6 +84,10 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
     g.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
     g.add_argument("--time-budget", metavar="DURATION", help="train for this long (e.g. 15m; training + evaluation): "
                    "the schedule's length follows from the speed measured in the first steps, on any CPU or GPU")
+    g.add_argument("--patience", type=int, metavar="N", help="stop early when validation accuracy has not improved "
+                   "for N epochs (default: off)")
+    g.add_argument("--restore-best", action="store_true", default=None, help="end with the weights of the epoch with the "
+                   "best validation accuracy (the EMA's with --ema), not the last: they are tested, logged and registered")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--optimizer", choices=["sgd", "adamw"])
@@ -133,6 +137,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         merged["model_args"] = {**merged.get("model_args", {}), "shortcut": args.shortcut}
     cfg = TrainConfig.from_dict(merged).resolved()
     from .models import list_models  # torch loads only when a command needs it
+    from .stopping import check as check_stopping
+
+    check_stopping(cfg)  # bad --patience/--restore-best values before any data is loaded
 
     if cfg.model not in list_models():
         fail(f"unknown model {cfg.model!r}; run `reslab train --list-models`")

@@ -53,6 +53,8 @@ class TrainConfig:
     epochs: int = 0  # 0: the dataset's default
     max_steps: int | None = None  # stop after this many optimizer steps (paper-style budgets)
     time_budget: float | None = None  # seconds of wall clock (training + evaluation); the length follows from measured speed
+    patience: int | None = None  # stop when validation accuracy has not improved for this many epochs (None: never)
+    restore_best: bool = False  # end with the best validation epoch's weights, not the last (train/stopping.py)
     # optimisation
     batch_size: int = 0
     lr: float = 0.0

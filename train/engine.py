@@ -38,6 +38,8 @@ from .errors import DivergedError, ReslabWarning
 from .interrupt import raise_if_terminated
 from .loader import BatchLoader
 from .models import create_model
+from .stopping import BestEpoch
+from .stopping import check as check_stopping
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -521,6 +523,7 @@ def fit(
 ) -> FitResult:
     """Train ``cfg.model`` on ``data``; return the model, per-epoch history and evaluations."""
     cfg = cfg.resolved()
+    check_stopping(cfg)
     torch.manual_seed(cfg.seed)
     rt = Runtime.create(cfg, data, join=True)  # under torchrun: join the group, take this rank's GPU
     device, precision, dctx = rt.device, rt.precision, rt.dist
@@ -532,6 +535,9 @@ def fit(
     x_train, y_train = data.train_x[train_idx], data.train_y[train_idx]
     x_val, y_val = data.train_x[val_idx], data.train_y[val_idx]
     loader = make_loader(cfg, x_train, y_train, device, dctx)
+    if (cfg.patience is not None or cfg.restore_best) and not len(x_val):
+        raise ValueError(f"--subset {cfg.subset} with --val-fraction {cfg.val_fraction} leaves no validation images "
+                         "for --patience/--restore-best to judge; use a larger subset or fraction")
 
     # ---- model, optimiser, schedule
     model = rt.place(build_model(cfg, data))
@@ -552,6 +558,7 @@ def fit(
               "--no-compile skips it")
 
     history: list[dict[str, float]] = []
+    best = BestEpoch(cfg.patience, keep_weights=cfg.restore_best)  # early stopping and the best epoch's weights
     start_epoch, step, trained_seconds, images_seen = 0, 0, 0.0, 0
     if resume:
         ck = load_checkpoint(resume)
@@ -564,6 +571,11 @@ def fit(
         start_epoch, step, history = ck["epoch"], ck["step"], ck["history"]
         horizon.total = ck.get("horizon", horizon.total)
         trained_seconds, images_seen = ck.get("train_seconds", 0.0), ck.get("images_seen", 0)
+        if ck.get("best") is not None:
+            best.load_state_dict(ck["best"])
+        else:  # a checkpoint from before early stopping (patience and restore were off): its best from history
+            for h in history:
+                best.update(int(h["epoch"]), h.get("val_acc", float("nan")), None)
         torch.set_rng_state(ck["torch_rng"])
         meta = {**ck.get("meta", {}), **(meta or {})}
         print(f"resumed from {resume} at epoch {start_epoch}")
@@ -575,7 +587,7 @@ def fit(
     first_step, first_trained = step, trained_seconds
 
     epoch = start_epoch
-    while step < horizon.total and (cfg.max_steps is None or step < cfg.max_steps):
+    while step < horizon.total and (cfg.max_steps is None or step < cfg.max_steps) and not best.stopped:
         model.train()
         gen = torch.Generator().manual_seed(hash((cfg.seed, epoch, 1)) & 0x7FFFFFFF)
         loss_sum = torch.zeros((), device=device)
@@ -630,6 +642,7 @@ def fit(
             v = evaluate(eval_model, x_val, y_val, rt, cfg.tta)
             val_seconds = time.perf_counter() - tv
             metrics.update(val_loss=v.loss, val_acc=v.accuracy)
+            best.update(epoch + 1, v.accuracy, eval_model)  # the same accuracy on every rank: they stop together
         metrics["wall_seconds"] = time.perf_counter() - wall_start
         if budget is not None:  # re-plan with the whole epoch measured
             timed_from = timed_from or (first_step, first_trained)
@@ -642,13 +655,16 @@ def fit(
                 "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                 "epoch": epoch + 1, "step": step, "horizon": horizon.total, "history": history, "config": cfg.to_dict(),
                 "torch_rng": torch.get_rng_state(), "train_seconds": trained_seconds,
-                "images_seen": images_seen, "meta": meta or {},
+                "images_seen": images_seen, "meta": meta or {}, "best": best.state_dict(),
             })
         if cfg.progress and dctx.is_main:
             val_txt = f" val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_acc']:.4f}" if "val_acc" in metrics else ""
             left = f" | ~{format_duration(cfg.time_budget - metrics['wall_seconds'])} left" if budget is not None else ""
             tqdm.write(f"epoch {epoch + 1:>3}/{math.ceil(horizon.total / steps_per_epoch)} train_loss {metrics['train_loss']:.4f} "
                        f"train_acc {metrics['train_acc']:.4f}{val_txt} {metrics['images_per_sec']:.0f} img/s{left}")
+            if best.stopped:
+                tqdm.write(f"early stop: val_acc has not improved for {cfg.patience} epochs "
+                           f"(best {best.best_acc:.4f} at epoch {best.best_epoch})")
         for cb in callbacks:
             cb(epoch, metrics)
         epoch += 1
@@ -656,6 +672,7 @@ def fit(
 
     final = ema.module if ema is not None else model
     distributed.sync_buffers(final, dctx)
+    restored = cfg.restore_best and best.restore(final)  # every rank kept the same epoch's weights
     val = evaluate(final, x_val, y_val, rt, cfg.tta) if len(x_val) else None
     test = None
     if cfg.evaluate_test:
@@ -663,7 +680,8 @@ def fit(
     final.eval()
     if not history:
         warnings.warn("no epoch was trained (already finished?)", stacklevel=2)
-    extra: dict[str, Any] = {"compile": stepper.compile_reason, "train_images": len(x_train)}
+    extra: dict[str, Any] = {"compile": stepper.compile_reason, "train_images": len(x_train),
+                             "stopping": best.summary(epoch, restored)}
     if budget is not None:
         extra["budget"] = {"budget_seconds": budget.seconds, "budget_steps": horizon.total,
                            "budget_epochs": horizon.total / steps_per_epoch,

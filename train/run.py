@@ -79,11 +79,17 @@ def train_and_log(
             mv = register_model(logged["model_info"].model_uri, register, tags={
                 "run_id": run.info.run_id, "model": cfg.model, "dataset": cfg.dataset,
                 "val_acc": logged["summary"].get("final_val_acc", ""), "test_acc": test_acc,
+                "model_epoch": int(logged["summary"]["model_epoch"]),
                 "lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay,
             })
             out.update(version=mv.version, alias=promote(register, mv.version, test_acc))
     s = logged["summary"]
     lines = [f"trained {cfg.model} on {cfg.dataset} in {result.train_seconds:.0f} s ({result.images_per_sec:.0f} img/s, {result.device}, {result.precision})"]
+    if "stopped_epoch" in s:
+        lines.append(f"stopped early after epoch {s['stopped_epoch']:.0f}: no better validation accuracy for "
+                     f"{cfg.patience} epochs")
+    if cfg.restore_best and "best_epoch" in s:
+        lines.append(f"kept the weights of epoch {s['model_epoch']:.0f} of {result.config.epochs}, the best on validation")
     if "final_val_acc" in s:
         lines.append(f"validation accuracy {s['final_val_acc']:.4f}")
     if "test_acc" in s:

@@ -255,6 +255,10 @@ def log_fit(result: FitResult, data: ImageData, registered_name: str | None = No
     summary["epochs_run"] = float(result.config.epochs)
     summary["train_images"] = float(result.extra.get("train_images", 0))
     summary.update(result.extra.get("budget", {}))  # a budgeted run: the budget, the horizon it chose, its wall time
+    stopping = result.extra.get("stopping", {})  # best_epoch, model_epoch (whose weights follow), stopped_epoch
+    summary.update(stopping)
+    if result.config.patience is not None:
+        mlflow.set_tag("early_stopped", str("stopped_epoch" in stopping).lower())
     report: dict[str, Any] = {}
     inputs = log_datasets(result.config, data, result.test is not None)  # contexts train/validation/test
     with tempfile.TemporaryDirectory() as tmp:

@@ -57,8 +57,10 @@ def _log_trial_model(best: optuna.trial.FrozenTrial, cfg: TrainConfig, data: Ima
 
 def refit_config(cfg: TrainConfig, seconds: float | None = None, progress: bool = True) -> TrainConfig:
     """The best trial's configuration for its refit: train + validation, tested once at the end. With
-    ``seconds`` (a budgeted study) on every training image, for as long as the budget leaves."""
-    cfg = dataclasses.replace(cfg, val_fraction=0.0, evaluate_test=True, progress=progress)
+    ``seconds`` (a budgeted study) on every training image, for as long as the budget leaves. Without a
+    validation split there is nothing to stop early on or to pick a best epoch by: the refit trains its length."""
+    cfg = dataclasses.replace(cfg, val_fraction=0.0, evaluate_test=True, progress=progress, patience=None,
+                              restore_best=False)
     if seconds is not None:
         cfg = dataclasses.replace(cfg, subset=None, time_budget=seconds, max_steps=None)
     return cfg
