@@ -85,6 +85,8 @@ def test_compile_decision_flags_win_and_auto_only_where_it_pays(monkeypatch):
     assert decide() == (True, f"auto: resnet20, {long} steps on a bf16 CPU")  # CIFAR-10's default model
     assert decide(model="plain56")[0] and decide(model="resnet110")[0]
     assert not decide(steps=long - 1)[0]  # too short to repay ~25 s of compilation
+    assert decide(time_budget=599.0) == (False, "auto: a 9:59 budget does not repay the compilation (< 10:00)")
+    assert decide(time_budget=600.0)[0]  # a budget's own step count is only known once it is timed
     assert not decide(precision="fp32")[0]
     assert not decide(model="resnet9")[0]  # Inductor's bf16 kernels give it non-finite gradients
     assert not decide(model="resnet20", model_args={"shortcut": "B"})[0]  # not the checked variant

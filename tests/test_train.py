@@ -70,7 +70,7 @@ def test_resume_ends_with_the_same_metrics(cifar, tmp_path):
 def test_ema_and_tta_are_what_is_evaluated(cifar):
     """With ``ema`` the weights evaluated and returned are the average, not the last step's: the
     same run without EMA trains identically (EMA does not feed back) but returns other weights.
-    With ``tta`` the reported accuracy is that of the flip-averaged prediction."""
+    With ``tta`` the reported accuracy is that of the recipe's augmented prediction (level 2: flips and shifts)."""
     from train.engine import Runtime, evaluate
 
     ema = fit(small_recipe(batch_size=64, lr=0.2), cifar)
@@ -88,11 +88,49 @@ def test_ema_and_tta_are_what_is_evaluated(cifar):
     x_val, y_val = cifar.train_x[idx[val]], cifar.train_y[idx[val]]
     assert np.array_equal(ema.val.labels, y_val)  # the same 300 validation images the run used
     rt = Runtime(torch.device("cpu"), ema.precision, True, torch.tensor(cifar.mean), torch.tensor(cifar.std))
-    flipped = evaluate(ema.model, x_val, y_val, rt, tta=True)
-    plain = evaluate(ema.model, x_val, y_val, rt, tta=False)
+    assert small_recipe().tta == 2
+    flipped = evaluate(ema.model, x_val, y_val, rt, tta=2)
+    plain = evaluate(ema.model, x_val, y_val, rt, tta=0)
     assert flipped.accuracy == ema.val.accuracy
     np.testing.assert_allclose(flipped.probs, ema.val.probs, atol=1e-6)
     assert not np.allclose(plain.probs, ema.val.probs, atol=1e-3)  # TTA changed what was reported
+
+
+def test_tta_level_2_adds_the_image_shifted_a_pixel_each_way(cifar):
+    """``--tta 2`` = half the flip-averaged logits of the image, half those of the image shifted one pixel
+    up-left and down-right (reflect padding), computed here independently on the uint8 images; the
+    levels parse from the CLI and from recipes' true/false, and a budget counts 6 forward passes."""
+    from train.budget import TimeBudget
+    from train.cli import build_parser, config_from_args
+    from train.config import TTA_VIEWS
+    from train.engine import Runtime, predict
+    from train.models import create_model
+    from train.pretrained import load_published
+
+    published = Path(__file__).resolve().parents[2] / "shared" / "pretrained" / "resnet20-12fca82f.th"
+    if not published.exists():
+        pytest.skip(f"published weights not found: {published}")
+    model = load_published(create_model("resnet20"), published)  # trained weights: logits worth comparing
+    x = cifar.test_x[:64]
+    rt = Runtime(torch.device("cpu"), "fp32", True, torch.tensor(cifar.mean), torch.tensor(cifar.std))
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    up_left, down_right = padded[:, :-2, :-2], padded[:, 2:, 2:]
+    assert not np.array_equal(up_left, x)
+    expected = (predict(model, x, rt, 1) + (predict(model, up_left, rt, 1) + predict(model, down_right, rt, 1)) / 2) / 2
+    got = predict(model, x, rt, 2)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    one = predict(model, x, rt, 1)
+    assert (got - one).abs().max() > 0.02 * one.abs().max()  # the shifted views changed the answer
+
+    def tta(*argv: str) -> int:
+        return config_from_args(build_parser().parse_args(["train", "--dataset", "cifar10", *argv])).resolved().tta
+
+    assert (tta(), tta("--tta"), tta("--tta", "2"), tta("--recipe", "fast-cpu", "--tta", "0")) == (0, 1, 2, 0)
+    with pytest.raises(ValueError, match="level"):
+        TrainConfig(tta=3).resolved()
+    assert TrainConfig.from_dict({"tta": True}).resolved().tta == 1
+    one, six = (TimeBudget(100, 50, 100, 1000, 2000, TTA_VIEWS[level]) for level in (1, 2))
+    assert six.eval_seconds(1000, 0.1) == pytest.approx(3 * one.eval_seconds(1000, 0.1))
 
 
 def test_adamw_and_cosine(cifar):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 EVAL_COST_PER_TRAIN_IMAGE = 0.35
 CALIBRATION_SKIP = 2  # the first steps pay for allocation and kernel selection: not timed
 CALIBRATION_STEPS = 8  # timed steps before the first plan
+REPLANS_PER_EPOCH = 10  # the plan is renewed this often within an epoch (long epochs: slow nets, big data)...
+REPLAN_MIN_STEPS = 20  # ...but over no fewer steps than this, so that one slow step does not swing it
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -52,11 +54,11 @@ class TimeBudget:
     batch_size: int
     val_images: int  # evaluated after every epoch
     final_images: int  # evaluated once at the end (validation and/or test)
-    tta: bool = False
+    eval_views: int = 1  # forward passes per evaluated image (test-time augmentation: config.TTA_VIEWS)
 
     def eval_seconds(self, images: int, seconds_per_step: float) -> float:
         """An estimate of evaluating ``images`` from the training step time (until one is measured)."""
-        per_image = seconds_per_step / max(1, self.batch_size) * EVAL_COST_PER_TRAIN_IMAGE * (2 if self.tta else 1)
+        per_image = seconds_per_step / max(1, self.batch_size) * EVAL_COST_PER_TRAIN_IMAGE * self.eval_views
         return images * per_image
 
     def plan(self, step: int, wall_seconds: float, seconds_per_step: float,

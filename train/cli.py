@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .allocator import keep_freed_memory
-from .config import AUGMENT_CHOICES, TrainConfig, load_yaml, recipe
+from .config import AUGMENT_CHOICES, TTA_VIEWS, TrainConfig, load_yaml, recipe
 from .data import DATASETS
 from .interrupt import EXIT_SIGINT, EXIT_SIGTERM, Terminated, handled, terminate_like_ctrl_c
 from .redact import mask_secrets
@@ -104,7 +104,9 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
                    help="auto: crop-flip for cifar10, albumentations for fer2013")
     g.add_argument("--aug-strength", type=float, metavar="S", help="scale of the albumentations magnitudes")
     g.add_argument("--workers", type=int, help="augmentation threads")
-    g.add_argument("--tta", action="store_true", default=None, help="flip test-time augmentation")
+    g.add_argument("--tta", type=int, nargs="?", const=1, choices=sorted(TTA_VIEWS), metavar="LEVEL",
+                   help="test-time augmentation: 1 (--tta alone) averages the image and its mirror, 2 also both "
+                   "shifted by a pixel (3x the evaluation time of 1), 0 off")
     g = _group(p, "machine", defaults)
     g.add_argument("--device", help="auto, cpu or cuda[:N]")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])

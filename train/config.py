@@ -16,6 +16,10 @@ DEFAULT_AUGMENT = {"cifar10": "crop-flip", "fer2013": "album"}
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
+# Test-time augmentation levels (airbench's): forward passes per image at each level. 1: the image and its
+# mirror; 2: also both shifted one pixel up-left and down-right, the shifted pair weighing as much as the plain pair.
+TTA_VIEWS = {0: 1, 1: 2, 2: 6}
+
 # Per-dataset defaults, used where the user gave nothing.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar10": {"model": "resnet20", "lr": 0.1, "batch_size": 128, "weight_decay": 5e-4, "epochs": 30},
@@ -73,7 +77,7 @@ class TrainConfig:
     aug_strength: float = 1.0
     crop_pad: int = 4
     workers: int = 1  # augmentation threads for the albumentations path
-    tta: bool = False  # average predictions over the image and its mirror at evaluation
+    tta: int = 0  # test-time augmentation at evaluation: 0 off, 1 the image and its mirror, 2 also shifted by a pixel
     # machine
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
@@ -98,6 +102,9 @@ class TrainConfig:
         c.weight_decay = d["weight_decay"] if c.weight_decay < 0 else c.weight_decay
         if c.augment == "auto":
             c.augment = DEFAULT_AUGMENT.get(c.dataset, "crop-flip")
+        c.tta = int(c.tta)  # recipes and older configs write true/false
+        if c.tta not in TTA_VIEWS:
+            raise ValueError(f"--tta takes a level in {sorted(TTA_VIEWS)}, not {c.tta}")
         return c
 
     def to_dict(self) -> dict[str, Any]:

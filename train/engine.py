@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import normalize, random_crop_flip
-from .budget import CALIBRATION_SKIP, CALIBRATION_STEPS, Horizon, TimeBudget, format_duration
-from .config import TrainConfig
+from .budget import (CALIBRATION_SKIP, CALIBRATION_STEPS, REPLAN_MIN_STEPS, REPLANS_PER_EPOCH, Horizon, TimeBudget,
+                     format_duration)
+from .config import TTA_VIEWS, TrainConfig
 from .data import ImageData, split_indices
 from .errors import DivergedError, ReslabWarning
 from .interrupt import raise_if_terminated
@@ -195,23 +196,37 @@ class EvalResult:
     images_per_sec: float
 
 
+def _tta_logits(model: nn.Module, xb: torch.Tensor, level: int) -> torch.Tensor:
+    """Logits averaged over the views of a test-time augmentation level (config.TTA_VIEWS), airbench's way:
+    level 1 the image and its mirror; level 2 half of that plus half of the same for the image shifted one
+    pixel up-left and down-right (reflect padding), so a shift of the object by a pixel cannot flip the answer."""
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        return (model(v).float() + model(v.flip(3)).float()) / 2 if level else model(v).float()
+
+    logits = mirrored(xb)
+    if level >= 2:
+        h, w = xb.shape[2:]
+        padded = F.pad(xb, (1, 1, 1, 1), mode="reflect")
+        shifted = (mirrored(padded[:, :, :h, :w]) + mirrored(padded[:, :, 2:, 2:])) / 2
+        logits = (logits + shifted) / 2
+    return logits
+
+
 @torch.no_grad()
-def predict(model: nn.Module, x: np.ndarray, rt: Runtime, tta: bool = False, batch_size: int = 500) -> torch.Tensor:
-    """Logits (float32, CPU) for NHWC uint8 images."""
+def predict(model: nn.Module, x: np.ndarray, rt: Runtime, tta: int = 0, batch_size: int = 500) -> torch.Tensor:
+    """Logits (float32, CPU) for NHWC uint8 images; ``tta`` is a test-time augmentation level (0, 1, 2)."""
     with contextlib.suppress(NotImplementedError):  # an exported (pt2) module is frozen in eval mode
         model.eval()
     out = []
     for i in range(0, len(x), batch_size):
         xb = rt.inputs(torch.from_numpy(x[i : i + batch_size]).to(rt.device))
         with autocast(rt.device, rt.precision):
-            logits = model(xb).float()
-            if tta:
-                logits = (logits + model(xb.flip(3)).float()) / 2
+            logits = _tta_logits(model, xb, int(tta))
         out.append(logits.cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, rt: Runtime, tta: bool = False) -> EvalResult:
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, rt: Runtime, tta: int = 0) -> EvalResult:
     """Under DDP (``rt.dist``) each rank predicts a slice and all ranks get the same full result."""
     t0 = time.perf_counter()
     logits = distributed.sharded(lambda part: predict(model, part, rt, tta), x, rt.dist)
@@ -373,6 +388,8 @@ class Stepper:
 
 AUTO_COMPILE_MODELS = re.compile(r"(resnet|plain)(20|32|44|56|110)")  # checked: the compiled step trains like eager
 AUTO_COMPILE_MIN_STEPS = 5000  # ~25 s of compilation repaid by a 5-10% faster step (docs/performance.md)
+AUTO_COMPILE_MIN_BUDGET = 600.0  # seconds: a budgeted run's step count is unknown until timed; shorter
+# budgets would spend ~25-60 s of their minutes compiling for a 5-10% faster step
 
 
 def compile_decision(cfg: TrainConfig, device: torch.device, precision: str, total_steps: int) -> tuple[bool, str]:
@@ -387,6 +404,8 @@ def compile_decision(cfg: TrainConfig, device: torch.device, precision: str, tot
         return False, f"auto: not for {cfg.model}{cfg.model_args or ''}"
     if distributed.env_context().enabled:
         return False, "auto: not under DDP (ask with --compile)"
+    if cfg.time_budget is not None and cfg.time_budget < AUTO_COMPILE_MIN_BUDGET:
+        return False, f"auto: a {format_duration(cfg.time_budget)} budget does not repay the compilation (< {format_duration(AUTO_COMPILE_MIN_BUDGET)})"
     if total_steps < AUTO_COMPILE_MIN_STEPS:
         return False, f"auto: {total_steps} steps do not repay the compilation (< {AUTO_COMPILE_MIN_STEPS})"
     if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
@@ -548,7 +567,7 @@ def fit(
     budget = None
     if cfg.time_budget:  # the horizon is planned from the measured step time (train/budget.py)
         budget = TimeBudget(cfg.time_budget, steps_per_epoch, cfg.batch_size, len(x_val),
-                            len(x_val) + (len(data.test_y) if cfg.evaluate_test else 0), cfg.tta)
+                            len(x_val) + (len(data.test_y) if cfg.evaluate_test else 0), TTA_VIEWS[cfg.tta])
     train_module = distributed.wrap(model, dctx, device)  # DDP over several ranks, else the model itself
     stepper = make_stepper(cfg, model, horizon, device, precision, train_module)
     opt, sched, scaler, ema = stepper.opt, stepper.sched, stepper.scaler, stepper.ema
@@ -585,6 +604,8 @@ def fit(
     timed_from: tuple[int, float] | None = None  # (step, train seconds) where step timing started
     val_seconds: float | None = None  # measured per-epoch validation time
     first_step, first_trained = step, trained_seconds
+    window: tuple[int, float] | None = None  # (step, train seconds) of the last in-epoch plan
+    replan_every = max(REPLAN_MIN_STEPS, steps_per_epoch // REPLANS_PER_EPOCH)
 
     epoch = start_epoch
     while step < horizon.total and (cfg.max_steps is None or step < cfg.max_steps) and not best.stopped:
@@ -617,6 +638,14 @@ def fit(
                 else:  # the first plan, from a few timed steps
                     plan_horizon(budget, horizon, step, timed_from, now, time.perf_counter() - wall_start, None, dctx, device)
                     bar.total = min(len(loader), horizon.total - step + bar.n)
+                    window = (step, now)
+            elif budget is not None and window is not None and step - window[0] >= replan_every:
+                # re-plan within the epoch from the steps since the last plan, so that a machine that slows down
+                # (or speeds up) mid-epoch still ends on time; at step counts every rank shares (DDP)
+                now = trained_seconds + time.perf_counter() - t0
+                plan_horizon(budget, horizon, step, window, now, time.perf_counter() - wall_start, val_seconds, dctx, device)
+                bar.total = min(len(loader), horizon.total - step + bar.n)
+                window = (step, now)
             if cfg.progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
         bar.close()
@@ -644,9 +673,11 @@ def fit(
             metrics.update(val_loss=v.loss, val_acc=v.accuracy)
             best.update(epoch + 1, v.accuracy, eval_model)  # the same accuracy on every rank: they stop together
         metrics["wall_seconds"] = time.perf_counter() - wall_start
-        if budget is not None:  # re-plan with the whole epoch measured
+        if budget is not None:  # re-plan with this epoch's validation measured, from the recent steps' speed
             timed_from = timed_from or (first_step, first_trained)
-            plan_horizon(budget, horizon, step, timed_from, trained_seconds, metrics["wall_seconds"], val_seconds, dctx, device)
+            recent = window if window is not None and step - window[0] >= REPLAN_MIN_STEPS else timed_from
+            plan_horizon(budget, horizon, step, recent, trained_seconds, metrics["wall_seconds"], val_seconds, dctx, device)
+            window = (step, trained_seconds) if window is not None else None
             metrics["horizon_steps"] = horizon.total
         history.append(metrics)
         if ckpt_path and dctx.is_main:  # one writer; every rank resumes from the same file

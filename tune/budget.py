@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from train.budget import EVAL_COST_PER_TRAIN_IMAGE, format_duration
-from train.config import TrainConfig
+from train.config import TTA_VIEWS, TrainConfig
 
 SEARCH_SHARE = 0.25  # of the whole budget; the refit gets the rest (docs/tuning.md: why)
 FULL_TRIALS = 3  # trials that could run to their last epoch within the search time
@@ -79,7 +79,7 @@ def plan_budget(seconds: float, images_per_sec: float, train_images: int, base: 
         raise ValueError("the tuning budget must be above 0 seconds")
     started = time.time() if started is None else started
     search = SEARCH_SHARE * seconds
-    eval_factor = EVAL_COST_PER_TRAIN_IMAGE * (2 if base.tta else 1)
+    eval_factor = EVAL_COST_PER_TRAIN_IMAGE * TTA_VIEWS[int(base.tta)]
     val = min(TRIAL_VAL_IMAGES, train_images // 5)  # small data (tests, a user's own folder): a fifth
     usable = train_images - val
     per_trial = max(1.0, search / FULL_TRIALS - TRIAL_OVERHEAD)

@@ -126,6 +126,8 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
     if args.model is None and args.recipe is None and args.config is None:
         args.recipe = "fast-cpu"  # trials start from the dataset's fast recipe unless another base is named
     base = config_from_args(args)
+    if args.tta is None and base.tta > 1:  # a recipe's shifted views triple each trial's validation for ~0.2
+        base.tta = 1  # points, well inside the selection's noise: trials buy epochs with that time instead
     if base.val_fraction <= 0:
         fail("tuning needs a validation split: --val-fraction must be above 0")
     if args.trials is not None and args.trials < 1:
