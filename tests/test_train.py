@@ -269,11 +269,12 @@ def test_cli_bad_input_is_one_clear_line_and_reslab_debug_shows_the_traceback(tm
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("train", ["--time-budget", "--recipe", "--resume", "--register", "--list-models"]),
+    ("train", ["--time-budget", "--recipe", "--resume", "--register", "--list-models", "--tta [LEVEL]", "--patience", "--restore-best"]),
     ("tune", ["--budget", "--preset", "--pruner", "--space", "--storage", "--refit"]),
-    ("demo", ["--model", "--port", "--host"]),
+    ("demo", ["--model", "--port", "--host", "--bench", "--concurrent"]),
     ("bench", ["--dataset"]),
     ("ui", ["--port"]),
+    ("results", ["export", "docs"]),
 ])
 def test_every_command_explains_itself(capsys, command, flags):
     with pytest.raises(SystemExit) as e:
