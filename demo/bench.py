@@ -354,6 +354,7 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    from train.bench import show_and_save
     from train.cli import fail
 
     if args.requests < 1 or args.concurrent < 0 or args.warmup < 0:
@@ -361,9 +362,4 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.concurrent > args.queue_size:
         fail(f"--concurrent {args.concurrent} is more than the queue holds (--queue-size {args.queue_size})")
     res = run(args)
-    print(format_table(res))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {out}")
+    show_and_save(format_table(res), res, args.out)

@@ -513,12 +513,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
         fail(f"unknown pipeline(s) {', '.join(sorted(unknown))}; choose from {', '.join(PIPELINES)}")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the table, not download bars
     res = run_bench(args)
-    print(format_table(res))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {out}")
+    show_and_save(format_table(res), res, args.out)
+
+
+def show_and_save(table: str, res: dict[str, Any], out: str | None) -> None:
+    """Print a benchmark's table and write its whole result as JSON (docs/results/ takes these files as they are)."""
+    print(table)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {path}")
 
 
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
