@@ -286,7 +286,8 @@ def model_tab(model: ServedModel, title: str, finder: FaceFinder, mlflow_ui: str
             label = gr.Label(num_top_classes=3, label="Prediction", elem_classes="prediction")
             status = gr.Markdown(label="status", elem_classes="status")
             seen = gr.Gallery(label="What the model saw" + (" and where it looked" if model.gradcam_ok else ""),
-                              columns=2, height="auto", object_fit="contain", allow_preview=True)
+                              columns=2, height="auto", object_fit="contain", allow_preview=True,
+                              format="jpeg")  # WebP (the default) encoded slower: p50 45.9 vs 39.9 ms per answer, paired
             annotated = gr.Image(label="Faces found", visible=model.faces, interactive=False, height=260)
     with gr.Accordion("Model card", open=True):
         gr.Markdown(model.card.markdown(model.config, mlflow_ui))
