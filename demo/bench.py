@@ -275,6 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from train.bench import machine_info
+    from train.machine import cpu_has_flag
     from train.usemodel import default_model_uri, open_model
 
     uri = args.model_uri or default_model_uri(args.dataset)
@@ -294,9 +295,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             traces_seq = server_traces(http, url, {c.event_id for c in seq})
             traces_conc = server_traces(http, url, {c.event_id for c in conc})
             server_log = log.read_text()[-4000:]
-    info = machine_info(torch.device("cpu"))
-    with contextlib.suppress(OSError):
-        info["avx512_bf16"] = "avx512_bf16" in Path("/proc/cpuinfo").read_text().split()
+    info = {**machine_info(torch.device("cpu")), "avx512_bf16": cpu_has_flag("avx512_bf16")}
     return {
         "what": "reslab demo end to end: upload + queue/join + event stream to process_completed, over HTTP on 127.0.0.1",
         "model_uri": uri, "registered": f"{opened.name} v{opened.version}" if opened.name else "",
