@@ -309,3 +309,53 @@ def test_out_of_memory_trial_is_failed_and_the_study_goes_on(store, tmp_path):
     (parent,) = parent_runs("oom")
     assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == "0"
     assert (parent.data.metrics["trials_fail"], parent.data.metrics["trials_complete"]) == (1, 1)
+
+
+def test_parent_election_agrees_when_claims_land_a_settle_apart(store):
+    """Three workers claim the study's parent run 0.4 s apart (less than the settle time, so each
+    claim lands while an earlier one is still waiting): every one must get the same winner, the
+    first. Last-writer-wins gave A B's value while B went on to see C's and delete its own run, so A
+    joined a deleted parent (a fresh-clone run of test_scaleout.py failed that way)."""
+    import threading
+
+    from tune import parent
+
+    study = study_of(store, "election")
+    got: dict[str, str] = {}
+
+    def contender(name: str, delay: float) -> None:
+        time.sleep(delay)
+        got[name] = parent.claim(study, "leader", name)
+
+    threads = [threading.Thread(target=contender, args=(n, d)) for n, d in (("A", 0.0), ("B", 0.4), ("C", 0.8))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {"A": "A", "B": "A", "C": "A"}
+    assert study_of(store, "election").user_attrs["leader"] == "A"  # for those who come after the election
+
+
+def test_workers_starting_together_join_one_live_parent_run(store):
+    """Four workers of one invocation start at once: one parent run, active, and every worker in it;
+    the losers' runs are deleted."""
+    import threading
+
+    from tune import parent
+
+    study = study_of(store, "together")
+    exp = mlflow.get_experiment_by_name("cifar10") or mlflow.get_experiment(mlflow.create_experiment("cifar10"))
+    barrier, got = threading.Barrier(4), []
+
+    def worker() -> None:
+        barrier.wait()
+        got.append(parent.join_or_start(study, exp.experiment_id, 3, {}, {}))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({inv.parent_run_id for inv, _ in got}) == 1 and sum(created for _, created in got) == 1
+    live = [r for r in parent_runs("together") if r.info.lifecycle_stage == "active"]
+    assert [r.info.run_id for r in live] == [got[0][0].parent_run_id] and live[0].info.status == "RUNNING"

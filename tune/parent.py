@@ -2,8 +2,12 @@
 
 The first worker creates the parent run and stores an *invocation* record (parent run id, trial
 budget) in the study's user attributes; workers that start while that parent is still RUNNING join
-it. Optuna's storage has no compare-and-swap, so claims use create-then-check: write, let concurrent
-writers land, read back; the last writer wins for everyone, and losers delete what they created.
+it. Optuna's storage has no compare-and-swap, so a contested claim is an election: each contender
+writes a candidate attribute of its own (no one overwrites anyone), waits for concurrent writes to
+land, and the earliest candidate wins for everyone. A later contender can never beat an earlier one,
+so a worker that joined the winner can never see it deleted; losers delete what they created.
+(Last-writer-wins, the first design, let a worker join a candidate that a still later write then
+beat and deleted: "Cannot start run under parent run ... in the deleted state".)
 """
 
 from __future__ import annotations
@@ -50,11 +54,22 @@ def finished_count(study: optuna.Study) -> int:
     return sum(t.state.is_finished() and t.number not in retried for t in trials)
 
 
-def claim(study: optuna.Study, key: str, value: Any) -> Any:
-    """Create-then-check on a study user attribute; returns the value that won."""
-    study.set_user_attr(key, value)
+def claim(study: optuna.Study, key: str, me: str, value: Any = None) -> Any:
+    """Elect one contender for ``key``: returns the winner's value (``value`` defaults to ``me``).
+
+    Each contender writes ``key@me`` with its clock; after SETTLE_SECONDS every contender sees the
+    same earliest candidate unless a write took longer than that to land. The winner's value is
+    also stored under ``key`` itself, for those who come after the election.
+    """
+    value = me if value is None else value
+    study.set_user_attr(f"{key}@{me}", {"at": time.time(), "value": value})
     time.sleep(SETTLE_SECONDS)
-    return study.user_attrs.get(key)
+    attrs = study.user_attrs
+    candidates = [(c["at"], name, c["value"]) for name, c in attrs.items() if name.startswith(f"{key}@")]
+    winner = min(candidates, key=lambda c: c[:2])[2]
+    if winner == value:
+        study.set_user_attr(key, value)
+    return winner
 
 
 def join_or_start(study: optuna.Study, experiment_id: str, trials: int, params: dict[str, str],
@@ -71,10 +86,11 @@ def join_or_start(study: optuna.Study, experiment_id: str, trials: int, params: 
     run = client.create_run(experiment_id, run_name=f"{study.study_name}#{number}",
                             tags={**tags, "optuna.study": study.study_name, "invocation": str(number), "kind": "study"})
     mine = Invocation(run.info.run_id, number, finished, finished + trials, time.time())
-    winner = claim(study, INVOCATION_ATTR, asdict(mine))
-    if winner["parent_run_id"] != mine.parent_run_id:  # another worker started the same invocation
+    winner = claim(study, f"{INVOCATION_ATTR}#{number}", mine.parent_run_id, asdict(mine))
+    if winner["parent_run_id"] != mine.parent_run_id:  # another worker started the same invocation first
         client.delete_run(mine.parent_run_id)
         return Invocation(**winner), False
+    study.set_user_attr(INVOCATION_ATTR, asdict(mine))
     client.log_batch(mine.parent_run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     return mine, True
 
