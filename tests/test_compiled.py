@@ -41,25 +41,31 @@ def test_opaque_batchnorm_matches_batchnorm():
     torch.testing.assert_close(new(x), ref(x))
 
 
-def test_compiled_resnet20_trains_like_eager():
+@pytest.mark.parametrize("name, classes, channels, size, kwargs", [
+    ("resnet20", 10, 3, 32, {}),
+    # ResNet-9's global max pooling as torch.amax gave non-finite gradients here from the first step
+    ("resnet9", 7, 1, 48, {"width": 16}),
+])
+def test_compiled_model_trains_like_eager(name, classes, channels, size, kwargs):
     torch.manual_seed(0)
-    eager = create_model("resnet20", 10, 3).to(memory_format=torch.channels_last)
+    eager = create_model(name, classes, channels, **kwargs).to(memory_format=torch.channels_last)
     model = copy.deepcopy(eager)
     step_fn = compile_module(model, torch.device("cpu"))
     assert all(type(m) is not nn.BatchNorm2d for m in model.modules())
-    x = torch.randn(32, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (32,))
+    x = torch.randn(32, channels, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (32,))
     losses = {}
-    for name, m, fn in (("eager", eager, eager), ("compiled", model, step_fn)):
+    for mode, m, fn in (("eager", eager, eager), ("compiled", model, step_fn)):
         opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-        losses[name] = []
+        losses[mode] = []
         for _ in range(3):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = nn.functional.cross_entropy(fn(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            assert all(torch.isfinite(p.grad).all() for p in m.parameters()), f"{mode}: non-finite gradients"
             opt.step()
-            losses[name].append(loss.item())
+            losses[mode].append(loss.item())
     # bf16 fusion changes rounding, not the computation: the losses agree to well under 1%
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-2)
     assert losses["compiled"][-1] < losses["compiled"][0]  # and it learns
@@ -88,7 +94,7 @@ def test_compile_decision_flags_win_and_auto_only_where_it_pays(monkeypatch):
     assert decide(time_budget=599.0) == (False, "auto: a 9:59 budget does not repay the compilation (< 10:00)")
     assert decide(time_budget=600.0)[0]  # a budget's own step count is only known once it is timed
     assert not decide(precision="fp32")[0]
-    assert not decide(model="resnet9")[0]  # Inductor's bf16 kernels give it non-finite gradients
+    assert not decide(model="resnet9")[0]  # it compiles, but its compiled step was slower (docs/performance.md)
     assert not decide(model="resnet20", model_args={"shortcut": "B"})[0]  # not the checked variant
     assert not decide(dataset="fer2013")[0]  # FER-2013's default model is resnet9
     monkeypatch.delenv("CXX")

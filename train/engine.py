@@ -373,8 +373,8 @@ class Stepper:
             loss = self.criterion(logits.float(), y)
         value = loss.item()  # one host sync per step, as the finiteness check always took
         if not math.isfinite(value) or value > DIVERGED_LOSS:
-            hint = "try a lower --lr" + (", or leave out --compile (Inductor's bf16 CPU kernels give non-finite "
-                                         "gradients for some models, e.g. resnet9)" if self.compiled else "")
+            hint = "try a lower --lr" + (", or leave out --compile (a compiled step rounds bf16 differently; "
+                                         "see whether the eager one trains)" if self.compiled else "")
             raise DivergedError(f"loss became {value:.4g}{where} (lr {self.sched.get_last_lr()[0]:.3g}); {hint}")
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

@@ -309,7 +309,11 @@ class ResNet9(nn.Module):
         return self.layers(self.stem(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.amax(self.features(x), dim=(2, 3))
+        # Global max pooling as a pooling op, not torch.amax: amax's backward sends the gradient to the
+        # elements equal to the maximum, and compiled in bf16 Inductor keeps the fused GELU's output in
+        # fp32 for the forward's max while the backward compares the bf16-rounded one, so no element is
+        # equal and the gradient is 0/0 (docs/performance.md). Max pooling's backward uses the indices.
+        x = F.adaptive_max_pool2d(self.features(x), 1).flatten(1)
         return self.fc(x) * self.scale
 
 
