@@ -276,8 +276,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from train.bench import machine_info
     from train.machine import cpu_has_flag
+    from train.tracking import setup_tracking
     from train.usemodel import default_model_uri, open_model
 
+    setup_tracking()  # reslab's store (or MLFLOW_TRACKING_URI), as the demo it starts uses; not MLflow's ./mlflow.db
     uri = args.model_uri or default_model_uri(args.dataset)
     opened = open_model(uri)  # a bad URI is one line here, before any server starts
     dataset = opened.prep.dataset

@@ -354,6 +354,7 @@ def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, rt: Run
                 out["log_model_seconds"] = time.perf_counter() - t0
             out["model_store"] = "temporary"
         else:
+            setup_tracking()  # reslab's store (or MLFLOW_TRACKING_URI), not MLflow's own default ./mlflow.db
             out["model_store"] = "given"
         out["model_uri"] = model_uri
         t0 = time.perf_counter()
