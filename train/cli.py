@@ -79,6 +79,9 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
     g.add_argument("--shortcut", choices=["A", "B"], help="CIFAR ResNet shortcut: A zero-padding (paper), B projection")
     g.add_argument("--pretrained", metavar="PATH", help="initialise from a state dict (.pt/.safetensors) or 'torchvision'")
     g.add_argument("--init-from", metavar="MODEL_URI", help="initialise from a logged model, e.g. models:/cifar10-resnet@champion")
+    g.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=None,
+                   help="start the first convolution as a patch-whitening transform of the training images and keep it "
+                   "fixed (airbench's first layer); not with --pretrained/--init-from")
     g = _group(p, "optimisation", defaults)
     g.add_argument("--epochs", type=int)
     g.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")

@@ -86,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     # bookkeeping
     pretrained: str | None = None  # local state dict, or "torchvision"
+    whiten: bool = False  # first convolution = fixed patch-whitening transform of the training images (train/whitening.py)
     checkpoint_dir: str | None = None
     evaluate_test: bool = True
     progress: bool = True
@@ -105,6 +106,8 @@ class TrainConfig:
         c.tta = int(c.tta)  # recipes and older configs write true/false
         if c.tta not in TTA_VIEWS:
             raise ValueError(f"--tta takes a level in {sorted(TTA_VIEWS)}, not {c.tta}")
+        if c.whiten and c.pretrained:
+            raise ValueError("--whiten sets the first layer from the data, --pretrained/--init-from from weights: choose one")
         return c
 
     def to_dict(self) -> dict[str, Any]:

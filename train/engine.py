@@ -41,6 +41,7 @@ from .loader import BatchLoader
 from .models import create_model
 from .stopping import BestEpoch
 from .stopping import check as check_stopping
+from .whitening import whiten_first_conv
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -115,6 +116,8 @@ def build_model(cfg: TrainConfig, data: ImageData) -> nn.Module:
     if cfg.pretrained:
         n, skipped = load_pretrained(model, cfg.pretrained)
         print(f"initialised {n} tensors from {cfg.pretrained}" + (f"; kept fresh: {', '.join(skipped)}" if skipped else ""))
+    elif cfg.whiten:  # a resumed run then loads its checkpoint over it; the layer stays frozen
+        whiten_first_conv(model, data.train_x, data.mean, data.std, cfg.seed)
     return model
 
 
