@@ -301,7 +301,8 @@ def killed_study(team):
     study_id = watcher.get_study_id_from_name(name)
     deadline = time.monotonic() + 120
     while victim._trial_id not in watcher._get_stale_trial_ids(study_id):
-        assert time.monotonic() < deadline, "the killed worker's trial never went stale"
+        assert time.monotonic() < deadline, \
+            f"the killed worker's trial never went stale (now {watcher.get_trial(victim._trial_id).state.name})"
         time.sleep(0.2)
     watcher.remove_session()
     logs = finish(team, {"killed-worker-b": start(team, args, "killed-worker-b")})

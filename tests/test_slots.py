@@ -6,6 +6,7 @@ queued slots must give exactly the budget, each trial once."""
 from __future__ import annotations
 
 import subprocess
+import time
 import sys
 import textwrap
 from pathlib import Path
@@ -110,3 +111,22 @@ def test_optuna_contract(tmp_path):
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] * 2
     version = importlib.metadata.version("optuna")
     assert version.startswith("5.1."), f"tune/slots.py was checked against Optuna 5.1, not {version}"
+
+
+def test_a_trial_has_its_heartbeat_before_the_objective_works(tmp_path):
+    """A worker killed before Optuna's heartbeat thread first ran left a RUNNING trial with no heartbeat,
+    which the stale rule skips for ever; the objective writes one itself, first thing."""
+    from tune.objective import beat_now
+    from tune.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=60)
+    optuna.create_study(study_name="s", storage=storage)
+    study = SlotStudy("s", storage, optuna.samplers.RandomSampler(), optuna.pruners.NopPruner(), 1)
+    trial_id = storage.create_new_trial(study.slot_study_id)  # RUNNING, as ask() leaves it, and no heartbeat yet
+    trial = optuna.Trial(study, trial_id)
+    watcher = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1)  # stale after 2 s without a beat
+    beat_now(trial)
+    deadline = time.monotonic() + 30
+    while trial_id not in watcher._get_stale_trial_ids(study.slot_study_id):  # the beat counts, and then ages
+        assert time.monotonic() < deadline, "the trial's heartbeat never aged: beat_now wrote none"
+        time.sleep(0.5)

@@ -58,6 +58,15 @@ def is_out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MESSAGES))
 
 
+def beat_now(trial: optuna.Trial) -> None:
+    """Write the trial's first heartbeat before it does anything. Optuna's first one comes from a thread that
+    may not have run yet when the worker is killed, and a RUNNING trial without a heartbeat row is never
+    stale, so no worker would ever fail and retry it (a fresh-clone run of test_scaleout waited 120 s for one)."""
+    storage = getattr(trial.study, "slot_storage", None)
+    if isinstance(storage, optuna.storages.RDBStorage) and storage.heartbeat_interval:
+        storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(trial.study.slot_study_id, trial.number))
+
+
 class Objective:
     def __init__(self, base: TrainConfig, space: SearchSpace, data: ImageData, experiment_id: str, parent_run_id: str,
                  on_epoch: EpochCallback | None = None) -> None:
@@ -66,6 +75,7 @@ class Objective:
         self.on_epoch = on_epoch  # progress inside a trial
 
     def __call__(self, trial: optuna.Trial) -> float:
+        beat_now(trial)
         ddp.tell(ddp.TRIAL, self.base.to_dict())  # under --nproc, the other ranks train this trial with us
         shared = ddp.shared_trial(trial)
         cfg = self.space.config(self.base, self.space.suggest(shared))
