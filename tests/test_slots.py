@@ -6,9 +6,9 @@ queued slots must give exactly the budget, each trial once."""
 from __future__ import annotations
 
 import subprocess
-import time
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import optuna

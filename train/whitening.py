@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SAMPLE_IMAGES = 2000  # patches of this many training images estimate the covariance (seeded, so repeatable)
+CHUNK_IMAGES = 250  # images unfolded into patches at a time
 EPS = 5e-4  # added to each eigenvalue: keeps the near-zero directions (noise) from being blown up
 
 
@@ -31,14 +32,20 @@ def patch_whitening(images: np.ndarray, mean: list[float], std: list[float], ker
                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (descending) and eigenvectors (rows, shaped as conv filters) of the covariance of the
     ``kernel``-sized patches of ``images`` (N, H, W, C uint8), normalised as training normalises them."""
-    pick = np.random.default_rng(seed).permutation(len(images))[:SAMPLE_IMAGES]
-    x = torch.from_numpy(images[np.sort(pick)]).permute(0, 3, 1, 2).double() / 255
-    x = (x - torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)) / torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
-    patches = F.unfold(x, kernel).transpose(1, 2).reshape(-1, x.shape[1] * kernel[0] * kernel[1])
-    cov = patches.T @ patches / len(patches)
-    eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
+    pick = np.sort(np.random.default_rng(seed).permutation(len(images))[:SAMPLE_IMAGES])
+    channels = images.shape[-1]
+    shift = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+    scale = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+    dim = channels * kernel[0] * kernel[1]
+    cov, count = torch.zeros(dim, dim, dtype=torch.float64), 0
+    for start in range(0, len(pick), CHUNK_IMAGES):  # all patches at once would hold ~0.4 GB (2,000 CIFAR images)
+        x = (torch.from_numpy(images[pick[start:start + CHUNK_IMAGES]]).permute(0, 3, 1, 2).double() / 255 - shift) / scale
+        patches = F.unfold(x, kernel).transpose(1, 2).reshape(-1, dim)
+        cov += patches.T @ patches
+        count += len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov / count)  # ascending
     order = eigenvalues.argsort(descending=True)
-    return eigenvalues[order], eigenvectors.T[order].reshape(-1, x.shape[1], *kernel)
+    return eigenvalues[order], eigenvectors.T[order].reshape(-1, channels, *kernel)
 
 
 @torch.no_grad()
