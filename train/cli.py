@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .allocator import keep_freed_memory
-from .config import AUGMENT_CHOICES, TTA_VIEWS, TrainConfig, load_yaml, recipe
+from .config import AUGMENT_CHOICES, FLIP_CHOICES, TTA_VIEWS, TrainConfig, load_yaml, recipe
 from .data import DATASETS
 from .interrupt import EXIT_SIGINT, EXIT_SIGTERM, Terminated, handled, terminate_like_ctrl_c
 from .redact import mask_secrets
@@ -106,6 +106,9 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
     g.add_argument("--augment", choices=["auto", *AUGMENT_CHOICES],
                    help="auto: crop-flip for cifar10, albumentations for fer2013")
     g.add_argument("--aug-strength", type=float, metavar="S", help="scale of the albumentations magnitudes")
+    g.add_argument("--flip", choices=FLIP_CHOICES,
+                   help="random (default): each image is mirrored with p=0.5 every epoch; alternate: a random half "
+                   "in the first epoch, then each image the other way from its previous epoch (airbench)")
     g.add_argument("--workers", type=int, help="augmentation threads")
     g.add_argument("--tta", type=int, nargs="?", const=1, choices=sorted(TTA_VIEWS), metavar="LEVEL",
                    help="test-time augmentation: 1 (--tta alone) averages the image and its mirror, 2 also both "

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 AUGMENT_CHOICES = ("none", "flip", "crop-flip", "album")  # train/augment.py implements them
+FLIP_CHOICES = ("random", "alternate")  # how the flipping augmentations mirror an image from epoch to epoch
 # Per-dataset defaults: CIFAR-10 is served well by crop+flip (the paper's recipe); faces gain from
 # small rotations/shifts, lighting changes and occlusion.
 DEFAULT_AUGMENT = {"cifar10": "crop-flip", "fer2013": "album"}
@@ -76,6 +77,7 @@ class TrainConfig:
     augment: str = "auto"  # auto | none | flip | crop-flip | album
     aug_strength: float = 1.0
     crop_pad: int = 4
+    flip: str = "random"  # random: each image mirrored with p=0.5 each epoch; alternate: every other epoch (airbench)
     workers: int = 1  # augmentation threads for the albumentations path
     tta: int = 0  # test-time augmentation at evaluation: 0 off, 1 the image and its mirror, 2 also shifted by a pixel
     # machine
@@ -103,6 +105,8 @@ class TrainConfig:
         c.weight_decay = d["weight_decay"] if c.weight_decay < 0 else c.weight_decay
         if c.augment == "auto":
             c.augment = DEFAULT_AUGMENT.get(c.dataset, "crop-flip")
+        if c.flip not in FLIP_CHOICES:
+            raise ValueError(f"--flip takes one of {', '.join(FLIP_CHOICES)}, not {c.flip!r}")
         c.tta = int(c.tta)  # recipes and older configs write true/false
         if c.tta not in TTA_VIEWS:
             raise ValueError(f"--tta takes a level in {sorted(TTA_VIEWS)}, not {c.tta}")

@@ -467,12 +467,17 @@ def make_loader(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, device: torch.de
     return BatchLoader(x, y, distributed.per_rank_batch(cfg.batch_size, dctx), shuffle=True,
                        drop_last=len(x) > cfg.batch_size, seed=cfg.seed, album_strength=album,
                        workers=cfg.workers, pin_memory=device.type == "cuda", rank=dctx.rank, world_size=dctx.world_size,
-                       device=device if device.type == "cuda" else None)
+                       device=device if device.type == "cuda" else None,
+                       alternate_flip=cfg.augment in FLIPPING and cfg.flip == "alternate")
+
+
+FLIPPING = ("flip", "crop-flip", "album")  # the augmentations that mirror images
 
 
 def batch_augment(cfg: TrainConfig) -> tuple[int, bool]:
-    """(crop padding, flip) of the batched on-device augmentation for a resolved config."""
-    return (cfg.crop_pad if cfg.augment == "crop-flip" else 0), cfg.augment in ("flip", "crop-flip", "album")
+    """(crop padding, random flip) of the batched on-device augmentation for a resolved config (alternating
+    flips are the loader's: they depend on the image and the epoch)."""
+    return (cfg.crop_pad if cfg.augment == "crop-flip" else 0), cfg.augment in FLIPPING and cfg.flip == "random"
 
 
 def prepare_batch(xb: torch.Tensor, yb: torch.Tensor, rt: Runtime, crop: int, flip: bool,

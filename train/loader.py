@@ -35,6 +35,7 @@ class BatchLoader:
         world_size: int = 1,
         pin_memory: bool = False,
         device: torch.device | None = None,
+        alternate_flip: bool = False,
     ) -> None:
         self.x, self.y = x, torch.from_numpy(np.asarray(y, dtype=np.int64))
         # On a GPU the whole uint8 set (150 MB for CIFAR-10) lives in device memory and batches are
@@ -47,6 +48,13 @@ class BatchLoader:
         self.workers, self.prefetch = max(0, workers), max(1, prefetch)  # workers 0: augment inline
         self.rank, self.world_size, self.pin_memory = rank, world_size, pin_memory
         self._local = threading.local()
+        # Alternating flip (airbench): a fixed random half of the images is mirrored in even epochs, the
+        # other half in odd ones, so every image is seen both ways within any two epochs (random flips
+        # show a quarter of them the same way twice running). Derived from the seed: resume stays exact.
+        self.flip_bits = None
+        if alternate_flip:
+            rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
+            self.flip_bits = rng.integers(0, 2, len(x)).astype(bool)
 
     def _indices(self, epoch: int) -> np.ndarray:
         n = len(self.x)
@@ -65,12 +73,23 @@ class BatchLoader:
         stop = len(idx) - len(idx) % self.batch_size if self.drop_last else len(idx)
         return [idx[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
 
+    def mirrored(self, epoch: int, idx: np.ndarray) -> np.ndarray | None:
+        """Which images of ``idx`` alternating flip mirrors in ``epoch`` (None: flips are random, elsewhere)."""
+        return None if self.flip_bits is None else self.flip_bits[idx] ^ bool(epoch % 2)
+
     def _make(self, epoch: int, b: int, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        flips = self.mirrored(epoch, idx)
         if self.resident is not None:
             x_dev, y_dev = self.resident
             i = torch.from_numpy(idx).to(x_dev.device, non_blocking=True)
-            return x_dev[i], y_dev[i]
-        xb = self.x[idx]
+            xb = x_dev[i]
+            if flips is not None:
+                m = torch.from_numpy(flips).to(x_dev.device, non_blocking=True).view(-1, 1, 1, 1)
+                xb = torch.where(m, xb.flip(2), xb)
+            return xb, y_dev[i]
+        xb = self.x[idx]  # a copy (fancy indexing): safe to mirror in place
+        if flips is not None:
+            xb[flips] = xb[flips, :, ::-1]
         if self.album_strength:
             pipe = getattr(self._local, "pipe", None)
             if pipe is None:  # one pipeline per thread: its random state is not shared
