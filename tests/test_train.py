@@ -269,7 +269,7 @@ def test_cli_bad_input_is_one_clear_line_and_reslab_debug_shows_the_traceback(tm
 
 
 @pytest.mark.parametrize("command, flags", [
-    ("train", ["--time-budget", "--recipe", "--resume", "--register", "--list-models", "--tta [LEVEL]", "--patience", "--restore-best", "--whiten"]),
+    ("train", ["--time-budget", "--recipe", "--resume", "--register", "--list-models", "--tta [LEVEL]", "--patience", "--restore-best", "--whiten", "--flip"]),
     ("tune", ["--budget", "--preset", "--pruner", "--space", "--storage", "--refit"]),
     ("demo", ["--model", "--port", "--host", "--bench", "--concurrent"]),
     ("bench", ["--dataset"]),

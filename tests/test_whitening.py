@@ -50,3 +50,19 @@ def test_training_with_whiten_keeps_the_first_layer_fixed_and_learns(fer):
     assert torch.equal(trained["stem.0.weight"].float(), start.stem[0].weight.float())
     assert not torch.equal(trained["layers.0.0.weight"], start.state_dict()["layers.0.0.weight"])  # the rest trained
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_the_recipes_whitening_gives_way_to_given_weights(capsys):
+    """fast-cpu whitens CIFAR-10's first layer; --pretrained/--init-from bring their own, so the recipe's
+    whitening gives way, while --whiten asked for with them is one error line."""
+    from train.cli import build_parser, config_from_args
+
+    def cfg(*argv: str) -> TrainConfig:
+        return config_from_args(build_parser().parse_args(["train", "--dataset", "cifar10", "--recipe", "fast-cpu", *argv]))
+
+    assert cfg().whiten and not cfg("--no-whiten").whiten
+    assert not cfg("--pretrained", "torchvision").whiten
+    assert not cfg("--init-from", "models:/cifar10-resnet@champion").whiten
+    with pytest.raises(SystemExit):
+        cfg("--init-from", "models:/cifar10-resnet@champion", "--whiten")
+    assert "choose one" in capsys.readouterr().err

@@ -141,6 +141,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             merged[key] = value
     if getattr(args, "time_budget", None) is None and (getattr(args, "epochs", None) or getattr(args, "max_steps", None)):
         merged.pop("time_budget", None)  # --epochs/--max-steps given: a recipe's time budget gives way
+    if getattr(args, "pretrained", None) or getattr(args, "init_from", None):
+        if getattr(args, "whiten", None):
+            fail("--whiten sets the first layer from the data, --pretrained/--init-from from weights: choose one")
+        merged["whiten"] = False  # weights given: a recipe's whitened first layer gives way (as its budget to --epochs)
     if getattr(args, "shortcut", None):
         merged["model_args"] = {**merged.get("model_args", {}), "shortcut": args.shortcut}
     cfg = TrainConfig.from_dict(merged).resolved()
