@@ -426,16 +426,23 @@ def test_reslab_demo_process(in_store, cifar, tmp_path):
         assert all(a[0]["label"] in cifar.classes for a in answers), answers  # each tab serves
 
         burst = [save_png(cifar.test_x[i], tmp_path / f"b{i}.png") for i in range(24)]
+        # One client per request, as 24 users would be: a Client's requests share one event stream, and
+        # gradio_client cancels a waiting request when that stream closes and reopens (seen once under load:
+        # CancelledError for a request the server had answered).
+        users = [Client(url, verbose=False) for _ in burst]
 
-        def one(path: str) -> str:
+        def one(job: tuple[Client, str]) -> str:
+            user, path = job
             try:
-                client.predict(handle_file(path), True, api_name="/classify_cifar10_cifar10_resnet_v1")
+                user.predict(handle_file(path), True, api_name="/classify_cifar10_cifar10_resnet_v1")
                 return "answered"
             except QueueError as e:
                 return str(e)
+            finally:
+                user.close()
 
         with cf.ThreadPoolExecutor(len(burst)) as pool:
-            outcomes = list(pool.map(one, burst))
+            outcomes = list(pool.map(one, zip(users, burst)))
         print(f"queue size 1, {len(burst)} at once: {outcomes.count('answered')} answered, "
               f"{len(outcomes) - outcomes.count('answered')} refused: {sorted(set(outcomes))}")
         assert set(outcomes) == {"answered", "Queue is full! Please try again."}, outcomes
