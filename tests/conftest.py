@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import signal
 import subprocess
 import time
 import urllib.request
@@ -101,8 +102,11 @@ def in_process(tmp_path, monkeypatch, capsys):
         out = capsys.readouterr()
         return subprocess.CompletedProcess(args, code, out.out, out.err)
 
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}  # reslab installs its own
     yield run
     mlflow.set_tracking_uri(previous)
+    for s, h in handlers.items():
+        signal.signal(s, h)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:

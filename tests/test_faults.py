@@ -269,6 +269,68 @@ def test_a_sigterm_whose_exception_python_drops_is_raised_at_the_next_step(monke
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_inside_a_deferred_block_is_raised_when_it_ends(signum):
+    """A tracking write (signals_deferred) runs to its end; the signal's exception comes right after it.
+    A second Ctrl-C inside the block does not wait."""
+    from train.interrupt import Terminated, signals_deferred, terminate_like_ctrl_c
+
+    expected = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    finished = []
+    try:
+        terminate_like_ctrl_c()
+        with pytest.raises(expected):
+            with signals_deferred():
+                os.kill(os.getpid(), signum)
+                time.sleep(0.01)  # the handler runs here
+                finished.append("write")
+        assert finished == ["write"]
+        terminate_like_ctrl_c()
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+                finished.append("first Ctrl-C deferred")
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+                finished.append("second Ctrl-C deferred")
+        assert finished == ["write", "first Ctrl-C deferred"]
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def test_a_sigterm_inside_an_mlflow_write_ends_the_run_killed_not_locked(tmp_path, no_test_split, in_process):
+    """SIGTERM while the epoch's metrics are being written to the SQLite store (CI saw it once): the
+    exception raised inside SQLAlchemy kept the half-done write's lock, and the cleanup's set_tag waited
+    20 s and failed with "database is locked". The write now finishes first; the run ends KILLED."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    fired: list[str] = []
+
+    def sigterm_inside_the_metrics_insert(conn, cursor, statement, *args) -> None:  # noqa: ANN001
+        if not fired and statement.startswith("INSERT INTO metrics"):
+            fired.append(statement)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs here, inside SQLAlchemy's execute
+
+    event.listen(Engine, "after_cursor_execute", sigterm_inside_the_metrics_insert)
+    try:
+        ended = in_process(["train", *TINY, *no_test_split, "--epochs", "2", "--run-name", "termed-in-write"],
+                           tmp_path / "mlruns")
+    finally:
+        event.remove(Engine, "after_cursor_execute", sigterm_inside_the_metrics_insert)
+    assert fired, "no metric was written: the test interrupted nothing"
+    assert ended.returncode == 143, ended.stderr[-3000:]
+    assert "locked" not in ended.stderr and "terminated (SIGTERM)" in ended.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("cifar10").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["end_reason"] == "SIGTERM"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1]  # epoch 1, whole
+
+
 def test_sigterm_ends_train_like_ctrl_c_and_a_resume_continues_past_a_corrupt_last_pt(tmp_path, no_test_split,
                                                                                        in_process):
     """SIGTERM (docker stop, systemd, a scheduler) during epoch 3 of 3: the MLflow run ends KILLED with

@@ -36,7 +36,7 @@ from .budget import (CALIBRATION_SKIP, CALIBRATION_STEPS, REPLAN_MIN_STEPS, REPL
 from .config import TTA_VIEWS, TrainConfig
 from .data import ImageData, split_indices
 from .errors import DivergedError, ReslabWarning
-from .interrupt import raise_if_terminated
+from .interrupt import raise_if_terminated, signals_deferred
 from .loader import BatchLoader
 from .models import create_model
 from .stopping import BestEpoch
@@ -704,8 +704,9 @@ def fit(
             if best.stopped:
                 tqdm.write(f"early stop: val_acc has not improved for {cfg.patience} epochs "
                            f"(best {best.best_acc:.4f} at epoch {best.best_epoch})")
-        for cb in callbacks:
-            cb(epoch, metrics)
+        with signals_deferred():  # a signal cutting an MLflow or Optuna write in half leaves the store locked
+            for cb in callbacks:
+                cb(epoch, metrics)
         epoch += 1
     cfg.epochs = epoch  # what ran: a budgeted or step-limited run records its real length
 
