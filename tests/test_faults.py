@@ -273,7 +273,7 @@ def test_a_sigterm_whose_exception_python_drops_is_raised_at_the_next_step(monke
 def test_a_signal_inside_a_deferred_block_is_raised_when_it_ends(signum):
     """A tracking write (signals_deferred) runs to its end; the signal's exception comes right after it.
     A second Ctrl-C inside the block does not wait."""
-    from train.interrupt import Terminated, signals_deferred, terminate_like_ctrl_c
+    from train.interrupt import Terminated, handled, signals_deferred, terminate_like_ctrl_c
 
     expected = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -297,6 +297,7 @@ def test_a_signal_inside_a_deferred_block_is_raised_when_it_ends(signum):
                 finished.append("second Ctrl-C deferred")
         assert finished == ["write", "first Ctrl-C deferred"]
     finally:
+        handled()  # as the CLI does: no signal is left pending for the tests that follow
         for s, h in previous.items():
             signal.signal(s, h)
 
