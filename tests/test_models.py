@@ -42,7 +42,8 @@ def test_registry_lists_every_family():
 
 # one of each block kind: basic, plain, pre-activation basic, torchvision basic and bottleneck,
 # pre-activation bottleneck, wide/shallow
-@pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet20v2", "resnet18", "resnet50", "resnet50v2", "resnet9"])
+@pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet20v2", "resnet18", "resnet50", "resnet50v2", "resnet9",
+                                  "airbench"])
 def test_every_model_classifies_small_colour_and_grayscale_images(name):
     torch.manual_seed(0)
     for channels, size, classes in ((3, 32, 10), (1, 48, 7)):

@@ -66,3 +66,30 @@ def test_the_recipes_whitening_gives_way_to_given_weights(capsys):
     with pytest.raises(SystemExit):
         cfg("--init-from", "models:/cifar10-resnet@champion", "--whiten")
     assert "choose one" in capsys.readouterr().err
+
+
+def test_airbench_trains_its_bn_shifts_faster_with_the_scales_and_whitened_stem_fixed(cifar):
+    """airbench's network: --whiten fills its 2x2 stem exactly (+/- all 12 directions of a colour 2x2 patch);
+    --bn-bias-lr-scale gives the BatchNorm shifts their own group at that multiple of the learning rate,
+    while the BN scales (frozen at 1) and the whitened stem do not move, and the network learns."""
+    from train.engine import make_optimizer
+
+    cfg = TrainConfig(dataset="cifar10", model="airbench", model_args={"width": 16}, subset=2000, epochs=2,
+                      batch_size=128, lr=0.2, bn_bias_lr_scale=64, whiten=True, evaluate_test=False, progress=False,
+                      seed=1).resolved()
+    start = create_model("airbench", 10, 3, width=16)
+    assert whiten_first_conv(start, cifar.train_x, cifar.mean, cifar.std, cfg.seed) == 24
+    groups = make_optimizer(start, cfg).param_groups
+    shifts = [m.bias for m in start.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [g["lr"] for g in groups] == [0.2, 0.2, 0.2 * 64] and len(shifts) == 6
+    assert [id(p) for p in groups[2]["params"]] == [id(b) for b in shifts]
+    assert len(make_optimizer(start, TrainConfig(lr=0.2).resolved()).param_groups) == 2  # scale 1: as before
+
+    result = fit(cfg, cifar)
+    trained, before = result.model.state_dict(), start.state_dict()
+    assert torch.equal(trained["stem.0.weight"].float(), before["stem.0.weight"].float())
+    norms = [k[: -len(".running_mean")] for k in trained if k.endswith(".running_mean")]
+    assert len(norms) == 6 and all(torch.all(trained[f"{k}.weight"] == 1) for k in norms)  # scales frozen
+    assert all(not torch.equal(trained[f"{k}.bias"], before[f"{k}.bias"]) for k in norms)  # shifts learned
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.history[-1]["val_acc"] > 0.2  # chance is 0.1 (28 steps of 128 images)

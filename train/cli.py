@@ -97,6 +97,8 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
     g.add_argument("--momentum", type=float)
     g.add_argument("--no-nesterov", dest="nesterov", action="store_false", default=None)
     g.add_argument("--weight-decay", type=float, help="applied to weights only, not BN/bias")
+    g.add_argument("--bn-bias-lr-scale", type=float, metavar="X",
+                   help="BatchNorm shifts learn at X times the learning rate (airbench uses 64 with its BN scales frozen)")
     g.add_argument("--schedule", choices=["onecycle", "cosine", "step", "constant"])
     g.add_argument("--warmup", type=float, metavar="F", help="warm-up share of training")
     g.add_argument("--milestones", type=float, nargs="+", metavar="M", help="step schedule: fractions (<=1) or iterations")

@@ -67,6 +67,7 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = -1.0  # <0: the dataset's default
+    bn_bias_lr_scale: float = 1.0  # BatchNorm shifts learn at this multiple of the learning rate (airbench: 64)
     schedule: str = "onecycle"  # onecycle | cosine | step | constant
     warmup: float = 0.15  # fraction of training spent warming up (onecycle, cosine)
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step schedule, fractions of training
@@ -110,6 +111,8 @@ class TrainConfig:
         c.tta = int(c.tta)  # recipes and older configs write true/false
         if c.tta not in TTA_VIEWS:
             raise ValueError(f"--tta takes a level in {sorted(TTA_VIEWS)}, not {c.tta}")
+        if not c.bn_bias_lr_scale > 0:
+            raise ValueError(f"--bn-bias-lr-scale must be above 0, not {c.bn_bias_lr_scale}")
         if c.whiten and c.pretrained:
             raise ValueError("--whiten sets the first layer from the data, --pretrained/--init-from from weights: choose one")
         return c

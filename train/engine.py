@@ -121,11 +121,22 @@ def build_model(cfg: TrainConfig, data: ImageData) -> nn.Module:
     return model
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay on weights only: BatchNorm parameters and biases are not decayed."""
+    """Weight decay on weights only: BatchNorm parameters and biases are not decayed. With
+    ``cfg.bn_bias_lr_scale`` != 1 the BatchNorm shifts get a group of their own at that multiple of the learning
+    rate (airbench's 64: with the BN scale frozen, the shift is what moves the activations' threshold)."""
+    shifts = {id(m.bias) for m in model.modules() if isinstance(m, BATCH_NORMS) and m.bias is not None}
+    if cfg.bn_bias_lr_scale == 1:
+        shifts = set()
     decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1 and id(p) not in shifts]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if shifts:
+        groups.append({"params": [p for p in model.parameters() if id(p) in shifts], "weight_decay": 0.0,
+                       "lr": cfg.lr * cfg.bn_bias_lr_scale})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.optimizer == "adamw":

@@ -7,6 +7,8 @@ Reads like the papers' tables:
 - Pre-activation ("v2", He et al. 2016) versions: ``resnetNv2`` for both families.
 - ImageNet-style ``resnet18..152`` from torchvision, with a small-image stem for 32/48 px inputs.
 - ``resnet9``: the wide, shallow residual net of the fast CIFAR training lineage (throughput).
+- ``airbench``: airbench94's network (Jordan 2024), the fastest known way to 94% on CIFAR-10; not residual,
+  kept beside ResNet-9 as the time-to-accuracy reference.
 """
 
 from __future__ import annotations
@@ -320,3 +322,45 @@ class ResNet9(nn.Module):
 @register_model("resnet9")
 def resnet9(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> nn.Module:
     return ResNet9(num_classes, in_channels, width)
+
+
+class AirbenchBlock(nn.Sequential):
+    """conv, 2x2 max pool, BN, GELU, conv, BN, GELU: each conv starts as the identity on its first input
+    channels (dirac), each BN learns a shift only (its scale stays 1) and follows the batch fast (momentum
+    0.4: 60% of the running statistics kept per step), which is what let airbench shorten its schedule."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        convs = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.Conv2d(cout, cout, 3, padding=1, bias=False)]
+        norms = [nn.BatchNorm2d(cout, momentum=0.4), nn.BatchNorm2d(cout, momentum=0.4)]
+        for conv in convs:
+            nn.init.dirac_(conv.weight.data[: conv.in_channels])
+        for bn in norms:
+            bn.weight.requires_grad_(False)
+        super().__init__(convs[0], nn.MaxPool2d(2), norms[0], nn.GELU(), convs[1], norms[1], nn.GELU())
+
+
+class Airbench(nn.Module):
+    """airbench94's network: a 2x2 stem of 2 x (channels x 4) filters, meant to be whitened (``--whiten``:
+    the +/- eigenvectors of the 2x2 patch covariance fill it exactly), then three blocks of widths 64, 256, 256
+    (``width`` scales them, 64 = airbench), global max pooling and a linear head scaled by 1/9."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64) -> None:
+        super().__init__()
+        w = [width, width * 4, width * 4]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 2 * in_channels * 4, 2, bias=True), nn.GELU())
+        self.blocks = nn.Sequential(AirbenchBlock(2 * in_channels * 4, w[0]), AirbenchBlock(w[0], w[1]),
+                                    AirbenchBlock(w[1], w[2]))
+        self.fc = nn.Linear(w[2], num_classes, bias=False)
+        self.scale = 1 / 9
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_max_pool2d(self.features(x), 1).flatten(1)  # a pooling op, not amax: see ResNet9
+        return self.fc(x) * self.scale
+
+
+@register_model("airbench")
+def airbench(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> nn.Module:
+    return Airbench(num_classes, in_channels, width)
