@@ -128,9 +128,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Weight decay on weights only: BatchNorm parameters and biases are not decayed. With
     ``cfg.bn_bias_lr_scale`` != 1 the BatchNorm shifts get a group of their own at that multiple of the learning
     rate (airbench's 64: with the BN scale frozen, the shift is what moves the activations' threshold)."""
-    shifts = {id(m.bias) for m in model.modules() if isinstance(m, BATCH_NORMS) and m.bias is not None}
-    if cfg.bn_bias_lr_scale == 1:
-        shifts = set()
+    shifts = set() if cfg.bn_bias_lr_scale == 1 else {
+        id(m.bias) for m in model.modules() if isinstance(m, BATCH_NORMS) and m.bias is not None}
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1 and id(p) not in shifts]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -347,9 +347,9 @@ class Airbench(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64) -> None:
         super().__init__()
         w = [width, width * 4, width * 4]
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 2 * in_channels * 4, 2, bias=True), nn.GELU())
-        self.blocks = nn.Sequential(AirbenchBlock(2 * in_channels * 4, w[0]), AirbenchBlock(w[0], w[1]),
-                                    AirbenchBlock(w[1], w[2]))
+        stem = 2 * in_channels * 2 * 2  # +/- every direction of a 2x2 patch
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem, 2, bias=True), nn.GELU())
+        self.blocks = nn.Sequential(AirbenchBlock(stem, w[0]), AirbenchBlock(w[0], w[1]), AirbenchBlock(w[1], w[2]))
         self.fc = nn.Linear(w[2], num_classes, bias=False)
         self.scale = 1 / 9
 
