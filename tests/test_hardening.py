@@ -1,10 +1,12 @@
-"""Long runs under faults and hostile settings (issue 16): a dead worker's pid reused by a newcomer, and
-passwords in storage and tracking URLs kept out of everything printed or logged."""
+"""Long runs under faults and hostile settings (issue 16): a dead worker's pid reused by a newcomer,
+passwords in storage and tracking URLs kept out of everything printed or logged, no network call at import."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -92,3 +94,22 @@ def test_passwords_are_masked_in_errors_and_the_torchrun_line(cli, monkeypatch):
     assert code == 0 and len(execs) == 1 and storage in execs[0]  # the workers get the real URL ...
     assert "torchrun --standalone --nproc-per-node=2 -m tune" in out and "reslab:***@127.0.0.1" in out
     assert SECRET not in out  # ... the console does not
+
+
+# --------------------------------------------------------------------------- no network calls at import
+
+
+def test_importing_the_cli_makes_no_network_request():
+    """albumentations checks PyPI for updates at import; reslab turns that off (offline machines warned,
+    every CLI start and worker process paid for a request). An audit hook sees any urllib request."""
+    code = (
+        "import sys\n"
+        "seen = []\n"
+        "sys.addaudithook(lambda event, args: seen.append(args[0]) if event == 'urllib.Request' else None)\n"
+        "import train.cli, train.augment\n"
+        "print(len(seen), seen)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("0 "), f"urllib requests at import: {out.stdout}"

@@ -102,8 +102,8 @@ def test_the_pages_tables_come_from_the_files(docs_copy):
     page, results = docs_copy
     committed = page.read_text()
     # the committed page is what its files give (a hand-edited table would show here)
-    assert write_docs(page, results) == (False, 5, len(list(results.glob("*.json"))))
-    assert len(tables(committed)) == 5
+    assert write_docs(page, results) == (False, 6, len(list(results.glob("*.json"))))
+    assert len(tables(committed)) == 6
     # a value changed in a file -> the table row changes; a file removed -> its row goes; the prose stays
     bench = results / "bench-cifar10-compiled-2026-11-23T0116.json"
     b = json.loads(bench.read_text())
@@ -117,11 +117,12 @@ def test_the_pages_tables_come_from_the_files(docs_copy):
     (results / "bench-cifar10-eager-2026-11-23T0104.json").unlink()
     assert write_docs(page, results)[0] is True
     new = page.read_text()
-    compiled, eager, fer, train, airbench = tables(new)
-    assert "| 2026-11-23 01:16 | 1,234 | 1,182 | 451 | 0.99 | 2.60 |" in compiled and "1,253" not in compiled
+    compiled, eager, fer, gpu, train, airbench = tables(new)
+    assert "| 2026-11-23 01:16 | resnet20, 128, compiled | 1,234 | 1,182 | 451 | 0.99 | 2.60 |" in compiled and "1,253" not in compiled
     assert "2026-11-23 01:04" not in eager and eager.count("\n| 2026-11-23") == 3
     assert "| 95.55% | 0.926 |" in train and "92.63%" not in train
-    assert fer == tables(committed)[2] and airbench == tables(committed)[4]
+    assert fer == tables(committed)[2] and gpu == tables(committed)[3] and airbench == tables(committed)[5]
+    assert "| airbench, 1024 | 153,590 | 137,422 | 5,701 | 0.91 | 21.08 |" in gpu and "2026-12-04 15:" not in compiled + eager  # the GPU runs only in theirs
     assert prose(new) == prose(committed)
     # a second run changes nothing
     assert write_docs(page, results)[0] is False and page.read_text() == new

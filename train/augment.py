@@ -8,11 +8,17 @@ run through an albumentations pipeline on uint8 numpy batches in a background th
 
 from __future__ import annotations
 
-import albumentations as A
-import cv2
-import numpy as np
-import torch
-import torch.nn.functional as F
+import os
+
+# albumentations asks PyPI for a newer version at every import (every CLI start, every worker process):
+# a network call a training tool should not make, and a warning on offline machines. Users can still opt in.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 cv2.setNumThreads(1)  # the loader threads parallelise; OpenCV's own pool would oversubscribe 2 cores
 

@@ -165,7 +165,7 @@ def train_row(r: dict[str, Any]) -> list[str]:
             f"`{run}`" if run != "—" else run, r.get("note") or ""]
 
 
-BENCH_HEADERS = ["run (UTC)", "ceiling img/s", "reslab img/s", "conventional img/s", "reslab / ceiling",
+BENCH_HEADERS = ["run (UTC)", "model, batch", "ceiling img/s", "reslab img/s", "conventional img/s", "reslab / ceiling",
                  "reslab / conventional"]
 
 
@@ -173,7 +173,8 @@ def bench_row(r: dict[str, Any]) -> list[str]:
     p, q = r["pipelines"], r["ratios"]
     speed = [_num(p.get(name, {}).get("images_per_sec"), ",.0f") for name in ("ceiling", "reslab", "conventional")]
     ratios = [_num(q.get(k), ".2f") for k in ("reslab_over_ceiling", "reslab_over_conventional")]
-    return [str(r["when"])[:16], *speed, *ratios]
+    model = f"{r['model']}, {r['batch_size']}" + (", compiled" if r["compile"] else "")
+    return [str(r["when"])[:16], model, *speed, *ratios]
 
 
 TABLES: dict[str, tuple[list[str], Callable[[dict[str, Any]], list[str]], Callable[[dict[str, Any]], str]]] = {

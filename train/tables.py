@@ -12,7 +12,8 @@ import pandas as pd
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown table; numbers right-aligned (pandas' to_markdown needs tabulate)."""
     cells = [[str(c).replace("|", "\\|") for c in row] for row in rows]
-    numeric = [all(_is_number(r[i]) for r in cells) and bool(cells) for i in range(len(headers))]
+    known = [[r[i] for r in cells if r[i] != "—"] for i in range(len(headers))]  # "—": no value, any column
+    numeric = [bool(col) and all(_is_number(c) for c in col) for col in known]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in cells]
     return "\n".join(lines)
