@@ -24,18 +24,22 @@ cv2.setNumThreads(1)  # the loader threads parallelise; OpenCV's own pool would 
 
 
 def random_crop_flip(
-    x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None
+    x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None = None, size: int = 0
 ) -> torch.Tensor:
     """Random crop after zero padding plus random horizontal flip for an NHWC uint8 batch.
 
+    The crop is ``size`` x ``size`` pixels (0: the image's own size, i.e. a shift by up to ``pad``).
     Returns NHWC; one advanced-indexing gather does both, with no per-image Python loop.
     """
-    n, h, w, _ = x.shape
+    n, h0, w0, _ = x.shape
+    h, w = (size, size) if size else (h0, w0)
+    if h > h0 + 2 * pad or w > w0 + 2 * pad:
+        raise ValueError(f"a {h}x{w} crop does not fit {h0}x{w0} images padded by {pad}")
     dev = x.device
     if pad:
         x = F.pad(x, (0, 0, pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(dev)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(dev)
+    dy = torch.randint(0, h0 + 2 * pad - h + 1, (n, 1), generator=generator).to(dev)
+    dx = torch.randint(0, w0 + 2 * pad - w + 1, (n, 1), generator=generator).to(dev)
     ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
     cols = ar_w.expand(n, w)
     if flip:

@@ -151,18 +151,20 @@ def reslab_pipeline(cfg: TrainConfig, data: ImageData, rt: Runtime, total: int) 
     loader = make_loader(cfg, x_train, y_train, device)
     model = rt.place(build_model(cfg, data))
     stepper = make_stepper(cfg, model, total, device, precision)
-    crop, flip = batch_augment(cfg)
+    batch_aug = batch_augment(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = _cycle_epochs(loader.epoch)
     model.train()
 
     def step() -> float:
         xb, yb = next(batches)
-        x, y = prepare_batch(xb, yb, rt, crop, flip, gen)
+        x, y = prepare_batch(xb, yb, rt, batch_aug, gen)
         return _to_float(stepper(x, y)[0])
 
     aug = {"crop-flip": f"crop(pad {cfg.crop_pad})+flip, batched", "flip": "flip, batched", "none": "none",
            "album": f"albumentations in {cfg.workers} thread(s) + flip, batched"}[cfg.augment]
+    if cfg.crop_size:
+        aug += f", {cfg.crop_size}x{cfg.crop_size} crops"
     return Pipeline("reslab", f"BatchLoader (uint8 in memory), {aug}", precision,
                     "channels_last" if cfg.channels_last else "NCHW", model, step, _changes(model), keep_freed_memory(),
                     batches.close)

@@ -111,6 +111,9 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
     g.add_argument("--flip", choices=FLIP_CHOICES,
                    help="random (default): each image is mirrored with p=0.5 every epoch; alternate: a random half "
                    "in the first epoch, then each image the other way from its previous epoch (airbench)")
+    g.add_argument("--crop-size", type=int, metavar="N",
+                   help="train on random NxN crops of each image (FER-2013: 40 of 48 trains 1.4x faster per image); "
+                   "evaluation and serving see whole images; 0: whole images")
     g.add_argument("--workers", type=int, help="augmentation threads")
     g.add_argument("--tta", type=int, nargs="?", const=1, choices=sorted(TTA_VIEWS), metavar="LEVEL",
                    help="test-time augmentation: 1 (--tta alone) averages the image and its mirror, 2 also both "

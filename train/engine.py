@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -484,18 +484,26 @@ def make_loader(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, device: torch.de
 FLIPPING = ("flip", "crop-flip", "album")  # the augmentations that mirror images
 
 
-def batch_augment(cfg: TrainConfig) -> tuple[int, bool]:
-    """(crop padding, random flip) of the batched on-device augmentation for a resolved config (alternating
-    flips are the loader's: they depend on the image and the epoch)."""
-    return (cfg.crop_pad if cfg.augment == "crop-flip" else 0), cfg.augment in FLIPPING and cfg.flip == "random"
+class BatchAugment(NamedTuple):
+    """The batched on-device augmentation of a resolved config: crop padding, random flip, crop size (0: the
+    image's). Alternating flips are the loader's: they depend on the image and the epoch."""
+
+    pad: int
+    flip: bool
+    size: int = 0
 
 
-def prepare_batch(xb: torch.Tensor, yb: torch.Tensor, rt: Runtime, crop: int, flip: bool,
+def batch_augment(cfg: TrainConfig) -> BatchAugment:
+    return BatchAugment(cfg.crop_pad if cfg.augment == "crop-flip" else 0,
+                        cfg.augment in FLIPPING and cfg.flip == "random", cfg.crop_size)
+
+
+def prepare_batch(xb: torch.Tensor, yb: torch.Tensor, rt: Runtime, aug: BatchAugment,
                   gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A loader's uint8 NHWC CPU batch -> normalised float batch on the device, crop/flipped as a whole."""
     xb, yb = xb.to(rt.device, non_blocking=True), yb.to(rt.device, non_blocking=True)
-    if crop or flip:
-        xb = random_crop_flip(xb, crop, flip, gen)
+    if any(aug):
+        xb = random_crop_flip(xb, aug.pad, aug.flip, gen, aug.size)
     return rt.inputs(xb), yb
 
 
@@ -509,7 +517,7 @@ def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATI
     stepper = make_stepper(cfg, model, 10 * (CALIBRATION_SKIP + steps), device, rt.precision)
     n = min(len(data.train_y), cfg.batch_size * (CALIBRATION_SKIP + steps + 1))
     loader = make_loader(cfg, data.train_x[:n], data.train_y[:n], device)
-    crop, flip = batch_augment(cfg)
+    aug = batch_augment(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     done, images, t0 = 0, 0, 0.0
@@ -519,7 +527,7 @@ def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATI
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t0, images = time.perf_counter(), 0
-            x, y = prepare_batch(xb, yb, rt, crop, flip, gen)
+            x, y = prepare_batch(xb, yb, rt, aug, gen)
             stepper(x, y)
             done, images = done + 1, images + len(y)
             if done == CALIBRATION_SKIP + steps:
@@ -575,6 +583,9 @@ def fit(
     if (cfg.patience is not None or cfg.restore_best) and not len(x_val):
         raise ValueError(f"--subset {cfg.subset} with --val-fraction {cfg.val_fraction} leaves no validation images "
                          "for --patience/--restore-best to judge; use a larger subset or fraction")
+    aug = batch_augment(cfg)
+    if aug.size > data.image_size + 2 * aug.pad:
+        raise ValueError(f"--crop-size {aug.size} does not fit the dataset's {data.image_size}x{data.image_size} images")
 
     # ---- model, optimiser, schedule
     model = rt.place(build_model(cfg, data))
@@ -589,7 +600,6 @@ def fit(
     train_module = distributed.wrap(model, dctx, device)  # DDP over several ranks, else the model itself
     stepper = make_stepper(cfg, model, horizon, device, precision, train_module)
     opt, sched, scaler, ema = stepper.opt, stepper.sched, stepper.scaler, stepper.ema
-    crop, flip = batch_augment(cfg)
     if stepper.compiled and cfg.progress and dctx.is_main:
         print(f"compiling the training step ({stepper.compile_reason}): the first step takes ~25 s more; "
               "--no-compile skips it")
@@ -641,7 +651,7 @@ def fit(
             if step >= horizon.total:
                 break
             raise_if_terminated()  # a SIGTERM whose exception Python dropped (train/interrupt.py)
-            x, yb = prepare_batch(xb, yb, rt, crop, flip, gen)
+            x, yb = prepare_batch(xb, yb, rt, aug, gen)
             loss, logits = stepper(x, yb, f" at epoch {epoch + 1}, step {step + 1}")
             step += 1
             seen += len(yb)

@@ -1,0 +1,68 @@
+"""``--crop-size N``: train on random NxN crops (cheaper steps, a FER-2013 habit), evaluate whole images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import train.engine
+from train.augment import random_crop_flip
+from train.config import TrainConfig
+from train.engine import batch_augment, fit
+
+
+def _window(crop: np.ndarray, image: np.ndarray) -> tuple[int, int, bool] | None:
+    """Where ``crop`` lies in ``image`` (or in its mirror): (dy, dx, mirrored), or None."""
+    size = crop.shape[0]
+    for mirrored, src in ((False, image), (True, image[:, ::-1])):
+        for dy in range(image.shape[0] - size + 1):
+            for dx in range(image.shape[1] - size + 1):
+                if np.array_equal(src[dy:dy + size, dx:dx + size], crop):
+                    return dy, dx, mirrored
+    return None
+
+
+def test_random_crops_are_windows_of_the_image_at_many_offsets(fer):
+    x = fer.train_x[:96]
+    gen = torch.Generator().manual_seed(0)
+    out = random_crop_flip(torch.from_numpy(x), 0, True, gen, size=40).numpy()
+    assert out.shape == (96, 40, 40, 1)
+    where = [_window(c, img) for c, img in zip(out, x)]
+    assert all(w is not None for w in where)  # every crop is a 40x40 window of its own image, maybe mirrored
+    assert len({(dy, dx) for dy, dx, _ in where}) > 30  # offsets spread over the 9x9 possible ones
+    assert 20 < sum(m for *_, m in where) < 76  # about half mirrored
+    with pytest.raises(ValueError, match="a 50x50 crop does not fit 48x48 images padded by 0"):
+        random_crop_flip(torch.from_numpy(x), 0, False, gen, size=50)
+
+
+def test_training_sees_crops_and_evaluation_whole_images(fer, monkeypatch):
+    """A short real run on FER-2013 with --crop-size 40: every training batch is 40x40, every evaluated one
+    48x48 (validation and test), and it learns."""
+    seen: dict[bool, set[tuple[int, int]]] = {True: set(), False: set()}
+    build = train.engine.build_model
+
+    def spying_build(cfg, data):
+        model = build(cfg, data)
+        model.register_forward_pre_hook(lambda m, args: seen[m.training].add(tuple(args[0].shape[-2:])))
+        return model
+
+    monkeypatch.setattr(train.engine, "build_model", spying_build)
+    cfg = TrainConfig(dataset="fer2013", model="resnet9", model_args={"width": 16}, subset=1200, epochs=2,
+                      batch_size=64, lr=0.05, crop_size=40, tta=1, progress=False, seed=1)
+    assert batch_augment(cfg.resolved()) == (0, True, 40)  # FER-2013: albumentations, then crop + flip batched
+    result = fit(cfg, fer)
+    assert seen[True] == {(40, 40)} and seen[False] == {(48, 48)}
+    assert result.test is not None and len(result.test.labels) == len(fer.test_y)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_a_crop_larger_than_the_images_is_one_error(fer, capsys):
+    with pytest.raises(ValueError, match="--crop-size 56 does not fit the dataset's 48x48 images"):
+        fit(TrainConfig(dataset="fer2013", subset=100, epochs=1, crop_size=56, progress=False), fer)
+    with pytest.raises(ValueError, match="--crop-size must be 0"):
+        TrainConfig(dataset="fer2013", crop_size=-4).resolved()
+    from train.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--dataset", "fer2013", "--recipe", "fast-cpu", "--crop-size", "40"])
+    assert config_from_args(args).crop_size == 40
