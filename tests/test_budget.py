@@ -12,6 +12,9 @@ from train.config import TrainConfig
 from train.engine import fit, measure_throughput
 from tune.budget import FULL_TRIALS, MIN_TRIAL_EPOCHS, MIN_TRIAL_IMAGES, SEARCH_SHARE, TRIAL_OVERHEAD, plan_budget
 
+# Runs here must end within their wall-clock budgets: `make test` runs this module alone, not beside another worker.
+pytestmark = pytest.mark.serial
+
 RECIPE = TrainConfig(dataset="cifar10", model="resnet9", model_args={"width": 32}, epochs=14, batch_size=512,
                      lr=0.4, tta=True, ema=0.99).resolved()
 

@@ -17,8 +17,9 @@ from conftest import module_store
 from train.cli import main
 from train.data import stratified_subset
 
-# Minutes of servers, processes or budgets: run by CI (CI=true make test) and `make test-all`, not by a plain `make test`.
-pytestmark = pytest.mark.slow
+# Minutes of servers, processes or budgets: run by CI (CI=true make test) and `make test-all`, not by a plain `make test`;
+# it holds a wall-clock budget, so `make test` runs it alone (serial), not beside another worker.
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 BUDGET = 120  # seconds for both studies, split 55/45 as the preset says

@@ -14,12 +14,14 @@ Reads like the papers' tables:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-import torchvision.models as tvm
 from torch import nn
+
+if TYPE_CHECKING:  # torchvision is imported where an ImageNet-style net is built: importing it costs every
+    import torchvision.models as tvm  # reslab process ~1 s (its ops import torch._dynamo), most never need it
 
 ModelBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelBuilder] = {}
@@ -249,6 +251,8 @@ class TorchvisionResNet(nn.Module):
 
 def _imagenet_builder(depth: int) -> ModelBuilder:
     def build(num_classes: int = 1000, in_channels: int = 3, small_input: bool = True) -> nn.Module:
+        import torchvision.models as tvm
+
         net = getattr(tvm, f"resnet{depth}")(weights=None, num_classes=num_classes)
         return TorchvisionResNet(net, in_channels, small_input)
 
