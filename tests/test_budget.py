@@ -90,6 +90,31 @@ def test_measured_throughput_is_plausible(cifar):
     assert 0.5 * fit_rate < rate < 4 * fit_rate, (rate, fit_rate)
 
 
+def test_one_slow_step_does_not_skew_the_measured_throughput(cifar, monkeypatch):
+    """Something else on the machine stalls one calibration step: the rate a budget is planned from
+    must stay what the step does (the suite once saw it halved by a single stall)."""
+    import train.engine
+
+    cfg = TrainConfig(dataset="cifar10", model="resnet20", batch_size=64, progress=False)
+    quiet = measure_throughput(cfg, cifar)
+    real, calls = train.engine.make_stepper, [0]
+
+    def stalling_stepper(*args, **kwargs):
+        stepper = real(*args, **kwargs)
+
+        def step(x, y):
+            calls[0] += 1
+            if calls[0] == 6:  # a timed step, 0.6 s: longer than the other timed steps together
+                time.sleep(0.6)
+            return type(stepper).__call__(stepper, x, y)
+        return step
+
+    monkeypatch.setattr(train.engine, "make_stepper", stalling_stepper)
+    stalled = measure_throughput(cfg, cifar)
+    assert calls[0] >= 6
+    assert 0.6 * quiet < stalled < 1.6 * quiet, (quiet, stalled)
+
+
 def test_horizon_is_read_by_the_schedule():
     import torch
 

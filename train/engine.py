@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import time
 import uuid
 import warnings
@@ -509,7 +510,9 @@ def prepare_batch(xb: torch.Tensor, yb: torch.Tensor, rt: Runtime, aug: BatchAug
 
 def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATION_STEPS) -> float:
     """Training images/s of ``cfg``'s step on this machine, from a few steps on real batches (the
-    weights are thrown away). Budgets are planned from this, never from a number measured elsewhere."""
+    weights are thrown away). Budgets are planned from this, never from a number measured elsewhere.
+    Each step is timed alone and the median taken: the whole window is under a second on a CPU, and one
+    step slowed by something else on the machine would otherwise halve the estimate (seen in the suite)."""
     cfg = dataclasses.replace(cfg.resolved(), compile=False, pretrained=None)
     rt = Runtime.create(cfg, data)
     device = rt.device
@@ -520,21 +523,21 @@ def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATI
     aug = batch_augment(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
-    done, images, t0 = 0, 0, 0.0
-    while done < CALIBRATION_SKIP + steps:
-        for xb, yb in loader.epoch(done):
-            if done == CALIBRATION_SKIP:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0, images = time.perf_counter(), 0
+    rates: list[float] = []
+    done, t0 = 0, time.perf_counter()
+    while len(rates) < steps:
+        for xb, yb in loader.epoch(done):  # the loader's wait counts: each interval is one whole step
             x, y = prepare_batch(xb, yb, rt, aug, gen)
             stepper(x, y)
-            done, images = done + 1, images + len(y)
-            if done == CALIBRATION_SKIP + steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            if done >= CALIBRATION_SKIP:
+                rates.append(len(y) / max(t1 - t0, 1e-9))
+            done, t0 = done + 1, t1
+            if len(rates) == steps:
                 break
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return images / max(time.perf_counter() - t0, 1e-9)
+    return float(statistics.median(rates))
 
 
 # --------------------------------------------------------------------------- training
