@@ -156,3 +156,26 @@ def test_a_run_that_slows_down_mid_epoch_still_ends_on_time(cifar, monkeypatch):
     b = result.extra["budget"]
     assert len(result.history) == 1 and calls["n"] > 40  # one epoch, slowed down inside it
     assert b["budget_wall_seconds"] <= 10.0 * 1.15 + 1.0, b
+
+
+def test_a_schedule_that_reached_its_end_is_not_reopened(cifar, monkeypatch):
+    """The run ends where its plan ended the schedule, mid-epoch or not: an epoch-end plan that finds time
+    left does not start another epoch of a few steps at a learning rate climbing again from zero (seen once
+    in the suite: a 10 s run planned to step 151 ended its epoch there, then trained one more step as
+    "epoch 2"). The plans here are scripted: the first ends the schedule at step 20, every later one asks
+    for 10 steps more, up to 40."""
+    from train import engine
+
+    plans = []
+
+    def scripted(budget, horizon, step, *a, **k):
+        horizon.total = 20 if not plans else max(horizon.total, min(step + 10, 40))
+        plans.append((step, horizon.total))
+
+    monkeypatch.setattr(engine, "plan_horizon", scripted)
+    cfg = TrainConfig(dataset="cifar10", model="resnet20", subset=2000, batch_size=32, time_budget=60.0,
+                      evaluate_test=False, progress=False, val_fraction=0.05)
+    result = fit(cfg, cifar)
+    assert plans[0] == (10, 20)  # the first plan, after the calibration steps
+    assert [h["step"] for h in result.history] == [20] and result.history[0]["horizon_steps"] == 20
+    assert result.extra["budget"]["budget_steps"] == 20
