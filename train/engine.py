@@ -704,14 +704,13 @@ def fit(
             metrics.update(val_loss=v.loss, val_acc=v.accuracy)
             best.update(epoch + 1, v.accuracy, eval_model)  # the same accuracy on every rank: they stop together
         metrics["wall_seconds"] = time.perf_counter() - wall_start
-        if budget is not None and step < horizon.total:
-            # re-plan with this epoch's validation measured, from the recent steps' speed; a schedule that has
-            # reached its end is not reopened (its lr is at zero; a few more steps would cost a validation pass)
-            timed_from = timed_from or (first_step, first_trained)
-            recent = window if window is not None and step - window[0] >= REPLAN_MIN_STEPS else timed_from
-            plan_horizon(budget, horizon, step, recent, trained_seconds, metrics["wall_seconds"], val_seconds, dctx, device)
-            window = (step, trained_seconds) if window is not None else None
         if budget is not None:
+            if step < horizon.total:  # re-plan with this epoch's validation measured, from the recent steps' speed;
+                # a schedule that has reached its end is not reopened (its lr is at zero)
+                timed_from = timed_from or (first_step, first_trained)
+                recent = window if window is not None and step - window[0] >= REPLAN_MIN_STEPS else timed_from
+                plan_horizon(budget, horizon, step, recent, trained_seconds, metrics["wall_seconds"], val_seconds, dctx, device)
+                window = (step, trained_seconds) if window is not None else None
             metrics["horizon_steps"] = horizon.total
         history.append(metrics)
         if ckpt_path and dctx.is_main:  # one writer; every rank resumes from the same file
