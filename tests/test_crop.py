@@ -9,7 +9,7 @@ import torch
 import train.engine
 from train.augment import random_crop_flip
 from train.config import TrainConfig
-from train.engine import batch_augment, fit
+from train.engine import BatchAugment, batch_augment, fit
 
 
 def _window(crop: np.ndarray, image: np.ndarray) -> tuple[int, int, bool] | None:
@@ -50,7 +50,7 @@ def test_training_sees_crops_and_evaluation_whole_images(fer, monkeypatch):
     monkeypatch.setattr(train.engine, "build_model", spying_build)
     cfg = TrainConfig(dataset="fer2013", model="resnet9", model_args={"width": 16}, subset=1200, epochs=2,
                       batch_size=64, lr=0.05, crop_size=40, tta=1, progress=False, seed=1)
-    assert batch_augment(cfg.resolved()) == (0, True, 40)  # FER-2013: albumentations, then crop + flip batched
+    assert batch_augment(cfg.resolved()) == BatchAugment(0, True, 40)  # FER-2013: albumentations, then crop + flip batched
     result = fit(cfg, fer)
     assert seen[True] == {(40, 40)} and seen[False] == {(48, 48)}
     assert result.test is not None and len(result.test.labels) == len(fer.test_y)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from train.config import TrainConfig
-from train.engine import batch_augment, make_loader
+from train.engine import BatchAugment, batch_augment, make_loader
 
 
 def _seen(loader, epoch: int, x: np.ndarray) -> dict[int, bool]:
@@ -30,7 +30,7 @@ def _seen(loader, epoch: int, x: np.ndarray) -> dict[int, bool]:
 def test_alternating_flip_shows_each_image_both_ways_every_two_epochs(cifar):
     x, y = cifar.train_x[:600], cifar.train_y[:600]
     cfg = TrainConfig(dataset="cifar10", batch_size=50, flip="alternate", seed=5).resolved()
-    assert batch_augment(cfg) == (4, False, 0)  # the engine crops; the loader does the flipping
+    assert batch_augment(cfg) == BatchAugment(4, False, 0)  # the engine crops; the loader does the flipping
     loader = make_loader(cfg, x, y, torch.device("cpu"))
     e0, e1, e2 = (_seen(loader, e, x) for e in range(3))
     assert len(e0) == len(e1) == len(e2) == 600  # every image, mirrored or not, exactly once an epoch
@@ -47,7 +47,7 @@ def test_alternating_flip_shows_each_image_both_ways_every_two_epochs(cifar):
 
 def test_random_flip_stays_the_default(cifar):
     cfg = TrainConfig(dataset="cifar10", batch_size=50).resolved()
-    assert cfg.flip == "random" and batch_augment(cfg) == (4, True, 0)
+    assert cfg.flip == "random" and batch_augment(cfg) == BatchAugment(4, True, 0)
     loader = make_loader(cfg, cifar.train_x[:100], cifar.train_y[:100], torch.device("cpu"))
     assert loader.flip_bits is None
     with pytest.raises(ValueError, match="--flip takes one of random, alternate"):

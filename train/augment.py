@@ -9,18 +9,14 @@ run through an albumentations pipeline on uint8 numpy batches in a background th
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-# albumentations asks PyPI for a newer version at every import (every CLI start, every worker process):
-# a network call a training tool should not make, and a warning on offline machines. Users can still opt in.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-cv2.setNumThreads(1)  # the loader threads parallelise; OpenCV's own pool would oversubscribe 2 cores
+if TYPE_CHECKING:
+    import albumentations as A
 
 
 def random_crop_flip(
@@ -50,8 +46,32 @@ def random_crop_flip(
     return x[torch.arange(n, device=dev)[:, None, None], iy, ix]
 
 
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, classes: int,
+          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """mixup (Zhang et al., 2018) on a normalised float batch: every image blended with another image of the
+    batch at one weight lam ~ Beta(alpha, alpha), the one-hot labels blended alike. Returns the blended batch and
+    its soft targets (N x classes), which the cross-entropy takes as class probabilities. The weight and the
+    partners come from ``generator``, so a resumed epoch mixes the same way."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    perm = torch.randperm(len(y), generator=generator).to(x.device)
+    mixed = x.mul(lam).add_(x[perm], alpha=1 - lam)
+    target = F.one_hot(y, classes).float()
+    return mixed, target.mul(lam).add_(target[perm], alpha=1 - lam)
+
+
 def album_pipeline(channels: int, strength: float = 1.0) -> A.Compose:
-    """Per-image pipeline for faces; ``strength`` scales every magnitude (0 turns it off)."""
+    """Per-image pipeline for faces; ``strength`` scales every magnitude (0 turns it off).
+
+    albumentations and OpenCV load here, not with the module: ~0.45 s that every ``reslab`` process (and every
+    served model) would pay otherwise, though only the ``album`` augmentation uses them."""
+    # albumentations asks PyPI for a newer version at every import (every CLI start, every worker process):
+    # a network call a training tool should not make, and a warning on offline machines. Users can still opt in.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations as A
+    import cv2
+
+    cv2.setNumThreads(1)  # the loader threads parallelise; OpenCV's own pool would oversubscribe 2 cores
     s = float(strength)
     return A.Compose(
         [

@@ -114,6 +114,9 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
     g.add_argument("--crop-size", type=int, metavar="N",
                    help="train on random NxN crops of each image (FER-2013: 40 of 48 trains 1.4x faster per image); "
                    "evaluation and serving see whole images; 0: whole images")
+    g.add_argument("--mixup", type=float, metavar="ALPHA",
+                   help="blend each training image with another of its batch, and their labels alike, at a weight "
+                   "drawn from Beta(ALPHA, ALPHA) per batch (mixup; e.g. 0.2); 0: off")
     g.add_argument("--workers", type=int, help="augmentation threads")
     g.add_argument("--tta", type=int, nargs="?", const=1, choices=sorted(TTA_VIEWS), metavar="LEVEL",
                    help="test-time augmentation: 1 (--tta alone) averages the image and its mirror, 2 also both "

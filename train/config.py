@@ -79,6 +79,7 @@ class TrainConfig:
     aug_strength: float = 1.0
     crop_pad: int = 4
     crop_size: int = 0  # train on random crops of this side (0: the whole image); evaluation sees whole images
+    mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha) blending weight (0: off; 0.2-0.4 is usual)
     flip: str = "random"  # random: each image mirrored with p=0.5 each epoch; alternate: every other epoch (airbench)
     workers: int = 1  # augmentation threads for the albumentations path
     tta: int = 0  # test-time augmentation at evaluation: 0 off, 1 the image and its mirror, 2 also shifted by a pixel
@@ -114,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"--tta takes a level in {sorted(TTA_VIEWS)}, not {c.tta}")
         if not c.bn_bias_lr_scale > 0:
             raise ValueError(f"--bn-bias-lr-scale must be above 0, not {c.bn_bias_lr_scale}")
+        if not c.mixup >= 0:
+            raise ValueError(f"--mixup takes an alpha above 0 (e.g. 0.2), or 0 for off, not {c.mixup}")
         if c.crop_size < 0:
             raise ValueError(f"--crop-size must be 0 (whole images) or a side in pixels, not {c.crop_size}")
         if c.whiten and c.pretrained:

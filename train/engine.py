@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .augment import normalize, random_crop_flip
+from .augment import mixup, normalize, random_crop_flip
 from .budget import (CALIBRATION_SKIP, CALIBRATION_STEPS, REPLAN_MIN_STEPS, REPLANS_PER_EPOCH, Horizon, TimeBudget,
                      format_duration)
 from .config import TTA_VIEWS, TrainConfig
@@ -487,25 +487,37 @@ FLIPPING = ("flip", "crop-flip", "album")  # the augmentations that mirror image
 
 class BatchAugment(NamedTuple):
     """The batched on-device augmentation of a resolved config: crop padding, random flip, crop size (0: the
-    image's). Alternating flips are the loader's: they depend on the image and the epoch."""
+    image's), mixup's alpha (0: off) and the class count its soft targets need. Alternating flips are the
+    loader's: they depend on the image and the epoch."""
 
     pad: int
     flip: bool
     size: int = 0
+    mixup: float = 0.0
+    classes: int = 0
 
 
-def batch_augment(cfg: TrainConfig) -> BatchAugment:
+def batch_augment(cfg: TrainConfig, classes: int = 0) -> BatchAugment:
+    if cfg.mixup and classes < 2:
+        raise ValueError("--mixup needs the dataset's number of classes")
     return BatchAugment(cfg.crop_pad if cfg.augment == "crop-flip" else 0,
-                        cfg.augment in FLIPPING and cfg.flip == "random", cfg.crop_size)
+                        cfg.augment in FLIPPING and cfg.flip == "random", cfg.crop_size, cfg.mixup, classes)
 
 
 def prepare_batch(xb: torch.Tensor, yb: torch.Tensor, rt: Runtime, aug: BatchAugment,
-                  gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader's uint8 NHWC CPU batch -> normalised float batch on the device, crop/flipped as a whole."""
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader's uint8 NHWC CPU batch -> normalised float batch on the device, crop/flipped as a whole, and
+    its targets: the labels, or with mixup the blended batch's soft targets (N x classes)."""
     xb, yb = xb.to(rt.device, non_blocking=True), yb.to(rt.device, non_blocking=True)
-    if any(aug):
+    if aug.pad or aug.flip or aug.size:
         xb = random_crop_flip(xb, aug.pad, aug.flip, gen, aug.size)
-    return rt.inputs(xb), yb
+    x = rt.inputs(xb)
+    return mixup(x, yb, aug.mixup, aug.classes, gen) if aug.mixup else (x, yb)
+
+
+def hard_labels(target: torch.Tensor) -> torch.Tensor:
+    """The class each target stands for: the label itself, or the larger share of a mixup target."""
+    return target.argmax(1) if target.ndim == 2 else target
 
 
 def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATION_STEPS) -> float:
@@ -520,7 +532,7 @@ def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATI
     stepper = make_stepper(cfg, model, 10 * (CALIBRATION_SKIP + steps), device, rt.precision)
     n = min(len(data.train_y), cfg.batch_size * (CALIBRATION_SKIP + steps + 1))
     loader = make_loader(cfg, data.train_x[:n], data.train_y[:n], device)
-    aug = batch_augment(cfg)
+    aug = batch_augment(cfg, data.num_classes)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     rates: list[float] = []
@@ -586,7 +598,7 @@ def fit(
     if (cfg.patience is not None or cfg.restore_best) and not len(x_val):
         raise ValueError(f"--subset {cfg.subset} with --val-fraction {cfg.val_fraction} leaves no validation images "
                          "for --patience/--restore-best to judge; use a larger subset or fraction")
-    aug = batch_augment(cfg)
+    aug = batch_augment(cfg, data.num_classes)
     if aug.size > data.image_size + 2 * aug.pad:
         raise ValueError(f"--crop-size {aug.size} does not fit the dataset's {data.image_size}x{data.image_size} images")
 
@@ -654,12 +666,12 @@ def fit(
             if step >= horizon.total:
                 break
             raise_if_terminated()  # a SIGTERM whose exception Python dropped (train/interrupt.py)
-            x, yb = prepare_batch(xb, yb, rt, aug, gen)
-            loss, logits = stepper(x, yb, f" at epoch {epoch + 1}, step {step + 1}")
+            x, target = prepare_batch(xb, yb, rt, aug, gen)
+            loss, logits = stepper(x, target, f" at epoch {epoch + 1}, step {step + 1}")
             step += 1
             seen += len(yb)
             loss_sum += loss.detach() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
+            correct += (logits.argmax(1) == hard_labels(target)).sum()
             if budget is not None and step in (first_step + CALIBRATION_SKIP, first_step + CALIBRATION_SKIP + CALIBRATION_STEPS):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)

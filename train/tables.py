@@ -6,8 +6,6 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
-import pandas as pd
-
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-flavoured Markdown table; numbers right-aligned (pandas' to_markdown needs tabulate)."""
@@ -20,6 +18,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    import pandas as pd  # ~0.15 s: loaded by the commands that write HTML, not by every CLI start
+
     return pd.DataFrame([list(map(str, r)) for r in rows], columns=list(headers)).to_html(index=False, border=0, classes="reslab")
 
 
