@@ -9,6 +9,7 @@ import os
 import stat
 import struct
 import threading
+import time
 import zlib
 import pickle
 import zipfile
@@ -225,6 +226,31 @@ def test_changed_bytes_with_the_same_size_and_mtime_are_decoded_again(tmp_path, 
     assert not np.array_equal(first.train_x, second.train_x)
 
 
+def test_loads_starting_together_on_a_cold_cache_decode_once(tmp_path, cifar_members, monkeypatch):
+    """Two loads at once (threads here; tune workers or torchrun ranks in use) find no cache: one decodes,
+    the other waits on the decoding lock and reads what the first wrote."""
+    import train.data as data
+
+    calls = counting_reader(monkeypatch)
+    spy = data.READERS["zip"]
+    started = threading.Barrier(2)
+    monkeypatch.setitem(data.READERS, "zip", lambda *a, **k: (time.sleep(0.5), spy(*a, **k))[1])
+    src = write_zip(tmp_path / "c.zip", cifar_members)
+    results: list = []
+
+    def load() -> None:
+        started.wait()
+        results.append(load_dataset("cifar10", src, progress=False))
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 2 and calls[0] == 1, f"decoded {calls[0]} times"
+    np.testing.assert_array_equal(results[0].train_x, results[1].train_x)
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
 def test_a_torn_cache_file_is_rebuilt(tmp_path, cifar_members, monkeypatch, damage):
     calls = counting_reader(monkeypatch)
@@ -436,7 +462,7 @@ def test_cache_is_private_fsynced_and_leaves_no_temp_file(tmp_path, cifar_member
     cache = tmp_path / "cache"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
     assert synced == [False, True]  # the file, then the folder holding its new name
-    assert [p.suffix for p in cache.iterdir()] == [".npz"]
+    assert sorted(p.suffix for p in cache.iterdir()) == [".lock", ".npz"]  # the cache and its (empty) decoding lock
 
     real_savez = np.savez
     for failure in (OSError(28, "No space left on device"), KeyboardInterrupt()):
@@ -452,5 +478,5 @@ def test_cache_is_private_fsynced_and_leaves_no_temp_file(tmp_path, cifar_member
         else:
             with pytest.raises(KeyboardInterrupt):
                 load_dataset("cifar10", src, progress=False)
-        assert list(cache.iterdir()) == [], failure  # no temp file left behind
+        assert [p.name for p in cache.iterdir() if p.suffix != ".lock"] == [], failure  # no temp file left behind
     monkeypatch.setattr(np, "savez", real_savez)

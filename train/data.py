@@ -8,6 +8,7 @@ to evaluate a finished model; validation is carved out of train (:func:`split_va
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -18,6 +19,7 @@ import sys
 import uuid
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -399,21 +401,61 @@ def load_dataset(
     kind, path = ("cifar-batches", _download(name)) if download and data is None else resolve_source(name, data)
     fp = fingerprint(path)
     cache_file = cache_dir() / f"{name}-{fp}.npz"
-    if use_cache and cache_file.exists():
-        try:
-            with np.load(cache_file, allow_pickle=False) as z:
-                return ImageData(
-                    name, [str(c) for c in z["classes"]], z["train_x"], z["train_y"], z["test_x"], z["test_y"],
-                    z["mean"].tolist(), z["std"].tolist(), str(path), fp, int(z["skipped"]),
-                )
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-            cache_file.unlink(missing_ok=True)  # a torn cache file (empty, truncated) is rebuilt below
+    if not use_cache:
+        return _decode_source(name, info, kind, path, fp, progress, None)
+    cached = _read_cache(cache_file, name, path, fp)
+    if cached is not None:
+        return cached
+    with _decoding_lock(cache_file):  # processes starting together on a cold cache: one decodes, the rest read
+        cached = _read_cache(cache_file, name, path, fp)
+        return cached if cached is not None else _decode_source(name, info, kind, path, fp, progress, cache_file)
+
+
+def _read_cache(cache_file: Path, name: str, path: Path, fp: str) -> ImageData | None:
+    """The cached arrays, or None when there are none; a torn cache file (empty, truncated) is removed."""
+    if not cache_file.exists():
+        return None
+    try:
+        with np.load(cache_file, allow_pickle=False) as z:
+            return ImageData(
+                name, [str(c) for c in z["classes"]], z["train_x"], z["train_y"], z["test_x"], z["test_y"],
+                z["mean"].tolist(), z["std"].tolist(), str(path), fp, int(z["skipped"]),
+            )
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        cache_file.unlink(missing_ok=True)
+        return None
+
+
+@contextlib.contextmanager
+def _decoding_lock(cache_file: Path) -> Iterator[None]:
+    """An exclusive lock on ``cache_file``'s lock file while it is decoded and written. Without it, every
+    process that starts on a cold cache (tune workers, torchrun ranks, a test suite's workers) decodes the
+    whole dataset at once (CIFAR-10: ~16 s of CPU each). The kernel drops the lock of a killed process. Where
+    no lock can be taken (no fcntl, a read-only cache folder), the process decodes on its own, as before."""
+    try:
+        import fcntl
+
+        _make_cache_folder(cache_file.parent)
+        fh = open(cache_file.with_suffix(".lock"), "a")
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+    finally:
+        fh.close()  # releases the lock
+
+
+def _decode_source(name: str, info: DatasetInfo, kind: str, path: Path, fp: str, progress: bool,
+                   cache_file: Path | None) -> ImageData:
+    """Decode the source into arrays; write them to ``cache_file`` (None: no cache)."""
     train_x, train_y, test_x, test_y, classes, skipped = READERS[kind](info, path, progress)
     if sorted(classes) != sorted(info.classes):
         warnings.warn(f"{path}: classes {classes} differ from the usual {name} classes", ReslabWarning, stacklevel=2)
     mean, std = channel_stats(train_x)
     ds = ImageData(name, list(classes), train_x, train_y, test_x, test_y, mean, std, str(path), fp, skipped)
-    if use_cache:
+    if cache_file is not None:
         try:
             write_cache(cache_file, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
                         classes=np.asarray(classes), mean=np.asarray(mean), std=np.asarray(std), skipped=skipped)
@@ -422,14 +464,18 @@ def load_dataset(
     return ds
 
 
+def _make_cache_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)  # mkdir's mode is cut by the umask
+
+
 def write_cache(cache_file: Path, **arrays: object) -> None:
     """Write the cache atomically and durably: a temp file of this writer's own (pid and a random tag),
     fsynced, renamed over the old one, the folder fsynced; the temp file is removed on any failure (a
     full disk, Ctrl-C). A new cache folder is private (0700): it holds the decoded dataset."""
     folder = cache_file.parent
-    if not folder.is_dir():
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(folder, 0o700)  # mkdir's mode is cut by the umask
+    _make_cache_folder(folder)
     tmp = folder / f".{cache_file.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") as fh:
