@@ -432,19 +432,22 @@ def _decoding_lock(cache_file: Path) -> Iterator[None]:
     process that starts on a cold cache (tune workers, torchrun ranks, a test suite's workers) decodes the
     whole dataset at once (CIFAR-10: ~16 s of CPU each). The kernel drops the lock of a killed process. Where
     no lock can be taken (no fcntl, a read-only cache folder), the process decodes on its own, as before."""
+    fh = None
     try:
         import fcntl
 
         _make_cache_folder(cache_file.parent)
         fh = open(cache_file.with_suffix(".lock"), "a")
+        fcntl.flock(fh, fcntl.LOCK_EX)  # a file system without locks raises here
     except (ImportError, OSError):
-        yield
-        return
+        if fh is not None:
+            fh.close()
+        fh = None
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX)
         yield
     finally:
-        fh.close()  # releases the lock
+        if fh is not None:
+            fh.close()  # releases the lock
 
 
 def _decode_source(name: str, info: DatasetInfo, kind: str, path: Path, fp: str, progress: bool,
