@@ -37,12 +37,12 @@ run: install
 
 # `make test`: the suite without the tests marked slow (servers, DDP processes, budgets). CI sets CI=true
 # and runs everything, as does `make test-all`. Two passes: the suite on $(WORKERS) pytest-xdist workers (one
-# training thread each, whole modules per worker), then the tests marked serial alone, since they time
-# themselves against wall-clock budgets that another worker's load would eat into.
+# training thread each; whole modules per worker, grouped by tests/conftest.py), then the tests marked serial
+# alone, since they time themselves against wall-clock budgets that another worker's load would eat into.
 WORKERS ?= 2
 ONLY_FAST = $(if $(filter true 1,$(CI)),,and not slow)
 define SUITE
-$(PY) -m pytest -n $(WORKERS) --dist loadfile -m "not serial $(1)"
+$(PY) -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial $(1)"
 $(PY) -m pytest -p no:xdist -m "serial $(1)"
 endef
 

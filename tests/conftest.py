@@ -30,14 +30,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# The longest modules first, so that with `pytest -n 2 --dist loadfile` (`make test`) neither worker is left
-# with one of them at the end while the other idles. Seconds on a 2-core CPU, one worker (2026-12-04).
-LONGEST_FIRST = {"test_scaleout.py": 176, "test_make_run.py": 106, "test_train.py": 84, "test_outages.py": 78,
-                 "test_demo.py": 61, "test_demo_security.py": 59, "test_tune_paths.py": 58, "test_faults.py": 56}
+# The longest modules first, so that with `pytest -n 2 --dist loadfile --no-loadscope-reorder` (`make test`)
+# neither worker is left with one of them at the end while the other idles (pytest-xdist's default order is by
+# number of tests, which ignores this). Seconds of one worker on a 2-core CPU with AVX-512 BF16, parallel pass,
+# 2026-12-05; test_demo_security.py runs with test_demo.py (below), so their sum counts.
+LONGEST_FIRST = {"test_scaleout.py": 190, "test_demo.py": 130, "test_outages.py": 119, "test_train.py": 104,
+                 "test_tune_paths.py": 77, "test_faults.py": 56}
+# Modules that use another module's session fixtures run on that module's worker, so what the fixtures
+# build (test_demo.py's store: two models trained and registered) is built once, not once per worker.
+SAME_WORKER = {"test_demo_security.py": "test_demo.py"}
+
+
+def _unit(path: Path) -> str:
+    """The module whose worker runs the tests of ``path``."""
+    return SAME_WORKER.get(path.name, path.name)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: -LONGEST_FIRST.get(item.path.name, 0))  # stable: order within a module kept
+    items.sort(key=lambda item: -LONGEST_FIRST.get(_unit(item.path), 0))  # stable: order within a module kept
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`--dist loadfile`, with the modules of SAME_WORKER handed out together with their host module."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModulesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = Path(super()._split_scope(nodeid))
+            return str(path.with_name(_unit(path)))
+
+    return ModulesTogether(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -132,6 +156,22 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def process_tree(pid: int) -> list[str]:
+    """The command lines of ``pid`` and all its descendants (from /proc), to see what a server started."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            out.append((Path("/proc") / str(p) / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
+        todo.extend(children.get(p, []))
+    return out
 
 
 def wait_for_server(url: str, proc: subprocess.Popen, timeout: float, output: Callable[[], str]) -> None:

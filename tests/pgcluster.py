@@ -20,6 +20,8 @@ from pathlib import Path
 
 from conftest import free_port, wait_for_server
 
+from train.tracking import server_environment
+
 PG_USER = "postgres"  # the unix account the server runs as when the tests run as root
 
 
@@ -94,7 +96,8 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[Mlfl
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
            "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=server_environment())
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(uri + "/health", proc, 120, log.read_text)

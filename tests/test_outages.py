@@ -27,6 +27,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from pgcluster import _as_owner, pg_bin, postgres_cluster
 
+from train.tracking import server_environment
+
 # Minutes of servers, processes or budgets: run by CI (CI=true make test) and `make test-all`, not by a plain `make test`.
 pytestmark = pytest.mark.slow
 
@@ -48,7 +50,8 @@ class Tracking:
                "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", "1"]
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=server_environment())
         wait_for_server(self.uri + "/health", self.proc, 120, log.read_text)
 
     def stop(self) -> None:

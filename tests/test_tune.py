@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import free_port, module_store, stop, wait_for_server
+from conftest import free_port, module_store, process_tree, stop, wait_for_server
 from train.cli import main
 from train.data import stratified_subset
 
@@ -223,11 +223,16 @@ def test_ui_serves_the_store_and_lists_runs(first_study, store):
     from train.cli import ui_command
 
     port = free_port()
-    proc = subprocess.Popen(ui_command("127.0.0.1", port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd, env = ui_command("127.0.0.1", port)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(f"{base}/health", proc, 90,
                         lambda: proc.stderr.read().decode() if proc.poll() is not None else "")
+        # the server and its uvicorn process, not MLflow's job runner and its huey consumers (seven more
+        # processes, ~1.7 GB, for GenAI jobs reslab has none of); the runner starts before the server answers
+        tree = process_tree(proc.pid)
+        assert len(tree) == 2 and not [c for c in tree if "jobs" in c or "huey" in c], tree
         exp_id = mlflow.get_experiment_by_name("cifar10").experiment_id
         req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
                                      data=json.dumps({"experiment_ids": [exp_id], "max_results": 100}).encode(),

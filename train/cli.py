@@ -246,8 +246,9 @@ def add_ui_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_ui)
 
 
-def ui_command(host: str, port: int) -> list[str]:
-    from .tracking import default_tracking_uri, mlruns_dir
+def ui_command(host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow server`` command over reslab's store and the environment to run it in."""
+    from .tracking import default_tracking_uri, mlruns_dir, server_environment
 
     uri = default_tracking_uri()
     if uri.startswith(("http://", "https://")):
@@ -255,14 +256,14 @@ def ui_command(host: str, port: int) -> list[str]:
     mlruns_dir().mkdir(parents=True, exist_ok=True)
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
             "--default-artifact-root", (mlruns_dir() / "artifacts").as_uri(),
-            "--host", host, "--port", str(port), "--workers", "1"]
+            "--host", host, "--port", str(port), "--workers", "1"], server_environment()
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
-    cmd = ui_command(args.host, args.port)
+    cmd, env = ui_command(args.host, args.port)
     print(f"MLflow UI on http://{args.host}:{args.port}  (store: {cmd[5]}); Ctrl+C to stop", flush=True)
     try:
-        raise SystemExit(subprocess.call(cmd))
+        raise SystemExit(subprocess.call(cmd, env=env))
     except KeyboardInterrupt:
         pass
 
