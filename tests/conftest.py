@@ -50,6 +50,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: -LONGEST_FIRST.get(_unit(item.path), 0))  # stable: order within a module kept
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent under `-p no:xdist` (the serial pass)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     """`--dist loadfile`, with the modules of SAME_WORKER handed out together with their host module."""
     if config.getvalue("dist") != "loadfile":
