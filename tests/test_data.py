@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.data import DataError, load_dataset, split_validation, stratified_subset
+from train.data import DataError, channel_stats, load_dataset, split_validation, stratified_subset
 
 
 def real_members(zip_path: Path, per_class: int) -> dict[str, bytes]:
@@ -83,6 +83,44 @@ def test_full_real_datasets_match_their_readme(cifar, fer):
     np.testing.assert_allclose(cifar.mean, [0.4914, 0.4822, 0.4465], atol=1e-3)
     np.testing.assert_allclose(cifar.std, [0.2470, 0.2435, 0.2616], atol=1e-3)
     assert 0.4 < fer.mean[0] < 0.6 and len(fer.std) == 1
+
+
+def test_a_suffix_that_lies_still_decodes(tmp_path, cifar_members):
+    """The suffix's format is only tried first: WebP members renamed .png and .jpg, and one re-encoded as PNG
+    but named .webp, give the same pixels as the honest archive."""
+    honest = load_dataset("cifar10", write_zip(tmp_path / "honest.zip", cifar_members), progress=False)
+    renamed = {}
+    for i, (name, raw) in enumerate(cifar_members.items()):
+        stem = name.rsplit(".", 1)[0]
+        if i % 3 == 0:
+            png = io.BytesIO()
+            Image.open(io.BytesIO(raw)).save(png, format="PNG")  # lossless: the same pixels
+            renamed[name] = png.getvalue()  # PNG bytes under the .webp name
+        else:
+            renamed[stem + (".png" if i % 3 == 1 else ".jpg")] = raw  # WebP bytes under another name
+    lying = load_dataset("cifar10", write_zip(tmp_path / "lying.zip", renamed), progress=False)
+    assert lying.skipped == 0
+
+    def images(d, split):  # (label, pixels) of every image, in an order the renaming cannot change
+        return sorted(zip(getattr(d, f"{split}_y").tolist(), (x.tobytes() for x in getattr(d, f"{split}_x"))))
+
+    for split in ("train", "test"):
+        assert images(lying, split) == images(honest, split)
+
+
+def test_channel_stats_are_exact_without_a_float_copy(cifar, fer):
+    """The per-channel mean/std from 256-level histograms equal the float64 computation over every pixel,
+    chunk boundaries included (a chunk of 1,000 pixels here)."""
+    x = cifar.train_x[:700]
+    ref = x.reshape(-1, 3).astype(np.float64) / 255.0
+    for chunk in (1000, 1 << 20):
+        mean, std = channel_stats(x, chunk=chunk)
+        np.testing.assert_allclose(mean, ref.mean(0), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(std, ref.std(0), rtol=0, atol=1e-12)
+    gray = fer.train_x[:300].reshape(-1).astype(np.float64) / 255.0
+    np.testing.assert_allclose(channel_stats(fer.train_x[:300]), ([gray.mean()], [gray.std()]), rtol=0, atol=1e-12)
+    with pytest.raises(TypeError, match="uint8"):
+        channel_stats(x.astype(np.float32))
 
 
 # --------------------------------------------------------------------------- source formats
