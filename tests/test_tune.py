@@ -229,8 +229,8 @@ def test_ui_serves_the_store_and_lists_runs(first_study, store):
     try:
         wait_for_server(f"{base}/health", proc, 90,
                         lambda: proc.stderr.read().decode() if proc.poll() is not None else "")
-        # the server and its uvicorn process, not MLflow's job runner and its huey consumers (seven more
-        # processes, ~1.7 GB, for GenAI jobs reslab has none of); the runner starts before the server answers
+        # the server and its uvicorn process, not MLflow's job runner and its huey consumers (eight processes
+        # more, ~1.4 GB, for GenAI jobs reslab has none of); the runner starts before the server answers
         tree = process_tree(proc.pid)
         assert len(tree) == 2 and not [c for c in tree if "jobs" in c or "huey" in c], tree
         exp_id = mlflow.get_experiment_by_name("cifar10").experiment_id
