@@ -457,7 +457,7 @@ def _read_cache(cache_file: Path, name: str, path: Path, fp: str) -> ImageData |
 def _decoding_lock(cache_file: Path) -> Iterator[None]:
     """An exclusive lock on ``cache_file``'s lock file while it is decoded and written. Without it, every
     process that starts on a cold cache (tune workers, torchrun ranks, a test suite's workers) decodes the
-    whole dataset at once (CIFAR-10: ~16 s of CPU each). The kernel drops the lock of a killed process. Where
+    whole dataset at once (CIFAR-10: ~7 s of CPU each). The kernel drops the lock of a killed process. Where
     no lock can be taken (no fcntl, a read-only cache folder), the process decodes on its own, as before."""
     fh = None
     try:

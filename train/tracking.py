@@ -15,7 +15,6 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +49,13 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{mlruns_dir() / 'mlflow.db'}"
 
 
-def server_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for an ``mlflow server`` that reslab starts: ``env`` (default: this process's) with
-    MLflow's job execution off unless it says otherwise. MLflow 3's server otherwise starts a job runner and
+def server_environment() -> dict[str, str]:
+    """The environment for an ``mlflow server`` that reslab starts: this process's, with MLflow's job
+    execution off unless it says otherwise. MLflow 3's server otherwise starts a job runner and
     seven huey consumer processes for its GenAI jobs (LLM judges, prompt optimisation), which reslab's store
     has none of: 10 processes instead of 2, ~1.4 GB more memory and ~16 CPU-seconds more at each start on a
     2-core CPU (docs/scale-out.md)."""
-    env = dict(os.environ if env is None else env)
+    env = dict(os.environ)
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     return env
 
