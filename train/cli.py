@@ -104,6 +104,9 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
     g.add_argument("--milestones", type=float, nargs="+", metavar="M", help="step schedule: fractions (<=1) or iterations")
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--ema", type=float, metavar="DECAY", help="evaluate an EMA of the weights (e.g. 0.999)")
+    g.add_argument("--sam", type=float, metavar="RHO",
+                   help="sharpness-aware minimisation: take each step's gradient at the weights moved RHO along it "
+                   "(e.g. 0.05); two forward and backward passes a step; 0: off")
     g = _group(p, "augmentation", defaults)
     g.add_argument("--augment", choices=["auto", *AUGMENT_CHOICES],
                    help="auto: crop-flip for cifar10, albumentations for fer2013")

@@ -74,6 +74,7 @@ class TrainConfig:
     gamma: float = 0.1
     label_smoothing: float = 0.0
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
+    sam: float = 0.0  # sharpness-aware minimisation's radius rho (0: off; 0.05-0.1 is usual; each step costs 2 passes)
     # data pipeline
     augment: str = "auto"  # auto | none | flip | crop-flip | album
     aug_strength: float = 1.0
@@ -117,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"--bn-bias-lr-scale must be above 0, not {c.bn_bias_lr_scale}")
         if not c.mixup >= 0:
             raise ValueError(f"--mixup takes an alpha above 0 (e.g. 0.2), or 0 for off, not {c.mixup}")
+        if not c.sam >= 0:
+            raise ValueError(f"--sam takes a radius above 0 (e.g. 0.05), or 0 for off, not {c.sam}")
         if c.crop_size < 0:
             raise ValueError(f"--crop-size must be 0 (whole images) or a side in pixels, not {c.crop_size}")
         if c.whiten and c.pretrained:

@@ -379,12 +379,16 @@ class Stepper:
     precision: str
     compiled: bool = False
     compile_reason: str = ""  # why the step is (not) compiled: --compile, --no-compile or the auto rule
+    sam: float = 0.0  # rho of sharpness-aware minimisation: the radius of the weight perturbation (0: off)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device, self.precision):
+            logits = self.step_fn(x)
+            return self.criterion(logits.float(), y), logits
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, loss, backward, optimizer/schedule/EMA update; returns (loss, logits)."""
-        with autocast(self.device, self.precision):
-            logits = self.step_fn(x)
-            loss = self.criterion(logits.float(), y)
+        loss, logits = self._loss(x, y)
         value = loss.item()  # one host sync per step, as the finiteness check always took
         if not math.isfinite(value) or value > DIVERGED_LOSS:
             hint = "try a lower --lr" + (", or leave out --compile (a compiled step rounds bf16 differently; "
@@ -392,12 +396,37 @@ class Stepper:
             raise DivergedError(f"loss became {value:.4g}{where} (lr {self.sched.get_last_lr()[0]:.3g}); {hint}")
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.sam:
+            self._sharpness_aware_gradient(x, y)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         return loss, logits
+
+    def _sharpness_aware_gradient(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """SAM (Foret et al. 2021): replace the gradient by the one taken at the weights moved ``sam`` along
+        it (the nearby point where the loss rises fastest), so that the step seeks flat minima. Costs a second
+        forward and backward pass. The direction is the gradient's, normalised, so fp16's loss scale cancels;
+        a non-finite gradient (an fp16 overflow the scaler will skip) perturbs nothing. BatchNorm's running
+        statistics keep what the first pass made of them: the perturbed pass only serves the gradient."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+            scale = torch.where(torch.isfinite(norm), self.sam / (norm + 1e-12), torch.zeros_like(norm))
+            moves = [p.grad * scale.to(p.grad.dtype) for p in params]
+            for p, e in zip(params, moves):
+                p.add_(e)
+        loss, _ = self._loss(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        with torch.no_grad():
+            for p, e in zip(params, moves):
+                p.sub_(e)
+            for b, saved in zip(self.model.buffers(), buffers):
+                b.copy_(saved)
 
 
 AUTO_COMPILE_MODELS = re.compile(r"(resnet|plain)(20|32|44|56|110)")  # checked: the compiled step trains like eager
@@ -468,7 +497,7 @@ def make_stepper(cfg: TrainConfig, model: nn.Module, horizon: Horizon | int, dev
 
         step_fn = compile_module(module, device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    return Stepper(model, step_fn, opt, sched, scaler, criterion, ema, device, precision, compiled, why)
+    return Stepper(model, step_fn, opt, sched, scaler, criterion, ema, device, precision, compiled, why, cfg.sam)
 
 
 def make_loader(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, device: torch.device,
