@@ -409,22 +409,21 @@ class Stepper:
         """SAM (Foret et al. 2021): replace the gradient by the one taken at the weights moved ``sam`` along
         it (the nearby point where the loss rises fastest), so that the step seeks flat minima. Costs a second
         forward and backward pass. The direction is the gradient's, normalised, so fp16's loss scale cancels;
-        a non-finite gradient (an fp16 overflow the scaler will skip) perturbs nothing. BatchNorm's running
-        statistics keep what the first pass made of them: the perturbed pass only serves the gradient."""
+        the weights and BatchNorm's running statistics are put back as the first pass left them (copies, so an
+        fp16 overflow that the scaler skips leaves no NaN behind): the perturbed pass only serves the gradient."""
         params = [p for p in self.model.parameters() if p.grad is not None]
+        weights = [p.detach().clone() for p in params]  # put back exactly: (w + e) - e need not round to w
         buffers = [b.detach().clone() for b in self.model.buffers()]
         with torch.no_grad():
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
-            scale = torch.where(torch.isfinite(norm), self.sam / (norm + 1e-12), torch.zeros_like(norm))
-            moves = [p.grad * scale.to(p.grad.dtype) for p in params]
-            for p, e in zip(params, moves):
-                p.add_(e)
+            for p in params:
+                p.add_(p.grad * (self.sam / (norm + 1e-12)).to(p.grad.dtype))
         loss, _ = self._loss(x, y)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         with torch.no_grad():
-            for p, e in zip(params, moves):
-                p.sub_(e)
+            for p, w in zip(params, weights):
+                p.copy_(w)
             for b, saved in zip(self.model.buffers(), buffers):
                 b.copy_(saved)
 
