@@ -416,8 +416,9 @@ class Stepper:
         buffers = [b.detach().clone() for b in self.model.buffers()]
         with torch.no_grad():
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+            scale = self.sam / (norm + 1e-12)
             for p in params:
-                p.add_(p.grad * (self.sam / (norm + 1e-12)).to(p.grad.dtype))
+                p.add_(p.grad * scale.to(p.grad.dtype))
         loss, _ = self._loss(x, y)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
