@@ -103,6 +103,9 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
     g.add_argument("--warmup", type=float, metavar="F", help="warm-up share of training")
     g.add_argument("--milestones", type=float, nargs="+", metavar="M", help="step schedule: fractions (<=1) or iterations")
     g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--class-weights", type=float, metavar="POWER",
+                   help="weigh each class's loss by (1 / its training images)^POWER, scaled to a mean of 1 per image: "
+                   "1 balances the classes, 0.5 half-way (FER-2013's 'disgust' has 436 images, 'happy' 7,215); 0: off")
     g.add_argument("--ema", type=float, metavar="DECAY", help="evaluate an EMA of the weights (e.g. 0.999)")
     g.add_argument("--sam", type=float, metavar="RHO",
                    help="sharpness-aware minimisation: take each step's gradient at the weights moved RHO along it "

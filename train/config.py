@@ -73,6 +73,7 @@ class TrainConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step schedule, fractions of training
     gamma: float = 0.1
     label_smoothing: float = 0.0
+    class_weights: float = 0.0  # weigh class c's loss by (1/train count)^POWER, mean 1 per image (0: off, 1: balanced)
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
     sam: float = 0.0  # sharpness-aware minimisation's radius rho (0: off; 0.05-0.1 is usual; each step costs 2 passes)
     # data pipeline
@@ -118,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"--bn-bias-lr-scale must be above 0, not {c.bn_bias_lr_scale}")
         if not c.mixup >= 0:
             raise ValueError(f"--mixup takes an alpha above 0 (e.g. 0.2), or 0 for off, not {c.mixup}")
+        if not 0 <= c.class_weights <= 1:
+            raise ValueError(f"--class-weights takes a power from 0 (off) to 1 (inverse frequency), not {c.class_weights}")
         if not c.sam >= 0:
             raise ValueError(f"--sam takes a radius above 0 (e.g. 0.05), or 0 for off, not {c.sam}")
         if c.crop_size < 0:

@@ -474,10 +474,25 @@ def ema_with_warmup(decay: float) -> Callable[[list[torch.Tensor], list[torch.Te
     return update
 
 
+def class_weights(labels: np.ndarray, classes: int, power: float) -> torch.Tensor | None:
+    """Per-class loss weights (1 / count)^power, scaled so that the weight averaged over the training images
+    is 1 (the loss keeps its scale, so the learning rate means the same); None for power 0. A class with no
+    training image gets the largest weight of the others (it never occurs in the loss anyway)."""
+    if not power:
+        return None
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=classes).astype(np.float64)
+    w = np.zeros(classes)
+    seen = counts > 0
+    w[seen] = counts[seen] ** -power
+    w[~seen] = w[seen].max() if seen.any() else 1.0
+    w /= (w * counts).sum() / max(counts.sum(), 1.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
 def make_stepper(cfg: TrainConfig, model: nn.Module, horizon: Horizon | int, device: torch.device, precision: str,
-                 train_module: nn.Module | None = None) -> Stepper:
-    """Optimiser, schedule, grad scaler (fp16 on CUDA), EMA and loss for ``cfg``; ``train_module``
-    runs the forward pass (a DDP wrapper), else the model itself. The schedule reads ``horizon`` at
+                 train_module: nn.Module | None = None, weight: torch.Tensor | None = None) -> Stepper:
+    """Optimiser, schedule, grad scaler (fp16 on CUDA), EMA and loss for ``cfg`` (``weight``: per-class loss
+    weights, see :func:`class_weights`); ``train_module`` runs the forward pass (a DDP wrapper), else the model itself. The schedule reads ``horizon`` at
     every step, so a time budget can set the run's length once its step time is measured."""
     horizon = horizon if isinstance(horizon, Horizon) else Horizon(horizon)
     total_steps = horizon.total
@@ -496,7 +511,8 @@ def make_stepper(cfg: TrainConfig, model: nn.Module, horizon: Horizon | int, dev
         from .compiled import compile_module  # registers custom ops: only for runs that compile
 
         step_fn = compile_module(module, device)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device),
+                                    label_smoothing=cfg.label_smoothing)
     return Stepper(model, step_fn, opt, sched, scaler, criterion, ema, device, precision, compiled, why, cfg.sam)
 
 
@@ -642,7 +658,8 @@ def fit(
         budget = TimeBudget(cfg.time_budget, steps_per_epoch, cfg.batch_size, len(x_val),
                             len(x_val) + (len(data.test_y) if cfg.evaluate_test else 0), TTA_VIEWS[cfg.tta])
     train_module = distributed.wrap(model, dctx, device)  # DDP over several ranks, else the model itself
-    stepper = make_stepper(cfg, model, horizon, device, precision, train_module)
+    stepper = make_stepper(cfg, model, horizon, device, precision, train_module,
+                           class_weights(y_train, data.num_classes, cfg.class_weights))
     opt, sched, scaler, ema = stepper.opt, stepper.sched, stepper.scaler, stepper.ema
     if stepper.compiled and cfg.progress and dctx.is_main:
         print(f"compiling the training step ({stepper.compile_reason}): the first step takes ~25 s more; "
