@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -66,3 +68,33 @@ def test_a_crop_larger_than_the_images_is_one_error(fer, capsys):
 
     args = build_parser().parse_args(["train", "--dataset", "fer2013", "--recipe", "fast-cpu", "--crop-size", "40"])
     assert config_from_args(args).crop_size == 40
+
+
+def test_full_size_finish_trains_the_last_steps_on_whole_images(fer, monkeypatch):
+    """--full-size-finish 0.25 with --crop-size 40: the first three quarters of the training steps see 40x40
+    crops, the last quarter whole 48x48 faces, in that order."""
+    shapes: list[tuple[int, int]] = []
+    build = train.engine.build_model
+
+    def spying_build(cfg, data):
+        model = build(cfg, data)
+        def record(m, args):
+            if m.training:
+                shapes.append(tuple(args[0].shape[-2:]))
+
+        model.register_forward_pre_hook(record)
+        return model
+
+    monkeypatch.setattr(train.engine, "build_model", spying_build)
+    cfg = TrainConfig(dataset="fer2013", model="resnet9", model_args={"width": 16}, subset=1200, epochs=2,
+                      batch_size=64, lr=0.05, crop_size=40, full_size_finish=0.25, evaluate_test=False,
+                      progress=False, seed=1)
+    result = fit(cfg, fer)
+    steps = len(shapes)
+    crops = math.ceil(0.75 * steps)  # the step that starts at 3/4 of the horizon is the first whole-image one
+    assert len(result.history) == 2 and steps >= 30
+    assert shapes == [(40, 40)] * crops + [(48, 48)] * (steps - crops)
+    with pytest.raises(ValueError, match="give --crop-size too"):
+        TrainConfig(dataset="fer2013", full_size_finish=0.2).resolved()
+    with pytest.raises(ValueError, match="--full-size-finish takes a fraction"):
+        TrainConfig(dataset="fer2013", crop_size=40, full_size_finish=1.5).resolved()

@@ -120,6 +120,9 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
     g.add_argument("--crop-size", type=int, metavar="N",
                    help="train on random NxN crops of each image (FER-2013: 40 of 48 trains 1.4x faster per image); "
                    "evaluation and serving see whole images; 0: whole images")
+    g.add_argument("--full-size-finish", type=float, metavar="F",
+                   help="with --crop-size: train the last F of the steps (e.g. 0.2) on whole images, the size that "
+                   "evaluation and serving see; 0: crops to the end")
     g.add_argument("--mixup", type=float, metavar="ALPHA",
                    help="blend each training image with another of its batch, and their labels alike, at a weight "
                    "drawn from Beta(ALPHA, ALPHA) per batch (mixup; e.g. 0.2); 0: off")

@@ -712,7 +712,8 @@ def fit(
             if step >= horizon.total:
                 break
             raise_if_terminated()  # a SIGTERM whose exception Python dropped (train/interrupt.py)
-            x, target = prepare_batch(xb, yb, rt, aug, gen)
+            finishing = cfg.full_size_finish and step >= (1 - cfg.full_size_finish) * horizon.total
+            x, target = prepare_batch(xb, yb, rt, aug._replace(size=0) if finishing else aug, gen)
             loss, logits = stepper(x, target, f" at epoch {epoch + 1}, step {step + 1}")
             step += 1
             seen += len(yb)
