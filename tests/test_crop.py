@@ -94,7 +94,28 @@ def test_full_size_finish_trains_the_last_steps_on_whole_images(fer, monkeypatch
     crops = math.ceil(0.75 * steps)  # the step that starts at 3/4 of the horizon is the first whole-image one
     assert len(result.history) == 2 and steps >= 30
     assert shapes == [(40, 40)] * crops + [(48, 48)] * (steps - crops)
-    with pytest.raises(ValueError, match="give --crop-size too"):
-        TrainConfig(dataset="fer2013", full_size_finish=0.2).resolved()
     with pytest.raises(ValueError, match="--full-size-finish takes a fraction"):
         TrainConfig(dataset="fer2013", crop_size=40, full_size_finish=1.5).resolved()
+
+
+def test_a_resumed_run_switches_to_whole_images_where_the_uninterrupted_one_did(fer, tmp_path):
+    """Interrupted after epoch 1 of 3 with --full-size-finish 0.5 (the switch falls in epoch 2) and class
+    weights (the fast-cpu recipe's FER-2013 options): resumed, it ends with the same weights bit for bit."""
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, metrics):
+        if epoch == 0:
+            raise Stop
+
+    base = dict(dataset="fer2013", model="resnet9", model_args={"width": 16}, subset=900, epochs=3, batch_size=64,
+                lr=0.05, crop_size=40, full_size_finish=0.5, class_weights=0.5, evaluate_test=False, progress=False,
+                seed=2)
+    full = fit(TrainConfig(**base, checkpoint_dir=str(tmp_path / "a")), fer)
+    cut = TrainConfig(**base, checkpoint_dir=str(tmp_path / "b"))
+    with pytest.raises(Stop):
+        fit(cut, fer, callbacks=[stop])
+    resumed = fit(cut, fer, resume=tmp_path / "b")
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -122,7 +122,7 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
                    "evaluation and serving see whole images; 0: whole images")
     g.add_argument("--full-size-finish", type=float, metavar="F",
                    help="with --crop-size: train the last F of the steps (e.g. 0.2) on whole images, the size that "
-                   "evaluation and serving see; 0: crops to the end")
+                   "evaluation and serving see; 0: crops to the end (without crops it changes nothing)")
     g.add_argument("--mixup", type=float, metavar="ALPHA",
                    help="blend each training image with another of its batch, and their labels alike, at a weight "
                    "drawn from Beta(ALPHA, ALPHA) per batch (mixup; e.g. 0.2); 0: off")

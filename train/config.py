@@ -81,7 +81,7 @@ class TrainConfig:
     aug_strength: float = 1.0
     crop_pad: int = 4
     crop_size: int = 0  # train on random crops of this side (0: the whole image); evaluation sees whole images
-    full_size_finish: float = 0.0  # the last fraction of the steps trains on whole images, as evaluation sees them
+    full_size_finish: float = 0.0  # with crop_size: the last fraction of the steps trains on whole images, as evaluation sees them
     mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha) blending weight (0: off; 0.2-0.4 is usual)
     flip: str = "random"  # random: each image mirrored with p=0.5 each epoch; alternate: every other epoch (airbench)
     workers: int = 1  # augmentation threads for the albumentations path
@@ -128,8 +128,6 @@ class TrainConfig:
             raise ValueError(f"--crop-size must be 0 (whole images) or a side in pixels, not {c.crop_size}")
         if not 0 <= c.full_size_finish <= 1:
             raise ValueError(f"--full-size-finish takes a fraction of training from 0 to 1, not {c.full_size_finish}")
-        if c.full_size_finish and not c.crop_size:
-            raise ValueError("--full-size-finish ends a run of --crop-size crops on whole images: give --crop-size too")
         if c.whiten and c.pretrained:
             raise ValueError("--whiten sets the first layer from the data, --pretrained/--init-from from weights: choose one")
         return c
