@@ -492,8 +492,9 @@ def class_weights(labels: np.ndarray, classes: int, power: float) -> torch.Tenso
 def make_stepper(cfg: TrainConfig, model: nn.Module, horizon: Horizon | int, device: torch.device, precision: str,
                  train_module: nn.Module | None = None, weight: torch.Tensor | None = None) -> Stepper:
     """Optimiser, schedule, grad scaler (fp16 on CUDA), EMA and loss for ``cfg`` (``weight``: per-class loss
-    weights, see :func:`class_weights`); ``train_module`` runs the forward pass (a DDP wrapper), else the model itself. The schedule reads ``horizon`` at
-    every step, so a time budget can set the run's length once its step time is measured."""
+    weights, see :func:`class_weights`); ``train_module`` runs the forward pass (a DDP wrapper), else the model
+    itself. The schedule reads ``horizon`` at every step, so a time budget can set the run's length once its step
+    time is measured."""
     horizon = horizon if isinstance(horizon, Horizon) else Horizon(horizon)
     total_steps = horizon.total
     opt = make_optimizer(model, cfg)
@@ -712,7 +713,7 @@ def fit(
             if step >= horizon.total:
                 break
             raise_if_terminated()  # a SIGTERM whose exception Python dropped (train/interrupt.py)
-            finishing = cfg.full_size_finish and step >= (1 - cfg.full_size_finish) * horizon.total
+            finishing = cfg.full_size_finish > 0 and step >= (1 - cfg.full_size_finish) * horizon.total  # whole images
             x, target = prepare_batch(xb, yb, rt, aug._replace(size=0) if finishing else aug, gen)
             loss, logits = stepper(x, target, f" at epoch {epoch + 1}, step {step + 1}")
             step += 1
