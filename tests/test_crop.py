@@ -13,6 +13,8 @@ from train.augment import random_crop_flip
 from train.config import TrainConfig
 from train.engine import BatchAugment, batch_augment, fit
 
+from tests.test_train import StopAfter
+
 
 def _window(crop: np.ndarray, image: np.ndarray) -> tuple[int, int, bool] | None:
     """Where ``crop`` lies in ``image`` (or in its mirror): (dy, dx, mirrored), or None."""
@@ -100,20 +102,17 @@ def test_full_size_finish_trains_the_last_steps_on_whole_images(fer, monkeypatch
 
 def test_a_resumed_run_switches_to_whole_images_where_the_uninterrupted_one_did(fer, tmp_path):
     """Interrupted after epoch 1 of 3 with --full-size-finish 0.5 (the switch falls in epoch 2) and class
-    weights (the fast-cpu recipe's FER-2013 options): resumed, it ends with the same weights bit for bit."""
-    class Stop(Exception):
-        pass
-
+    weights on too: resumed, it ends with the same weights bit for bit."""
     def stop(epoch, metrics):
         if epoch == 0:
-            raise Stop
+            raise StopAfter
 
     base = dict(dataset="fer2013", model="resnet9", model_args={"width": 16}, subset=900, epochs=3, batch_size=64,
                 lr=0.05, crop_size=40, full_size_finish=0.5, class_weights=0.5, evaluate_test=False, progress=False,
                 seed=2)
     full = fit(TrainConfig(**base, checkpoint_dir=str(tmp_path / "a")), fer)
     cut = TrainConfig(**base, checkpoint_dir=str(tmp_path / "b"))
-    with pytest.raises(Stop):
+    with pytest.raises(StopAfter):
         fit(cut, fer, callbacks=[stop])
     resumed = fit(cut, fer, resume=tmp_path / "b")
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
