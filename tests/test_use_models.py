@@ -21,6 +21,7 @@ from tests.conftest import ROOT, module_store
 
 PRETRAINED = Path(ROOT.parent / "shared" / "pretrained")
 R20 = PRETRAINED / "resnet20-12fca82f.th"
+R32 = PRETRAINED / "resnet32-d509ac18.th"
 R56 = PRETRAINED / "resnet56-4bfd9763.th"
 COMMANDS = ("import", "evaluate", "export", "predict")
 
@@ -111,6 +112,52 @@ def test_published_resnet20_imports_and_evaluates_near_its_stated_accuracy(impor
     run = mlflow.get_run(next(m.run_id for m in lm.metrics if m.key == "test_acc"))
     test_inputs = [d for d in run.inputs.dataset_inputs if any(t.value == "test" for t in d.tags)]
     assert test_inputs and test_inputs[0].dataset.name == "cifar10"
+
+
+def test_an_ensemble_is_the_mean_of_its_models_probabilities(imported, capsys):
+    """The published ResNet-20 and ResNet-32 as one ensemble at TTA level 1 on 300 real test images: its
+    confusion matrix is that of the argmax of the two models' mean probabilities, each the softmax of the
+    mean of the model's logits on the image and its mirror, computed here by hand."""
+    from sklearn.metrics import confusion_matrix
+
+    from train.data import load_dataset, stratified_subset
+    from train.evaluate import model_inputs
+    from train.usemodel import open_model
+
+    cli(["import", str(R32), "--model", "resnet32", "--register", "cifar10-resnet32-published"])
+    r32 = "models:/cifar10-resnet32-published/1"
+    capsys.readouterr()
+    cli(["evaluate", imported, r32, "--tta", "--limit", "300", "--no-progress", "--out", "ensemble.json"])
+    out = capsys.readouterr().out
+    report = json.loads(Path("ensemble.json").read_text())
+    assert report["models"] == [imported, r32] and report["tta"] == 1 and report["images"] == 300
+    assert out.startswith(f"ensemble of 2 (mean softmax): {imported} + {r32}") and "TTA level 1: 2 views" in out
+
+    data = load_dataset("cifar10")
+    keep = np.sort(stratified_subset(data.test_y, 300))
+    x, y = data.test_x[keep], data.test_y[keep]
+    probs, plain = [], []
+    for uri in (imported, r32):
+        m = open_model(uri)
+        m.module.eval()
+        with torch.no_grad():
+            t = m.prep.tensor(model_inputs(m, x))
+            logits = m.module(t)
+            probs.append(torch.softmax((logits + m.module(t.flip(3))) / 2, 1).numpy())
+            plain.append(logits.argmax(1).numpy())
+    ensemble = np.mean(probs, 0).argmax(1)
+    # what makes this a test of the ensemble and the TTA: neither member alone, nor no TTA, predicts the same
+    assert (ensemble != probs[0].argmax(1)).any() and (ensemble != probs[1].argmax(1)).any()
+    assert (probs[0].argmax(1) != plain[0]).any()
+    assert np.array_equal(report["confusion_matrix"], confusion_matrix(y, ensemble, labels=range(10)))
+    assert report["accuracy"] == pytest.approx((ensemble == y).mean())
+
+
+def test_evaluate_refuses_to_log_an_ensemble(imported, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["evaluate", imported, imported, "--log"])
+    assert e.value.code == 2
+    assert "--log records an evaluation against one model" in capsys.readouterr().err
 
 
 def test_import_refuses_a_checkpoint_of_another_depth(store, capsys):

@@ -210,7 +210,7 @@ class EvalResult:
     images_per_sec: float
 
 
-def _tta_logits(model: nn.Module, xb: torch.Tensor, level: int) -> torch.Tensor:
+def tta_logits(model: nn.Module, xb: torch.Tensor, level: int) -> torch.Tensor:
     """Logits averaged over the views of a test-time augmentation level (config.TTA_VIEWS), airbench's way:
     level 1 the image and its mirror; level 2 half of that plus half of the same for the image shifted one
     pixel up-left and down-right (reflect padding), so a shift of the object by a pixel cannot flip the answer."""
@@ -235,7 +235,7 @@ def predict(model: nn.Module, x: np.ndarray, rt: Runtime, tta: int = 0, batch_si
     for i in range(0, len(x), batch_size):
         xb = rt.inputs(torch.from_numpy(x[i : i + batch_size]).to(rt.device))
         with autocast(rt.device, rt.precision):
-            logits = _tta_logits(model, xb, int(tta))
+            logits = tta_logits(model, xb, int(tta))
         out.append(logits.cpu())
     return torch.cat(out) if out else torch.empty(0)
 

@@ -1,6 +1,9 @@
 """``reslab evaluate``: a logged model on a dataset's test split (or any labelled image folder):
 accuracy, macro precision/recall/F1, per-class report and confusion matrix, optionally logged to
-MLflow against the model itself (``model_id``) and its registry version."""
+MLflow against the model itself (``model_id``) and its registry version. Several models are judged as
+one ensemble (the mean of their softmax probabilities), and test-time augmentation is the training
+engine's own (``--tta``), so a run's logged test accuracy can be checked and ensembles measured with
+the same code."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import json
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .config import TTA_VIEWS
 from .data import ImageData, stratified_subset
+from .engine import tta_logits
 from .report import classification_metrics, plot_confusion
 from .tracking import experiment_id
 from .usemodel import OpenedModel
@@ -38,22 +44,32 @@ def model_inputs(opened: OpenedModel, x: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_arrays(opened: OpenedModel, x: np.ndarray, batch_size: int = 500, progress: bool = True) -> np.ndarray:
-    """Softmax probabilities for uint8 (N, H, W, C) images."""
+def predict_arrays(opened: OpenedModel, x: np.ndarray, batch_size: int = 500, progress: bool = True,
+                   tta: int = 0) -> np.ndarray:
+    """Softmax probabilities for uint8 (N, H, W, C) images; ``tta`` is a test-time augmentation level
+    (config.TTA_VIEWS), averaged over the views' logits as training's evaluation does."""
     opened.module.eval()
     out = []
     bar = tqdm(total=len(x), unit="img", desc="evaluate", disable=not progress, leave=False)
     for i in range(0, len(x), batch_size):
         batch = opened.prep.tensor(model_inputs(opened, x[i : i + batch_size]))
-        out.append(torch.softmax(opened.module(batch).float(), 1).numpy())
+        out.append(torch.softmax(tta_logits(opened.module, batch, tta), 1).numpy())
         bar.update(len(batch))
     bar.close()
     return np.concatenate(out) if out else np.zeros((0, len(opened.prep.classes)), np.float32)
 
 
-def evaluate(opened: OpenedModel, data: ImageData, limit: int | None = None, batch_size: int = 500,
-             progress: bool = True) -> dict[str, Any]:
-    check_compatible(opened, data)
+def evaluate(models: OpenedModel | Sequence[OpenedModel], data: ImageData, limit: int | None = None,
+             batch_size: int = 500, progress: bool = True, tta: int = 0) -> dict[str, Any]:
+    """One model, or several as an ensemble: the mean of their softmax probabilities, each model fed
+    through its own preprocessing (they need the same classes, not the same input size)."""
+    models = [models] if isinstance(models, OpenedModel) else list(models)
+    if not models:
+        raise ValueError("no model to evaluate")
+    if tta not in TTA_VIEWS:
+        raise ValueError(f"test-time augmentation level {tta}: choose one of {sorted(TTA_VIEWS)}")
+    for opened in models:
+        check_compatible(opened, data)
     x, y = data.test_x, data.test_y
     if limit and limit < len(y):  # a stratified subset (the splits are sorted by class)
         keep = np.sort(stratified_subset(y, limit))
@@ -61,18 +77,22 @@ def evaluate(opened: OpenedModel, data: ImageData, limit: int | None = None, bat
     if not len(x):
         raise ValueError(f"{data.name} ({data.source}) has no test images")
     t0 = time.perf_counter()
-    probs = predict_arrays(opened, x, batch_size, progress)
+    probs = np.mean([predict_arrays(opened, x, batch_size, progress, tta) for opened in models], axis=0)
     seconds = time.perf_counter() - t0
-    report = classification_metrics(y, probs.argmax(1), list(opened.prep.classes))
+    report = classification_metrics(y, probs.argmax(1), list(models[0].prep.classes))
     report.update(images=int(len(y)), seconds=seconds, images_per_sec=len(y) / max(seconds, 1e-9),
-                  model_uri=opened.uri, dataset=data.name, data_source=data.source, data_fingerprint=data.fingerprint)
+                  model_uri=" + ".join(m.uri for m in models), models=[m.uri for m in models], tta=tta,
+                  dataset=data.name, data_source=data.source, data_fingerprint=data.fingerprint)
     return report
 
 
 def format_report(report: dict[str, Any]) -> str:
     classes = list(report["per_class"])
     w = max(len(c) for c in classes + ["class"])
-    lines = [f"{report['model_uri']} on {report['dataset']} test split ({report['images']} images, "
+    models, tta = report.get("models", [report["model_uri"]]), report.get("tta", 0)
+    what = report["model_uri"] if len(models) == 1 else f"ensemble of {len(models)} (mean softmax): {report['model_uri']}"
+    views = f", TTA level {tta}: {TTA_VIEWS[tta]} views per image" if tta else ""
+    lines = [f"{what} on {report['dataset']} test split ({report['images']} images{views}, "
              f"{report['images_per_sec']:.0f} img/s)",
              f"accuracy {report['accuracy']:.4f}   macro precision {report['precision_macro']:.4f}   "
              f"macro recall {report['recall_macro']:.4f}   macro F1 {report['f1_macro']:.4f}", "",
@@ -107,6 +127,7 @@ def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any],
     metrics.update({f"test_f1_{c}": v["f1-score"] for c, v in report["per_class"].items()})
     with mlflow.start_run(experiment_id=experiment_id(exp), run_name=f"evaluate-{opened.name or 'model'}") as run:
         mlflow.set_tags({"evaluated_model": opened.uri, "dataset": data.name, "dataset_hash": data.fingerprint,
+                         "tta": str(report.get("tta", 0)),
                          **({"model_id": opened.model_id} if opened.model_id else {})})
         log_dataset(data, "test", data.test_x, data.test_y, opened.model_id)
         mlflow.log_metrics(metrics, model_id=opened.model_id)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from .cli import fail
+from .config import TTA_VIEWS
 from .data import DATASETS
 
 MODEL_HELP = ("a logged model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a run id, "
@@ -71,13 +72,20 @@ def cmd_import(args: argparse.Namespace) -> None:
 def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="accuracy, macro P/R/F1, per-class report and confusion matrix of a logged model",
-        description="Evaluate a logged model on a dataset's test split (or a labelled image folder given with --data), "
-        "with the model's own preprocessing. --log records the metrics in MLflow, linked to the model (model_id) "
-        "and, for a registry URI, tagged on that version.",
-        epilog="example: reslab evaluate models:/cifar10-resnet@champion --log --out report.json")
-    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+        description="Evaluate a logged model on a dataset's test split (or a labelled image folder given with --data),\n"
+        "with the model's own preprocessing. Several models are evaluated as one ensemble: the mean of their\n"
+        "softmax probabilities. --tta averages each model over flipped and shifted views as training's evaluation\n"
+        "does, so a run's logged test accuracy can be checked. --log records the metrics in MLflow, linked to the\n"
+        "model (model_id) and, for a registry URI, tagged on that version.",
+        epilog="example: reslab evaluate models:/cifar10-resnet@champion --log --out report.json\n"
+        "ensemble: reslab evaluate runs:/RUN_A/model runs:/RUN_B/model --tta 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", nargs="+", help=MODEL_HELP + "; several: their ensemble")
     _data_args(p)
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N test images")
+    p.add_argument("--tta", type=int, nargs="?", const=1, default=0, choices=sorted(TTA_VIEWS), metavar="LEVEL",
+                   help="test-time augmentation as `reslab train --tta`: 0 the image alone (default, as served), "
+                   "1 (--tta alone) with its mirror, 2 also both shifted by a pixel (6 passes per image)")
+    p.add_argument("--limit", type=int, metavar="N", help="a stratified subset of N test images")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default: 500)")
     p.add_argument("--log", action="store_true", help="log the evaluation to MLflow against the model")
     p.add_argument("--experiment", help="MLflow experiment of the evaluation run (default: the dataset name)")
@@ -91,9 +99,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     if args.limit is not None and args.limit < 1:
         fail(f"--limit {args.limit}: give at least 1 image")
-    opened = _open(args.model)
+    if args.log and len(args.model) > 1:
+        fail("--log records an evaluation against one model; evaluate an ensemble without it")
+    models = [_open(m) for m in args.model]
+    opened = models[0]
     data = _load_data(opened, args)
-    report = evaluate(opened, data, args.limit, args.batch_size, progress=not args.no_progress)
+    report = evaluate(models, data, args.limit, args.batch_size, progress=not args.no_progress, tta=args.tta)
     print(format_report(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
