@@ -89,8 +89,8 @@ def evaluate(models: OpenedModel | Sequence[OpenedModel], data: ImageData, limit
 def format_report(report: dict[str, Any]) -> str:
     classes = list(report["per_class"])
     w = max(len(c) for c in classes + ["class"])
-    models, tta = report.get("models", [report["model_uri"]]), report.get("tta", 0)
-    what = report["model_uri"] if len(models) == 1 else f"ensemble of {len(models)} (mean softmax): {report['model_uri']}"
+    n, tta = len(report["models"]), report["tta"]
+    what = report["model_uri"] if n == 1 else f"ensemble of {n} (mean softmax): {report['model_uri']}"
     views = f", TTA level {tta}: {TTA_VIEWS[tta]} views per image" if tta else ""
     lines = [f"{what} on {report['dataset']} test split ({report['images']} images{views}, "
              f"{report['images_per_sec']:.0f} img/s)",
@@ -127,7 +127,7 @@ def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any],
     metrics.update({f"test_f1_{c}": v["f1-score"] for c, v in report["per_class"].items()})
     with mlflow.start_run(experiment_id=experiment_id(exp), run_name=f"evaluate-{opened.name or 'model'}") as run:
         mlflow.set_tags({"evaluated_model": opened.uri, "dataset": data.name, "dataset_hash": data.fingerprint,
-                         "tta": str(report.get("tta", 0)),
+                         "tta": str(report["tta"]),
                          **({"model_id": opened.model_id} if opened.model_id else {})})
         log_dataset(data, "test", data.test_x, data.test_y, opened.model_id)
         mlflow.log_metrics(metrics, model_id=opened.model_id)
