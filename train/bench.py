@@ -64,6 +64,7 @@ from .engine import (
     prepare_batch,
     resolve_precision,
     select_device,
+    training_loss,
 )
 from .loader import PREFETCH as BATCHLOADER_PREFETCH
 from .machine import cpu_model
@@ -211,7 +212,7 @@ def conventional_pipeline(cfg: TrainConfig, data: ImageData, device: torch.devic
     def step() -> float:
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = criterion(model(x), y)
+        loss = training_loss(criterion, model(x), y)  # an ensemble's members each learn from their own
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -77,6 +77,10 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
     g = _group(p, "model", defaults)
     g.add_argument("--model", metavar="NAME", help="architecture (default: resnet20 for CIFAR-10, resnet9 at width 32 for FER-2013); see --list-models")
     g.add_argument("--shortcut", choices=["A", "B"], help="CIFAR ResNet shortcut: A zero-padding (paper), B projection")
+    g.add_argument("--ensemble", type=int, metavar="N",
+                   help="train N networks of the model side by side (each from its own random start, on the same "
+                   "batches, within the same time budget) and log, test and serve them as one: the mean of their "
+                   "probabilities; 1: one network")
     g.add_argument("--pretrained", metavar="PATH", help="initialise from a state dict (.pt/.safetensors) or 'torchvision'")
     g.add_argument("--init-from", metavar="MODEL_URI", help="initialise from a logged model, e.g. models:/cifar10-resnet@champion")
     g.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=None,
@@ -164,6 +168,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         merged["whiten"] = False  # weights given: a recipe's whitened first layer gives way (as its budget to --epochs)
     if getattr(args, "shortcut", None):
         merged["model_args"] = {**merged.get("model_args", {}), "shortcut": args.shortcut}
+    ensemble = getattr(args, "ensemble", None)
+    if ensemble is not None:
+        if ensemble < 1:
+            fail(f"--ensemble takes the number of networks (1 or more), not {ensemble}")
+        if ensemble > 1 and (getattr(args, "pretrained", None) or getattr(args, "init_from", None)):
+            fail("--ensemble's networks each start from their own random weights: leave out --pretrained/--init-from")
+        model_args = {**merged.get("model_args", {}), "ensemble": ensemble}
+        if ensemble == 1:  # one network: a recipe's ensemble gives way, and the logged arguments stay as ever
+            model_args.pop("ensemble")
+        merged["model_args"] = model_args
     cfg = TrainConfig.from_dict(merged).resolved()
     from .models import list_models  # torch loads only when a command needs it
     from .stopping import check as check_stopping

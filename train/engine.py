@@ -39,7 +39,7 @@ from .data import ImageData, split_indices
 from .errors import DivergedError, ReslabWarning
 from .interrupt import raise_if_terminated, signals_deferred
 from .loader import BatchLoader
-from .models import create_model
+from .models import create_model, mean_probabilities
 from .stopping import BestEpoch
 from .stopping import check as check_stopping
 from .whitening import whiten_first_conv
@@ -114,11 +114,16 @@ def load_pretrained(model: nn.Module, source: str) -> tuple[int, list[str]]:
 
 def build_model(cfg: TrainConfig, data: ImageData) -> nn.Module:
     model = create_model(cfg.model, data.num_classes, data.channels, **cfg.model_args)
+    members = list(getattr(model, "members", [model]))
     if cfg.pretrained:
+        if len(members) > 1:
+            raise ValueError("an ensemble's networks each start from their own random weights: "
+                             "leave out --pretrained/--init-from, or train one network")
         n, skipped = load_pretrained(model, cfg.pretrained)
         print(f"initialised {n} tensors from {cfg.pretrained}" + (f"; kept fresh: {', '.join(skipped)}" if skipped else ""))
     elif cfg.whiten:  # a resumed run then loads its checkpoint over it; the layer stays frozen
-        whiten_first_conv(model, data.train_x, data.mean, data.std, cfg.seed)
+        for member in members:
+            whiten_first_conv(member, data.train_x, data.mean, data.std, cfg.seed)
     return model
 
 
@@ -358,6 +363,14 @@ class CheckpointFallback(ReslabWarning):
 # --------------------------------------------------------------------------- one training step
 
 
+def training_loss(criterion: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One network's loss; for an Ensemble in training, whose logits are (members, N, classes), its members'
+    losses summed: each member's gradient is then the one it would get alone."""
+    if logits.dim() == 3:
+        return torch.stack([criterion(m.float(), y) for m in logits]).sum()
+    return criterion(logits.float(), y)
+
+
 # A cross-entropy this large means logits thousands apart: the run has diverged even while the loss is
 # still finite (in fp32 an exploding network can take many steps to overflow to inf or NaN).
 DIVERGED_LOSS = 1000.0
@@ -382,12 +395,14 @@ class Stepper:
     sam: float = 0.0  # rho of sharpness-aware minimisation: the radius of the weight perturbation (0: off)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to differentiate, the logits: for an ensemble, its answer)."""
         with autocast(self.device, self.precision):
             logits = self.step_fn(x)
-            return self.criterion(logits.float(), y), logits
+            return training_loss(self.criterion, logits, y), mean_probabilities(logits) if logits.dim() == 3 else logits
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, loss, backward, optimizer/schedule/EMA update; returns (loss, logits)."""
+        """Forward, loss, backward, optimizer/schedule/EMA update; returns (loss, logits): an ensemble's loss
+        per member (its members' mean, comparable with one network's), its logits the ensemble's answer."""
         loss, logits = self._loss(x, y)
         value = loss.item()  # one host sync per step, as the finiteness check always took
         if not math.isfinite(value) or value > DIVERGED_LOSS:
@@ -403,7 +418,8 @@ class Stepper:
         self.sched.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return loss, logits
+        members = len(getattr(self.model, "members", ())) or 1
+        return loss / members, logits
 
     def _sharpness_aware_gradient(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """SAM (Foret et al. 2021): replace the gradient by the one taken at the weights moved ``sam`` along

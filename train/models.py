@@ -9,10 +9,12 @@ Reads like the papers' tables:
 - ``resnet9``: the wide, shallow residual net of the fast CIFAR training lineage (throughput).
 - ``airbench``: airbench94's network (Jordan 2024), the fastest known way to 94% on CIFAR-10; not residual,
   kept beside ResNet-9 as the time-to-accuracy reference.
+- Any of them as an :class:`Ensemble` of N (``ensemble=N``): trained side by side, answering as one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -39,15 +41,50 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY, key=lambda n: (n.rstrip("0123456789v").rstrip("_"), len(n), n))
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> nn.Module:
-    """Build a registered network; ``kwargs`` are the builder's options (e.g. ``shortcut="B"``)."""
+def create_model(name: str, num_classes: int = 10, in_channels: int = 3, ensemble: int = 1, **kwargs: Any) -> nn.Module:
+    """Build a registered network; ``kwargs`` are the builder's options (e.g. ``shortcut="B"``). With
+    ``ensemble`` N > 1, N of them, each from its own random start, as one :class:`Ensemble`."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
-    return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+        raise ValueError(f"an ensemble needs a whole number of networks (1 or more), not {ensemble!r}")
+    nets = [_REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **kwargs) for _ in range(ensemble)]
+    return nets[0] if ensemble == 1 else Ensemble(nets)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def mean_probabilities(member_logits: torch.Tensor) -> torch.Tensor:
+    """(members, N, classes) logits -> (N, classes) log of the members' mean softmax probabilities: what an
+    ensemble answers. Logs, so that softmax, argmax and cross-entropy read them as any network's logits."""
+    return torch.logsumexp(member_logits.float().log_softmax(-1), 0) - math.log(len(member_logits))
+
+
+class Ensemble(nn.Module):
+    """N networks of one architecture that train side by side on the same batches, each from its own random
+    start and on its own loss (the engine's), and answer as one: the mean of their softmax probabilities.
+
+    In training mode ``forward`` gives every member's logits, (members, N, classes), so that no member
+    learns to lean on the others (trained on the ensemble's output they would stop differing); in eval mode
+    it gives :func:`mean_probabilities`. ``features`` sets the members' last feature maps side by side, so
+    Grad-CAM weighs every member's channels by the ensemble's class score."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.features(x) for m in self.members], 1)
+
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        parts = fmap.chunk(len(self.members), 1)
+        logits = torch.stack([m.head(part) for m, part in zip(self.members, parts)])
+        return logits if self.training else mean_probabilities(logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
 
 # --------------------------------------------------------------------------- CIFAR (section 4.2)
@@ -191,8 +228,12 @@ class ResNet(nn.Module):
         """Feature map of the last residual stage (what Grad-CAM looks at)."""
         return self.final_act(self.layers(self.stem(x)))
 
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Pooling and classifier on ``features``' output."""
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+        return self.head(self.features(x))
 
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
@@ -247,8 +288,11 @@ class TorchvisionResNet(nn.Module):
         x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
         return n.layer4(n.layer3(n.layer2(n.layer1(x))))
 
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.net.fc(torch.flatten(self.net.avgpool(fmap), 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.fc(torch.flatten(self.net.avgpool(self.features(x)), 1))
+        return self.head(self.features(x))
 
 
 def _imagenet_builder(depth: int) -> ModelBuilder:
@@ -316,13 +360,15 @@ class ResNet9(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(self.stem(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
         # Global max pooling as a pooling op, not torch.amax: amax's backward sends the gradient to the
         # elements equal to the maximum, and compiled in bf16 Inductor keeps the fused GELU's output in
         # fp32 for the forward's max while the backward compares the bf16-rounded one, so no element is
         # equal and the gradient is 0/0 (docs/performance.md). Max pooling's backward uses the indices.
-        x = F.adaptive_max_pool2d(self.features(x), 1).flatten(1)
-        return self.fc(x) * self.scale
+        return self.fc(F.adaptive_max_pool2d(fmap, 1).flatten(1)) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
 
 @register_model("resnet9")
@@ -362,9 +408,11 @@ class Airbench(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem(x))
 
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_max_pool2d(fmap, 1).flatten(1)) * self.scale  # a pooling op, not amax: see ResNet9
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.adaptive_max_pool2d(self.features(x), 1).flatten(1)  # a pooling op, not amax: see ResNet9
-        return self.fc(x) * self.scale
+        return self.head(self.features(x))
 
 
 @register_model("airbench")

@@ -84,7 +84,9 @@ def train_and_log(
             })
             out.update(version=mv.version, alias=promote(register, mv.version, test_acc))
     s = logged["summary"]
-    lines = [f"trained {cfg.model} on {cfg.dataset} in {result.train_seconds:.0f} s ({result.images_per_sec:.0f} img/s, {result.device}, {result.precision})"]
+    members = int(cfg.model_args.get("ensemble", 1))
+    what = f"an ensemble of {members} {cfg.model}" if members > 1 else cfg.model
+    lines = [f"trained {what} on {cfg.dataset} in {result.train_seconds:.0f} s ({result.images_per_sec:.0f} img/s, {result.device}, {result.precision})"]
     if "stopped_epoch" in s:
         lines.append(f"stopped early after epoch {s['stopped_epoch']:.0f}: no better validation accuracy for "
                      f"{cfg.patience} epochs")

@@ -1,0 +1,118 @@
+"""``--ensemble N``: N networks trained side by side within one run, logged, tested and served as one
+(train/models.py ``Ensemble``, the engine's per-member loss), on real FER-2013 images."""
+
+from __future__ import annotations
+
+import copy
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from train.config import TrainConfig
+from train.augment import normalize
+from train.engine import class_weights, make_stepper
+from train.models import Ensemble, create_model
+
+TINY = {"model": "resnet9", "model_args": {"width": 8}}
+
+
+def _faces(fer, n: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    x = normalize(torch.from_numpy(fer.train_x[start:start + n]), torch.tensor(fer.mean), torch.tensor(fer.std), False)
+    return x, torch.from_numpy(fer.train_y[start:start + n]).long()
+
+
+def test_an_ensemble_answers_with_its_members_mean_probabilities(fer):
+    torch.manual_seed(0)
+    model = create_model("resnet9", fer.num_classes, 1, width=8, ensemble=3)
+    assert isinstance(model, Ensemble) and len(model.members) == 3
+    x, _ = _faces(fer, 32)
+    model.eval()
+    with torch.no_grad():
+        answer = model(x)
+        by_hand = torch.stack([m(x).softmax(1) for m in model.members]).mean(0)
+        torch.testing.assert_close(answer.exp(), by_hand, rtol=0, atol=1e-6)
+        assert answer.shape == (32, fer.num_classes)
+        # Grad-CAM's view: every member's last feature map, side by side
+        assert model.features(x).shape[1] == 3 * model.members[0].features(x).shape[1]
+        model.train()
+        assert model(x).shape == (3, 32, fer.num_classes)  # training: each member's own logits
+    members = [p.detach().clone() for p in model.members[0].parameters()]
+    assert not all(torch.equal(p, q) for p, q in zip(members, model.members[1].parameters()))  # own random starts
+    assert create_model("resnet9", 7, 1, width=8, ensemble=1).__class__.__name__ == "ResNet9"
+    with pytest.raises(ValueError, match="whole number of networks"):
+        create_model("resnet9", 7, 1, ensemble=0)
+
+
+def test_each_member_learns_as_if_it_were_trained_alone(fer):
+    """One step of the ensemble moves every member exactly as a step of that member alone would: weights,
+    BatchNorm statistics and momentum alike, with class weights and label smoothing on."""
+    torch.manual_seed(1)
+    ensemble = create_model("resnet9", fer.num_classes, 1, width=8, ensemble=2)
+    alone = [copy.deepcopy(m) for m in ensemble.members]
+    cfg = TrainConfig(dataset="fer2013", **TINY, lr=0.1, batch_size=48, weight_decay=5e-4, momentum=0.9,
+                      nesterov=True, schedule="constant", label_smoothing=0.1).resolved()
+    weight = class_weights(fer.train_y, fer.num_classes, 0.5)
+    device = torch.device("cpu")
+    x, y = _faces(fer, 48)
+    x2, y2 = _faces(fer, 48, start=48)
+    step = make_stepper(cfg, ensemble, 10, device, "fp32", weight=weight)
+    losses = [step(x, y)[0].item(), step(x2, y2)[0].item()]
+    solo = []
+    for member in alone:
+        one = make_stepper(cfg, member, 10, device, "fp32", weight=weight)
+        solo.append([one(x, y)[0].item(), one(x2, y2)[0].item()])
+    for trained, reference in zip(ensemble.members, alone):
+        for (name, p), q in zip(trained.state_dict().items(), reference.state_dict().values()):
+            torch.testing.assert_close(p, q, rtol=0, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}")
+    # the loss it reports is its members' mean, comparable with one network's
+    assert losses == pytest.approx(np.mean(solo, axis=0).tolist(), rel=1e-5)
+
+
+def test_an_ensemble_run_is_logged_tested_and_served_as_one(fer, mlflow_store, in_process, tmp_path):
+    from demo.gradcam import forward_with_cam
+    from demo.serving import ServedModel
+
+    (tmp_path / "tiny.yaml").write_text("model: resnet9\nmodel_args: {width: 8}\n")
+    out = in_process(["train", "--dataset", "fer2013", "--config", str(tmp_path / "tiny.yaml"), "--ensemble", "2",
+                      "--subset", "1400", "--epochs", "1", "--batch-size", "64", "--crop-size", "40", "--ema", "0.9",
+                      "--tta", "1", "--no-progress", "--seed", "4"], tmp_path / "mlruns")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "trained an ensemble of 2 resnet9 on fer2013" in out.stdout
+    mlflow.set_tracking_uri(mlflow_store)
+    (logged,) = mlflow.search_logged_models(
+        experiment_ids=[e.experiment_id for e in mlflow.search_experiments()], output_format="list")
+    run = mlflow.get_run(logged.source_run_id)
+    assert run.data.params["model_args.ensemble"] == "2"
+    assert 0.0 < run.data.metrics["test_acc"] <= 1.0
+
+    served = ServedModel(logged.model_uri)  # rebuilt from the logged weights and config, as the demo does
+    assert isinstance(served.module, Ensemble) and len(served.module.members) == 2 and served.gradcam_ok
+    seen = list(fer.test_x[:64])
+    probs = served.probabilities(seen)
+    with torch.no_grad():
+        members = torch.stack([m(served.tensor(seen)).softmax(1) for m in served.module.members])
+    np.testing.assert_allclose(probs, members.mean(0).numpy(), rtol=0, atol=1e-5)
+    assert (members[0].argmax(1) != members[1].argmax(1)).any() or not torch.allclose(members[0], members[1])
+
+    logits, cams = forward_with_cam(served.module, served.tensor(seen[:4]), [0, 1, 2, 3])
+    np.testing.assert_allclose(logits.softmax(1).numpy(), probs[:4], rtol=0, atol=1e-5)
+    assert cams.shape == (4, 48, 48) and np.isfinite(cams).all() and cams.max() > 0
+
+
+def test_ensemble_flag_errors_and_recipe_override(tmp_path, capsys):
+    from train.cli import build_parser, config_from_args
+
+    def cfg(*flags: str) -> TrainConfig:
+        return config_from_args(build_parser().parse_args(["train", "--dataset", "fer2013", *flags]))
+
+    assert cfg("--recipe", "fast-cpu", "--ensemble", "2").model_args == {"width": 32, "ensemble": 2}
+    (tmp_path / "two.yaml").write_text("model: resnet9\nmodel_args: {width: 16, ensemble: 2}\n")
+    assert cfg("--config", str(tmp_path / "two.yaml"), "--ensemble", "1").model_args == {"width": 16}
+    for flags, message in ((["--ensemble", "0"], "--ensemble takes the number of networks"),
+                           (["--ensemble", "2", "--pretrained", "w.pt"], "each start from their own random weights")):
+        with pytest.raises(SystemExit):
+            cfg(*flags)
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
