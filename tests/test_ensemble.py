@@ -46,8 +46,9 @@ def test_an_ensemble_answers_with_its_members_mean_probabilities(fer):
 
 
 def test_each_member_learns_as_if_it_were_trained_alone(fer):
-    """One step of the ensemble moves every member exactly as a step of that member alone would: weights,
-    BatchNorm statistics and momentum alike, with class weights and label smoothing on."""
+    """Two steps of the ensemble move every member exactly as two steps of that member alone would (the second
+    step carries the first one's momentum): weights and BatchNorm statistics, with class weights and label
+    smoothing on."""
     torch.manual_seed(1)
     ensemble = create_model("resnet9", fer.num_classes, 1, width=8, ensemble=2)
     alone = [copy.deepcopy(m) for m in ensemble.members]
