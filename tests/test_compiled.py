@@ -1,5 +1,5 @@
 """`--compile` on the CPU: BatchNorm opaque to Inductor computes exactly what nn.BatchNorm2d does,
-and a compiled ResNet-20 trains like the eager one."""
+and a compiled ResNet-20, ResNet-9 and ensemble of two ResNet-9 train like the eager ones."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from train.compiled import OpaqueBatchNorm2d, compile_module, opaque_batchnorm
+from train.engine import training_loss
 from train.models import create_model
 
 
@@ -45,6 +46,8 @@ def test_opaque_batchnorm_matches_batchnorm():
     ("resnet20", 10, 3, 32, {}),
     # ResNet-9's global max pooling as torch.amax gave non-finite gradients here from the first step
     ("resnet9", 7, 1, 48, {"width": 16}),
+    # --ensemble: the members' (members, N, classes) training logits through the compiled step
+    ("resnet9", 7, 1, 48, {"width": 8, "ensemble": 2}),
 ])
 def test_compiled_model_trains_like_eager(name, classes, channels, size, kwargs):
     torch.manual_seed(0)
@@ -60,7 +63,7 @@ def test_compiled_model_trains_like_eager(name, classes, channels, size, kwargs)
         losses[mode] = []
         for _ in range(3):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = nn.functional.cross_entropy(fn(x).float(), y)
+                loss = training_loss(nn.CrossEntropyLoss(), fn(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             assert all(torch.isfinite(p.grad).all() for p in m.parameters()), f"{mode}: non-finite gradients"

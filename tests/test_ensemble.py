@@ -15,6 +15,8 @@ from train.augment import normalize
 from train.engine import class_weights, make_stepper
 from train.models import Ensemble, create_model
 
+from tests.test_train import StopAfter
+
 TINY = {"model": "resnet9", "model_args": {"width": 8}}
 
 
@@ -71,9 +73,11 @@ def test_each_member_learns_as_if_it_were_trained_alone(fer):
     assert losses == pytest.approx(np.mean(solo, axis=0).tolist(), rel=1e-5)
 
 
-def test_an_ensemble_run_is_logged_tested_and_served_as_one(fer, mlflow_store, in_process, tmp_path):
+def test_an_ensemble_run_is_logged_tested_served_and_exported_as_one(fer, mlflow_store, in_process, tmp_path):
     from demo.gradcam import forward_with_cam
     from demo.serving import ServedModel
+    from train.export import export_model, run_exported
+    from train.usemodel import open_model
 
     (tmp_path / "tiny.yaml").write_text("model: resnet9\nmodel_args: {width: 8}\n")
     out = in_process(["train", "--dataset", "fer2013", "--config", str(tmp_path / "tiny.yaml"), "--ensemble", "2",
@@ -101,6 +105,12 @@ def test_an_ensemble_run_is_logged_tested_and_served_as_one(fer, mlflow_store, i
     np.testing.assert_allclose(logits.softmax(1).numpy(), probs[:4], rtol=0, atol=1e-5)
     assert cams.shape == (4, 48, 48) and np.isfinite(cams).all() and cams.max() > 0
 
+    # reslab export: the ensemble as one ONNX graph that answers with the members' mean probabilities
+    opened = open_model(logged.model_uri)
+    onnx_file = export_model(opened, "onnx", tmp_path / "ensemble.onnx")
+    exported = run_exported(onnx_file, "onnx", served.tensor(seen).numpy())
+    np.testing.assert_allclose(np.exp(exported), members.mean(0).numpy(), rtol=0, atol=1e-4)
+
 
 def test_ensemble_flag_errors_and_recipe_override(tmp_path, capsys):
     from train.cli import build_parser, config_from_args
@@ -117,3 +127,29 @@ def test_ensemble_flag_errors_and_recipe_override(tmp_path, capsys):
             cfg(*flags)
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_an_interrupted_ensemble_run_resumes_exactly(fer, tmp_path):
+    """Interrupted after epoch 1 of 2 and resumed == uninterrupted: every member's weights, BatchNorm statistics
+    and EMA come back from the checkpoint, and the resumed run ends with the same metrics."""
+    from train.engine import fit
+
+    base = TrainConfig(dataset="fer2013", model="resnet9", model_args={"width": 8, "ensemble": 2}, subset=900,
+                       val_fraction=0.2, epochs=2, batch_size=64, lr=0.2, ema=0.9, crop_size=40, seed=3,
+                       evaluate_test=False, progress=False)
+    full = fit(TrainConfig(**{**base.to_dict(), "checkpoint_dir": str(tmp_path / "a")}), fer)
+
+    def stop(epoch, metrics):  # epoch counts from 0
+        if epoch == 0:
+            raise StopAfter
+
+    interrupted = TrainConfig(**{**base.to_dict(), "checkpoint_dir": str(tmp_path / "b")})
+    with pytest.raises(StopAfter):
+        fit(interrupted, fer, callbacks=[stop])
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] == 1
+    resumed = fit(interrupted, fer, resume=tmp_path / "b")
+    assert isinstance(resumed.model, Ensemble) and len(resumed.history) == 2
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert resumed.history[-1][key] == full.history[-1][key], key
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
