@@ -73,18 +73,22 @@ def test_each_member_learns_as_if_it_were_trained_alone(fer):
     assert losses == pytest.approx(np.mean(solo, axis=0).tolist(), rel=1e-5)
 
 
-def test_an_ensemble_run_is_logged_tested_served_and_exported_as_one(fer, mlflow_store, in_process, tmp_path):
+def test_an_ensemble_run_is_logged_tested_served_and_exported_as_one(fer, mlflow_store, in_process, tmp_path,
+                                                                     monkeypatch):
     from demo.gradcam import forward_with_cam
     from demo.serving import ServedModel
     from train.export import export_model, run_exported
     from train.usemodel import open_model
 
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "unset")  # restored to its absence afterwards
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")  # as in a user's shell: the command decides
     (tmp_path / "tiny.yaml").write_text("model: resnet9\nmodel_args: {width: 8}\n")
     out = in_process(["train", "--dataset", "fer2013", "--config", str(tmp_path / "tiny.yaml"), "--ensemble", "2",
                       "--subset", "1400", "--epochs", "1", "--batch-size", "64", "--crop-size", "40", "--ema", "0.9",
                       "--tta", "1", "--no-progress", "--seed", "4"], tmp_path / "mlruns")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "trained an ensemble of 2 resnet9 on fer2013" in out.stdout
+    assert "Downloading artifacts" not in out.stdout + out.stderr  # MLflow's check of the logged model, no bars
     mlflow.set_tracking_uri(mlflow_store)
     (logged,) = mlflow.search_logged_models(
         experiment_ids=[e.experiment_id for e in mlflow.search_experiments()], output_format="list")

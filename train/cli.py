@@ -230,6 +230,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     from .run import train_and_log  # heavy imports only when training
 
+    # MLflow reads the just-logged model back to check its input example: no download bars for files already here
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
     if args.resume:
         from .engine import load_checkpoint
 
@@ -340,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(EXIT_USAGE)
     from .errors import user_errors
 
+    if getattr(args, "progress", None) is False or getattr(args, "no_progress", False):  # nor MLflow's download bars
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     terminate_like_ctrl_c()  # docker stop, systemd, schedulers: runs end KILLED, not left RUNNING
     one_line_warnings()
     try:
