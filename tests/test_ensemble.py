@@ -88,7 +88,7 @@ def test_an_ensemble_run_is_logged_tested_served_and_exported_as_one(fer, mlflow
                       "--tta", "1", "--no-progress", "--seed", "4"], tmp_path / "mlruns")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "trained an ensemble of 2 resnet9 on fer2013" in out.stdout
-    assert "Downloading artifacts" not in out.stdout + out.stderr  # MLflow's check of the logged model, no bars
+    assert "Downloading artifacts" not in out.stdout + out.stderr  # MLflow reading its files back: no bars
     mlflow.set_tracking_uri(mlflow_store)
     (logged,) = mlflow.search_logged_models(
         experiment_ids=[e.experiment_id for e in mlflow.search_experiments()], output_format="list")

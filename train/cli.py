@@ -230,7 +230,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     from .run import train_and_log  # heavy imports only when training
 
-    # MLflow reads the just-logged model back to check its input example: no download bars for files already here
+    # MLflow reads files of the just-logged model back (one-file downloads): no bars for files already here
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     if args.resume:
