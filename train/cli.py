@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(EXIT_USAGE)
     from .errors import user_errors
 
-    if getattr(args, "progress", None) is False or getattr(args, "no_progress", False):  # nor MLflow's download bars
+    if getattr(args, "no_progress", False):  # nor MLflow's download bars (train, tune, compare, bench: always off)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     terminate_like_ctrl_c()  # docker stop, systemd, schedulers: runs end KILLED, not left RUNNING
     one_line_warnings()
