@@ -207,6 +207,41 @@ def test_fer_challenge_csv_matches_the_image_folder_image_by_image(tmp_path, fer
         assert [int(label) for label in y] == [truth[img.tobytes()] for img in x], split
 
 
+def test_fer_test_split_knows_its_private_and_public_test_parts(tmp_path, data_dir, cifar, fer):
+    """FER-2013's literature quotes PrivateTest accuracy; reslab's test split is PublicTest + PrivateTest.
+    The parts come from the file names (zip, folder) or the CSV's Usage column, survive the cache, and
+    match the README's per-class counts on the real split; CIFAR-10 has none."""
+    private = {"angry": 491, "disgust": 55, "fear": 528, "happy": 879, "neutral": 626, "sad": 594, "surprise": 416}
+    parts = fer.test_parts()
+    assert list(parts) == ["PrivateTest", "PublicTest"] and cifar.test_parts() == {}
+    assert np.bincount(fer.test_y[parts["PrivateTest"]], minlength=7).tolist() == [private[c] for c in fer.classes]
+    assert len(parts["PrivateTest"]) + len(parts["PublicTest"]) == len(fer.test_y) == 7178
+    # a small copy with both parts in every class, its members named as in the real zip
+    members: dict[str, bytes] = {}
+    with zipfile.ZipFile(data_dir / "fer2013.zip") as z:
+        names = z.namelist()
+        for cls in fer.classes:
+            for split, prefix, n in (("train", "Training_", 2), ("test", "PrivateTest_", 2), ("test", "PublicTest_", 3)):
+                for name in [m for m in names if m.startswith(f"{split}/{cls}/{prefix}")][:n]:
+                    members[name] = z.read(name)
+    truth = {decode(raw, "L").tobytes(): name.split("/")[2].split("_")[0] for name, raw in members.items()
+             if name.startswith("test/")}
+    zipped = write_zip(tmp_path / "f.zip", members)
+    usage = {name: name.split("/")[2].split("_")[0] for name in members if name.startswith("test/")}
+    csv_path = tmp_path / "fer2013.csv"
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["emotion", "pixels", "Usage"])
+        order = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+        for name, raw in members.items():
+            px = " ".join(map(str, decode(raw, "L").reshape(-1)))
+            w.writerow([order.index(name.split("/")[1]), px, usage.get(name, "Training")])
+    for source in (zipped, write_tree(tmp_path / "tree", members), csv_path, zipped):  # the zip twice: from its cache
+        ds = load_dataset("fer2013", source, progress=False)
+        got = {ds.test_x[i].tobytes(): part for part, idx in ds.test_parts().items() for i in idx}
+        assert got == truth, source
+
+
 @pytest.mark.parametrize("row, message", [
     ([7, " ".join(["0"] * 2304), "Training"], "emotion 7 is outside 0..6"),
     ([-1, " ".join(["0"] * 2304), "Training"], "emotion -1 is outside 0..6"),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import zipfile
 
 import mlflow
 import numpy as np
@@ -12,9 +13,11 @@ import torch
 
 from train.config import TrainConfig
 from train.augment import normalize
+from train.data import stratified_subset
 from train.engine import class_weights, make_stepper
 from train.models import Ensemble, create_model
 
+from conftest import DATA_DIR
 from tests.test_train import StopAfter
 
 TINY = {"model": "resnet9", "model_args": {"width": 8}}
@@ -77,6 +80,7 @@ def test_an_ensemble_run_is_logged_tested_served_and_exported_as_one(fer, mlflow
                                                                      monkeypatch):
     from demo.gradcam import forward_with_cam
     from demo.serving import ServedModel
+    from train.evaluate import evaluate, format_report, predict_arrays
     from train.export import export_model, run_exported
     from train.usemodel import open_model
 
@@ -94,7 +98,16 @@ def test_an_ensemble_run_is_logged_tested_served_and_exported_as_one(fer, mlflow
         experiment_ids=[e.experiment_id for e in mlflow.search_experiments()], output_format="list")
     run = mlflow.get_run(logged.source_run_id)
     assert run.data.params["model_args.ensemble"] == "2"
-    assert 0.0 < run.data.metrics["test_acc"] <= 1.0
+    m = run.data.metrics
+    assert 0.0 < m["test_acc"] <= 1.0
+    # FER-2013's test parts (PrivateTest is what its literature quotes), 3,589 images each: logged and printed
+    assert (m["test_acc_privatetest"] + m["test_acc_publictest"]) / 2 == pytest.approx(m["test_acc"], abs=1e-6)
+    assert m["test_acc_privatetest"] != m["test_acc_publictest"] and "f1_macro_privatetest" in " ".join(m)
+    assert f"(PrivateTest {m['test_acc_privatetest']:.4f}, PublicTest {m['test_acc_publictest']:.4f})" in out.stdout
+    from train.results import result_from_run  # and `reslab results export` keeps them as data
+
+    assert result_from_run(mlflow.MlflowClient(), run)["test_acc_parts"] == {
+        "privatetest": m["test_acc_privatetest"], "publictest": m["test_acc_publictest"]}
 
     served = ServedModel(logged.model_uri)  # rebuilt from the logged weights and config, as the demo does
     assert isinstance(served.module, Ensemble) and len(served.module.members) == 2 and served.gradcam_ok
@@ -111,6 +124,19 @@ def test_an_ensemble_run_is_logged_tested_served_and_exported_as_one(fer, mlflow
 
     # reslab export: the ensemble as one ONNX graph that answers with the members' mean probabilities
     opened = open_model(logged.model_uri)
+    # reslab evaluate: each part's accuracy is the model's on exactly that part's images, as the zip names them
+    report = evaluate(opened, fer, limit=700, progress=False)  # a stratified subset, its parts within it
+    keep = np.sort(stratified_subset(fer.test_y, 700))
+    right = predict_arrays(opened, fer.test_x[keep], progress=False).argmax(1) == fer.test_y[keep]
+    with zipfile.ZipFile(DATA_DIR / "fer2013.zip") as z:  # the loader's order: class folders, then names, sorted
+        names = np.array([n for _, n in sorted((n.split("/")[1], n) for n in z.namelist() if n.startswith("test/"))])
+    for part in ("PrivateTest", "PublicTest"):
+        mine = np.char.startswith(np.char.rpartition(names[keep], "/")[:, 2], part + "_")
+        assert report["parts"][part]["images"] == mine.sum() > 300
+        assert report["parts"][part]["accuracy"] == pytest.approx(right[mine].mean(), abs=1e-9), part
+    assert report["parts"]["PrivateTest"]["accuracy"] != report["parts"]["PublicTest"]["accuracy"]
+    assert f"PrivateTest ({report['parts']['PrivateTest']['images']} images): accuracy " \
+           f"{report['parts']['PrivateTest']['accuracy']:.4f}" in format_report(report)
     onnx_file = export_model(opened, "onnx", tmp_path / "ensemble.onnx")
     exported = run_exported(onnx_file, "onnx", served.tensor(seen).numpy())
     np.testing.assert_allclose(np.exp(exported), members.mean(0).numpy(), rtol=0, atol=1e-4)

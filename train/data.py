@@ -34,7 +34,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 # (CIFAR-10's 60,000 .webp members decode ~1.9 s sooner). A file whose suffix lies is decoded as before.
 SUFFIX_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".gif": "GIF", ".webp": "WEBP",
                   ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM", ".pgm": "PPM"}
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the test split's named parts (DatasetInfo.test_parts) are cached too
 # A member or file larger than this is refused before it is read: dataset images are kilobytes, and a
 # zip's declared size is what its decompression is cut at, so a zip bomb never gets decompressed.
 MAX_IMAGE_BYTES = 64 << 20
@@ -60,6 +60,11 @@ class DatasetInfo:
     classes: tuple[str, ...]
     image_size: int
     channels: int
+    # Named parts of the test split that published results quote on their own, told apart by the file name's
+    # prefix before "_" (image folders and zips) or the CSV's Usage column: FER-2013's PrivateTest is the
+    # challenge's final test set, the one its literature reports (e.g. 73.28% for the best single network),
+    # while reslab's test split is PublicTest + PrivateTest.
+    test_parts: tuple[str, ...] = ()
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -70,7 +75,8 @@ DATASETS: dict[str, DatasetInfo] = {
         3,
     ),
     "fer2013": DatasetInfo(
-        "fer2013", ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"), 48, 1
+        "fer2013", ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"), 48, 1,
+        ("PrivateTest", "PublicTest"),
     ),
 }
 # The label order of FER-2013's original challenge CSV.
@@ -91,6 +97,16 @@ class ImageData:
     fingerprint: str = ""
     skipped: int = 0
     extra: dict = field(default_factory=dict)
+    test_part: np.ndarray | None = None  # (N_test,) int8: index into DatasetInfo.test_parts, -1 for none
+
+    def test_parts(self) -> dict[str, np.ndarray]:
+        """{part name: indices into the test split}, for the parts the split has. Empty where the test
+        arrays were replaced without ``test_part`` (a subset taken with ``dataclasses.replace``)."""
+        part = self.test_part
+        if part is None or len(part) != len(self.test_y) or self.name not in DATASETS:
+            return {}
+        names = DATASETS[self.name].test_parts
+        return {n: idx for i, n in enumerate(names) if len(idx := np.flatnonzero(part == i))}
 
     @property
     def image_size(self) -> int:
@@ -247,6 +263,11 @@ def _split_members(names: list[str], where: Path) -> dict[str, dict[str, list[st
     return tree
 
 
+def part_of(label: str, info: DatasetInfo) -> int:
+    """The index of ``label`` (a file name's prefix before "_", or a CSV Usage value) in ``info.test_parts``; -1."""
+    return info.test_parts.index(label) if label in info.test_parts else -1
+
+
 def _read_image_tree(info: DatasetInfo, path: Path, progress: bool) -> tuple:
     if path.is_dir():
         names = [q.relative_to(path).as_posix() + ("/" if q.is_dir() else "") for q in path.rglob("*")]
@@ -261,7 +282,7 @@ def _read_image_tree(info: DatasetInfo, path: Path, progress: bool) -> tuple:
         read = lambda n: _read_member(zf, n, path)  # noqa: E731
     tree = _split_members(names, path)
     classes = sorted(tree["train"])
-    out, skipped, first_bad = [], 0, ""
+    out, skipped, first_bad, parts = [], 0, "", []
     total = sum(len(m) for split in tree.values() for m in split.values())
     bar = tqdm(total=total, desc=f"decoding {path.name}", unit="img", disable=not progress, file=sys.stderr)
     for split in ("train", "test"):
@@ -272,6 +293,8 @@ def _read_image_tree(info: DatasetInfo, path: Path, progress: bool) -> tuple:
                 try:
                     xs.append(_decode(read(member), info, Path(member).suffix))
                     ys.append(label)
+                    if split == "test":
+                        parts.append(part_of(Path(member).name.split("_", 1)[0], info))
                 except DataError:
                     raise
                 except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zipfile.BadZipFile,
@@ -287,7 +310,7 @@ def _read_image_tree(info: DatasetInfo, path: Path, progress: bool) -> tuple:
         zf.close()
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} unreadable image(s), first: {first_bad}", ReslabWarning, stacklevel=2)
-    return (*out, classes, skipped)
+    return (*out, classes, skipped, np.asarray(parts, np.int8))
 
 
 def _read_file(f: Path) -> bytes:
@@ -342,13 +365,13 @@ def _read_cifar_batches(info: DatasetInfo, path: Path, progress: bool) -> tuple:
     meta = path / "batches.meta"
     if meta.exists():
         classes = [c.decode() for c in _unpickle_official(meta)[b"label_names"]]
-    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), test_x, test_y, classes, 0)
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), test_x, test_y, classes, 0, None)
 
 
 def _read_fer_csv(info: DatasetInfo, path: Path, progress: bool) -> tuple:
     order = {name: i for i, name in enumerate(info.classes)}
     splits: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
-    skipped, first_bad = 0, ""
+    skipped, first_bad, parts = 0, "", []
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"emotion", "pixels"} <= set(reader.fieldnames):
@@ -368,9 +391,12 @@ def _read_fer_csv(info: DatasetInfo, path: Path, progress: bool) -> tuple:
             if px.min() < 0 or px.max() > 255:
                 raise DataError(f"{path}: line {n}: pixel value {px.min() if px.min() < 0 else px.max()} is outside 0..255")
             label, img = order[FER_CSV_LABELS[emotion]], img.astype(np.uint8)
-            split = "train" if row.get("Usage", "Training") == "Training" else "test"
+            usage = row.get("Usage", "Training")
+            split = "train" if usage == "Training" else "test"
             splits[split][0].append(img)
             splits[split][1].append(label)
+            if split == "test":
+                parts.append(part_of(usage, info))
     for split, (xs, _) in splits.items():
         if not xs:
             raise DataError(f"{path}: no valid {split} rows (Usage 'Training' for train, 'PublicTest'/'PrivateTest' for test)")
@@ -378,7 +404,7 @@ def _read_fer_csv(info: DatasetInfo, path: Path, progress: bool) -> tuple:
         warnings.warn(f"{path}: skipped {skipped} torn row(s) (not 2304 pixel values 0..255, or an empty emotion), "
                       f"first: {first_bad}", ReslabWarning, stacklevel=2)
     arrays = [f(v) for xs, ys in splits.values() for f, v in ((np.stack, xs), (lambda y: np.asarray(y, np.int64), ys))]
-    return (*arrays, list(info.classes), skipped)
+    return (*arrays, list(info.classes), skipped, np.asarray(parts, np.int8))
 
 
 READERS = {"folder": _read_image_tree, "zip": _read_image_tree, "cifar-batches": _read_cifar_batches, "fer-csv": _read_fer_csv}
@@ -447,6 +473,7 @@ def _read_cache(cache_file: Path, name: str, path: Path, fp: str) -> ImageData |
             return ImageData(
                 name, [str(c) for c in z["classes"]], z["train_x"], z["train_y"], z["test_x"], z["test_y"],
                 z["mean"].tolist(), z["std"].tolist(), str(path), fp, int(z["skipped"]),
+                test_part=z["test_part"] if len(z["test_part"]) else None,
             )
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         cache_file.unlink(missing_ok=True)
@@ -480,15 +507,19 @@ def _decoding_lock(cache_file: Path) -> Iterator[None]:
 def _decode_source(name: str, info: DatasetInfo, kind: str, path: Path, fp: str, progress: bool,
                    cache_file: Path | None) -> ImageData:
     """Decode the source into arrays; write them to ``cache_file`` (None: no cache)."""
-    train_x, train_y, test_x, test_y, classes, skipped = READERS[kind](info, path, progress)
+    train_x, train_y, test_x, test_y, classes, skipped, test_part = READERS[kind](info, path, progress)
     if sorted(classes) != sorted(info.classes):
         warnings.warn(f"{path}: classes {classes} differ from the usual {name} classes", ReslabWarning, stacklevel=2)
     mean, std = channel_stats(train_x)
-    ds = ImageData(name, list(classes), train_x, train_y, test_x, test_y, mean, std, str(path), fp, skipped)
+    if test_part is not None and not (test_part >= 0).any():
+        test_part = None  # no test image belongs to a named part
+    ds = ImageData(name, list(classes), train_x, train_y, test_x, test_y, mean, std, str(path), fp, skipped,
+                   test_part=test_part)
     if cache_file is not None:
         try:
             write_cache(cache_file, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
-                        classes=np.asarray(classes), mean=np.asarray(mean), std=np.asarray(std), skipped=skipped)
+                        classes=np.asarray(classes), mean=np.asarray(mean), std=np.asarray(std), skipped=skipped,
+                        test_part=np.zeros(0, np.int8) if test_part is None else test_part)
         except OSError as e:
             warnings.warn(f"could not write the data cache {cache_file}: {e}", ReslabWarning, stacklevel=2)
     return ds

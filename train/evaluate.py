@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .config import TTA_VIEWS
 from .data import ImageData, stratified_subset
 from .engine import tta_logits
-from .report import classification_metrics, plot_confusion
+from .report import classification_metrics, metrics_by_part, plot_confusion
 from .tracking import experiment_id
 from .usemodel import OpenedModel
 
@@ -70,16 +70,18 @@ def evaluate(models: OpenedModel | Sequence[OpenedModel], data: ImageData, limit
         raise ValueError(f"test-time augmentation level {tta}: choose one of {sorted(TTA_VIEWS)}")
     for opened in models:
         check_compatible(opened, data)
-    x, y = data.test_x, data.test_y
+    x, y, parts = data.test_x, data.test_y, data.test_parts()
     if limit and limit < len(y):  # a stratified subset (the splits are sorted by class)
         keep = np.sort(stratified_subset(y, limit))
         x, y = x[keep], y[keep]
+        parts = {name: np.flatnonzero(np.isin(keep, idx)) for name, idx in parts.items()}  # positions in the subset
     if not len(x):
         raise ValueError(f"{data.name} ({data.source}) has no test images")
     t0 = time.perf_counter()
     probs = np.mean([predict_arrays(opened, x, batch_size, progress, tta) for opened in models], axis=0)
     seconds = time.perf_counter() - t0
     report = classification_metrics(y, probs.argmax(1), list(models[0].prep.classes))
+    report["parts"] = metrics_by_part(y, probs.argmax(1), list(models[0].prep.classes), parts)
     report.update(images=int(len(y)), seconds=seconds, images_per_sec=len(y) / max(seconds, 1e-9),
                   model_uri=" + ".join(m.uri for m in models), models=[m.uri for m in models], tta=tta,
                   dataset=data.name, data_source=data.source, data_fingerprint=data.fingerprint)
@@ -95,7 +97,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"{what} on {report['dataset']} test split ({report['images']} images{views}, "
              f"{report['images_per_sec']:.0f} img/s)",
              f"accuracy {report['accuracy']:.4f}   macro precision {report['precision_macro']:.4f}   "
-             f"macro recall {report['recall_macro']:.4f}   macro F1 {report['f1_macro']:.4f}", "",
+             f"macro recall {report['recall_macro']:.4f}   macro F1 {report['f1_macro']:.4f}",
+             *(f"  {part} ({m['images']} images): accuracy {m['accuracy']:.4f}   macro F1 {m['f1_macro']:.4f}"
+               for part, m in report.get("parts", {}).items()), "",
              f"{'class':<{w}}  precision  recall  f1      support"]
     for c, v in report["per_class"].items():
         lines.append(f"{c:<{w}}  {v['precision']:.4f}     {v['recall']:.4f}  {v['f1-score']:.4f}  {int(v['support'])}")
@@ -125,6 +129,8 @@ def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any],
     metrics = {"test_acc": report["accuracy"], "test_precision_macro": report["precision_macro"],
                "test_recall_macro": report["recall_macro"], "test_f1_macro": report["f1_macro"]}
     metrics.update({f"test_f1_{c}": v["f1-score"] for c, v in report["per_class"].items()})
+    for part, m in report.get("parts", {}).items():
+        metrics.update({f"test_acc_{part.lower()}": m["accuracy"], f"test_f1_macro_{part.lower()}": m["f1_macro"]})
     with mlflow.start_run(experiment_id=experiment_id(exp), run_name=f"evaluate-{opened.name or 'model'}") as run:
         mlflow.set_tags({"evaluated_model": opened.uri, "dataset": data.name, "dataset_hash": data.fingerprint,
                          "tta": str(report["tta"]),

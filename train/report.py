@@ -33,6 +33,17 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, classes: list[
     }
 
 
+def metrics_by_part(labels: np.ndarray, preds: np.ndarray, classes: list[str],
+                    parts: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Accuracy and macro F1 on each named part of a test split (``ImageData.test_parts()``: FER-2013's
+    PrivateTest and PublicTest), the numbers published results quote; empty without parts."""
+    out = {}
+    for part, idx in parts.items():
+        m = classification_metrics(labels[idx], preds[idx], classes)
+        out[part] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"], "images": int(len(idx))}
+    return out
+
+
 def plot_confusion(cm: list[list[int]] | np.ndarray, classes: list[str], path: Path, title: str = "") -> Path:
     """One run's confusion matrix (logged with every evaluated run)."""
     return plot_confusions([(cm, classes, title)], path)

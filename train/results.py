@@ -33,7 +33,8 @@ TRAIN_FIELDS: dict[str, tuple[type, ...]] = {
     "test_f1_macro": (int, float), "curve": (list,), "machine": (dict,), "date_utc": (str,), "git_commit": (str,),
     "mlflow": (dict,),
 }
-OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"goal": (dict,), "note": (str,)}
+# "test_acc_parts": accuracy on each named part of the test split (FER-2013: privatetest, publictest), from the run
+OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"goal": (dict,), "note": (str,), "test_acc_parts": (dict,)}
 MACHINE_FIELDS: dict[str, tuple[type, ...]] = {"cpu_model": (str,), "avx512_bf16": (bool,), "cores": (int,)}
 BENCH_FIELDS = ("dataset", "model", "batch_size", "compile", "pipelines", "ratios", "when")
 WALL_OF_RUN = "the MLflow run, start to end: training, evaluation, logging (not start-up and data loading)"
@@ -334,6 +335,9 @@ def result_from_run(client: Any, run: Any, note: str | None = None) -> dict[str,
         "mlflow": {"experiment": client.get_experiment(info.experiment_id).name, "run_name": info.run_name,
                    "run_id": info.run_id},
     }
+    parts = {k.removeprefix("test_acc_"): v for k, v in sorted(metrics.items()) if k.startswith("test_acc_")}
+    if parts:
+        result["test_acc_parts"] = parts
     if note:
         result["note"] = note
     check_train(result)

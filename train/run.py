@@ -95,7 +95,8 @@ def train_and_log(
     if "final_val_acc" in s:
         lines.append(f"validation accuracy {s['final_val_acc']:.4f}")
     if "test_acc" in s:
-        lines.append(f"test accuracy {s['test_acc']:.4f}, macro F1 {s['test_f1_macro']:.4f}")
+        parts = ", ".join(f"{part} {m['accuracy']:.4f}" for part, m in logged["report"].get("parts", {}).items())
+        lines.append(f"test accuracy {s['test_acc']:.4f}, macro F1 {s['test_f1_macro']:.4f}" + (f" ({parts})" if parts else ""))
     if register:
         lines.append(f"registered {register} version {out['version']} (alias: {out['alias']})")
     print("\n".join(lines))
