@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .config import TTA_VIEWS
 from .data import ImageData, stratified_subset
 from .engine import tta_logits
-from .report import classification_metrics, metrics_by_part, plot_confusion
+from .report import classification_metrics, metrics_by_part, part_metrics, plot_confusion
 from .tracking import experiment_id
 from .usemodel import OpenedModel
 
@@ -129,8 +129,7 @@ def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any],
     metrics = {"test_acc": report["accuracy"], "test_precision_macro": report["precision_macro"],
                "test_recall_macro": report["recall_macro"], "test_f1_macro": report["f1_macro"]}
     metrics.update({f"test_f1_{c}": v["f1-score"] for c, v in report["per_class"].items()})
-    for part, m in report.get("parts", {}).items():
-        metrics.update({f"test_acc_{part.lower()}": m["accuracy"], f"test_f1_macro_{part.lower()}": m["f1_macro"]})
+    metrics.update(part_metrics(report.get("parts", {})))
     with mlflow.start_run(experiment_id=experiment_id(exp), run_name=f"evaluate-{opened.name or 'model'}") as run:
         mlflow.set_tags({"evaluated_model": opened.uri, "dataset": data.name, "dataset_hash": data.fingerprint,
                          "tta": str(report["tta"]),

@@ -44,6 +44,14 @@ def metrics_by_part(labels: np.ndarray, preds: np.ndarray, classes: list[str],
     return out
 
 
+def part_metrics(parts: dict[str, dict[str, float]]) -> dict[str, float]:
+    """:func:`metrics_by_part`'s numbers as MLflow metrics: ``test_acc_privatetest``, ``test_f1_macro_privatetest``..."""
+    out = {}
+    for part, m in parts.items():
+        out.update({f"test_acc_{part.lower()}": m["accuracy"], f"test_f1_macro_{part.lower()}": m["f1_macro"]})
+    return out
+
+
 def plot_confusion(cm: list[list[int]] | np.ndarray, classes: list[str], path: Path, title: str = "") -> Path:
     """One run's confusion matrix (logged with every evaluated run)."""
     return plot_confusions([(cm, classes, title)], path)

@@ -33,7 +33,7 @@ from .engine import FitResult
 from .lineage import log_datasets, model_card
 from .machine import machine_tags
 from .pyfunc import log_model as log_pytorch_with_serving
-from .report import classification_metrics, metrics_by_part, plot_confusion, plot_curves
+from .report import classification_metrics, metrics_by_part, part_metrics, plot_confusion, plot_curves
 
 MODEL_ARTIFACT = "model"
 
@@ -285,8 +285,7 @@ def log_fit(result: FitResult, data: ImageData, registered_name: str | None = No
             )
             summary.update({f"test_f1_{c}": v["f1-score"] for c, v in report["per_class"].items()})
             report["parts"] = metrics_by_part(result.test.labels, result.test.preds, data.classes, data.test_parts())
-            for part, m in report["parts"].items():
-                summary.update({f"test_acc_{part.lower()}": m["accuracy"], f"test_f1_macro_{part.lower()}": m["f1_macro"]})
+            summary.update(part_metrics(report["parts"]))
             cm_path = plot_confusion(report["confusion_matrix"], data.classes, t / "confusion_matrix.png")
             mlflow.log_artifact(str(cm_path), "plots")
             (t / "test_report.json").write_text(json.dumps(report, indent=2))
