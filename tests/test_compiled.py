@@ -1,5 +1,6 @@
 """`--compile` on the CPU: BatchNorm opaque to Inductor computes exactly what nn.BatchNorm2d does,
-and a compiled ResNet-20, ResNet-9 and ensemble of two ResNet-9 train like the eager ones."""
+a compiled ResNet-20, ResNet-9 and ensemble of two ResNet-9 train like the eager ones (with BatchNorm
+left to ATen and to Inductor), and which of the two a CPU gets."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from train.compiled import OpaqueBatchNorm2d, compile_module, opaque_batchnorm
+from train import compiled
+from train.compiled import OpaqueBatchNorm2d, batchnorm_backend, compile_module, opaque_batchnorm
 from train.engine import training_loss
 from train.models import create_model
 
@@ -42,19 +44,22 @@ def test_opaque_batchnorm_matches_batchnorm():
     torch.testing.assert_close(new(x), ref(x))
 
 
-@pytest.mark.parametrize("name, classes, channels, size, kwargs", [
-    ("resnet20", 10, 3, 32, {}),
+@pytest.mark.parametrize("name, classes, channels, size, kwargs, batchnorm", [
+    ("resnet20", 10, 3, 32, {}, "aten"),
+    ("resnet20", 10, 3, 32, {}, "inductor"),  # what CPUs with AMX get
     # ResNet-9's global max pooling as torch.amax gave non-finite gradients here from the first step
-    ("resnet9", 7, 1, 48, {"width": 16}),
+    ("resnet9", 7, 1, 48, {"width": 16}, "aten"),
     # --ensemble: the members' (members, N, classes) training logits through the compiled step
-    ("resnet9", 7, 1, 48, {"width": 8, "ensemble": 2}),
+    ("resnet9", 7, 1, 48, {"width": 8, "ensemble": 2}, "aten"),
 ])
-def test_compiled_model_trains_like_eager(name, classes, channels, size, kwargs):
+def test_compiled_model_trains_like_eager(name, classes, channels, size, kwargs, batchnorm, monkeypatch):
+    monkeypatch.setenv("RESLAB_COMPILE_BATCHNORM", batchnorm)
     torch.manual_seed(0)
     eager = create_model(name, classes, channels, **kwargs).to(memory_format=torch.channels_last)
     model = copy.deepcopy(eager)
     step_fn = compile_module(model, torch.device("cpu"))
-    assert all(type(m) is not nn.BatchNorm2d for m in model.modules())
+    kinds = {type(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert kinds == ({OpaqueBatchNorm2d} if batchnorm == "aten" else {nn.BatchNorm2d})
     x = torch.randn(32, channels, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (32,))
     losses = {}
@@ -72,7 +77,7 @@ def test_compiled_model_trains_like_eager(name, classes, channels, size, kwargs)
     # bf16 fusion changes rounding, not the computation: the losses agree to well under 1%
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-2)
     assert losses["compiled"][-1] < losses["compiled"][0]  # and it learns
-    # the running statistics moved identically (the custom op updates them outside the graph)
+    # the running statistics moved identically (the custom op updates them outside the graph, Inductor in it)
     for a, b in zip(eager.modules(), model.modules()):
         if isinstance(a, nn.BatchNorm2d):
             assert a.num_batches_tracked.item() == b.num_batches_tracked.item() == 3
@@ -103,3 +108,17 @@ def test_compile_decision_flags_win_and_auto_only_where_it_pays(monkeypatch):
     monkeypatch.delenv("CXX")
     monkeypatch.setenv("PATH", "")
     assert decide() == (False, "auto: no C++ compiler for Inductor")
+
+
+def test_batchnorm_backend_by_cpu_and_by_request(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("RESLAB_COMPILE_BATCHNORM", raising=False)
+    for amx, expected in ((True, "inductor"), (False, "aten")):  # measured faster on each (docs/performance.md)
+        monkeypatch.setattr(compiled, "cpu_has_flag", lambda flag, amx=amx: amx and flag == "amx_bf16")
+        assert batchnorm_backend(cpu) == expected
+        assert batchnorm_backend(cuda) == "inductor"  # GPUs: Inductor's own kernels, as before
+    monkeypatch.setenv("RESLAB_COMPILE_BATCHNORM", " ATen ")
+    assert batchnorm_backend(cuda) == "aten"
+    monkeypatch.setenv("RESLAB_COMPILE_BATCHNORM", "triton")
+    with pytest.raises(ValueError, match="RESLAB_COMPILE_BATCHNORM='triton': choose aten or inductor"):
+        batchnorm_backend(cpu)

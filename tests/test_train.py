@@ -150,6 +150,32 @@ def test_adamw_and_cosine(cifar):
     assert result.val.accuracy > 0.2, result.val.accuracy
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizer_is_fused_on_the_cpu_and_updates_as_the_per_tensor_one(optimizer, monkeypatch):
+    """make_optimizer's fused kernel (one pass over all parameters) makes the same update as PyTorch's
+    per-tensor loop, weight decay on weights only and Nesterov momentum included."""
+    from train import engine
+
+    cfg = TrainConfig(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 2e-3, weight_decay=5e-4)
+    torch.manual_seed(0)
+    models = [create_model("resnet20", 10, 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = engine.make_optimizer(models[0], cfg)
+    monkeypatch.setattr(engine, "FUSED_OPTIMIZER_DEVICES", ())
+    loop = engine.make_optimizer(models[1], cfg)
+    assert [o.defaults["fused"] for o in (fused, loop)] == [True, None]
+    start = [p.detach().clone() for p in models[0].parameters()]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in models[0].parameters()]
+        for m, opt in zip(models, (fused, loop)):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(models[0].parameters(), start))  # every tensor moved
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_nan_loss_stops_with_a_clear_error(cifar):
     with pytest.raises(DivergedError, match=r"loss became (nan|inf|[0-9.e+]+) .*lower --lr"):
         fit(TrainConfig(dataset="cifar10", subset=300, epochs=1, lr=1e20, schedule="constant", evaluate_test=False, **FAST), cifar)

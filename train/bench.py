@@ -67,7 +67,7 @@ from .engine import (
     training_loss,
 )
 from .loader import PREFETCH as BATCHLOADER_PREFETCH
-from .machine import cpu_model
+from .machine import cpu_has_flag, cpu_model
 
 PIPELINES = ("ceiling", "reslab", "conventional")
 LOADER_PREFETCH = 2  # batches each DataLoader worker prepares ahead: torch's default prefetch_factor
@@ -396,7 +396,8 @@ def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, rt: Run
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     info = {"cpu": cpu_model(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cpu_bf16": cpu_supports_bf16(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "cpu_bf16": cpu_supports_bf16(),
+            "cpu_amx": cpu_has_flag("amx_bf16"), "torch": torch.__version__,
             "device": str(device), "load_average_1min": os.getloadavg()[0]}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -422,6 +423,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     train_steps = cfg.max_steps or cfg.epochs * (round(len(data.train_y) * (1 - cfg.val_fraction)) // cfg.batch_size)
     compiled, compile_reason = compile_decision(cfg, device, precision, train_steps)
     cfg = dataclasses.replace(cfg, compile=compiled)
+    if compiled:
+        from .compiled import batchnorm_note
+
+        compile_reason = f"{compile_reason}; {batchnorm_note(device)}"
     selected = [p for p in PIPELINES if p in args.pipelines]
     depths = queue_depths(cfg, args.loader_workers)
     settle = args.settle if args.settle is not None else max(depths[p] for p in selected) + 1
@@ -482,7 +487,7 @@ def format_table(res: dict[str, Any]) -> str:
     m = res["machine"]
     margs = "(" + ", ".join(f"{k}={v}" for k, v in res["model_args"].items()) + ")" if res["model_args"] else ""
     lines = [f"reslab bench: {res['model']}{margs} on {res['dataset']}, batch {res['batch_size']}, {res['device']} "
-             f"({m['cpu']}, {m['cores']} cores, bf16 {'yes' if m['cpu_bf16'] else 'no'}), "
+             f"({m['cpu']}, {m['cores']} cores, bf16 {'yes' if m['cpu_bf16'] else 'no'}, AMX {'yes' if m.get('cpu_amx') else 'no'}), "
              f"{res['rounds']} rounds x {res['steps_per_pipeline'] // res['rounds']} timed steps "
              f"(each after {res['settle_steps']} untimed); step {'compiled' if res['compile'] else 'eager'} "
              f"({res['compile_reason']})",

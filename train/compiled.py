@@ -1,11 +1,19 @@
-"""``--compile``: torch.compile the training module, with BatchNorm kept out of Inductor on the CPU.
+"""``--compile``: torch.compile the training module, with BatchNorm kept out of Inductor where that is faster.
 
 Inductor fuses BatchNorm's statistics and normalisation with the ReLUs and residual adds around it.
-On this project's CPUs (2 cores, AVX-512 BF16, channels_last bf16 activations) its generated kernels
-for that fusion ran ~8x slower than ATen's BatchNorm (forward + backward of one 128x16x32x32 block:
-20-27 ms against 3 ms), so compiling made ResNet-20's step slower. With BatchNorm wrapped in an
-opaque custom op, Inductor still fuses the element-wise work between the convolutions and BatchNorm
-runs ATen's own kernels: measured +5-7% images/s over eager for ResNet-20 (docs/performance.md).
+Whether that pays depends on the CPU (2 cores, channels_last bf16 activations, ResNet-20 at batch 128;
+docs/performance.md):
+
+- AMD EPYC (AVX-512 BF16, no AMX): Inductor's kernels for that fusion ran ~8x slower than ATen's
+  BatchNorm (forward + backward of one 128x16x32x32 block: 20-27 ms against 3 ms); a step with
+  BatchNorm inside Inductor 788 images/s, with it opaque 993, eager 920.
+- Intel Xeon with AMX: the convolutions run on AMX tiles and BatchNorm is a larger share of the step;
+  there Inductor's fused BatchNorm is the faster one: 1,091 images/s against 1,009 opaque, eager 850.
+
+So on CPUs without AMX each BatchNorm is wrapped in an opaque custom op: Inductor still fuses the
+element-wise work between the convolutions, and BatchNorm runs ATen's own kernels. On AMX CPUs and
+on GPUs Inductor gets the whole graph. ``RESLAB_COMPILE_BATCHNORM=aten`` or ``=inductor`` overrides
+the choice (for a CPU where the other one measures faster).
 
 The swap changes the class of each BatchNorm2d in place (same parameters, buffers and state-dict
 keys), so optimisers, checkpoints, EMA copies and exported models are unaffected; in eval mode the
@@ -14,10 +22,15 @@ module is an ordinary BatchNorm2d.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from .machine import cpu_has_flag
+
+BATCHNORM_CHOICES = ("aten", "inductor")
 
 
 @torch.library.custom_op("reslab::batch_norm_train", mutates_args=())
@@ -85,8 +98,24 @@ def opaque_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def batchnorm_backend(device: torch.device) -> str:
+    """Who computes a compiled step's training-mode BatchNorm on ``device``: ``aten`` (an opaque op) or
+    ``inductor`` (fused with what surrounds it); see the module docstring."""
+    asked = os.environ.get("RESLAB_COMPILE_BATCHNORM", "").strip().lower()
+    if asked:
+        if asked not in BATCHNORM_CHOICES:
+            raise ValueError(f"RESLAB_COMPILE_BATCHNORM={asked!r}: choose {' or '.join(BATCHNORM_CHOICES)}")
+        return asked
+    return "aten" if device.type == "cpu" and not cpu_has_flag("amx_bf16") else "inductor"
+
+
+def batchnorm_note(device: torch.device) -> str:
+    """How a compiled step on ``device`` computes BatchNorm, for the run's log and the benchmark's header."""
+    return "BatchNorm fused by Inductor" if batchnorm_backend(device) == "inductor" else "BatchNorm by ATen"
+
+
 def compile_module(module: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """torch.compile ``module``; on the CPU, with its BatchNorms opaque to Inductor (see the module docstring)."""
-    if device.type == "cpu":
+    """torch.compile ``module``, its BatchNorms opaque to Inductor where :func:`batchnorm_backend` says so."""
+    if batchnorm_backend(device) == "aten":
         opaque_batchnorm(module)
     return torch.compile(module)

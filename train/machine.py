@@ -42,6 +42,7 @@ def machine_tags(torch_threads: int) -> dict[str, str]:
     return {
         "cpu_model": cpu_model(),
         "cpu_avx512_bf16": "yes" if cpu_has_flag("avx512_bf16") else "no",
+        "cpu_amx_bf16": "yes" if cpu_has_flag("amx_bf16") else "no",  # bf16 matrix tiles: faster convolutions
         "cpu_cores": str(os.cpu_count() or 0),
         "torch_threads": str(torch_threads),
     }
