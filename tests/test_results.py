@@ -110,6 +110,7 @@ def test_the_pages_tables_come_from_the_files(docs_copy):
     b = json.loads(bench.read_text())
     assert b["pipelines"]["ceiling"]["images_per_sec"] == 1253
     b["pipelines"]["ceiling"]["images_per_sec"] = 1234.4
+    b["machine"].update(cpu="Intel(R) Xeon(R) Processor", cpu_amx=True)  # a CPU of another kind: its row says so
     bench.write_text(json.dumps(b))
     trained = results / "train-cifar10-fast-cpu-14ep.json"
     t = json.loads(trained.read_text())
@@ -119,11 +120,12 @@ def test_the_pages_tables_come_from_the_files(docs_copy):
     assert write_docs(page, results)[0] is True
     new = page.read_text()
     compiled, eager, fer, gpu, train, airbench = tables(new)
-    assert "| 2026-11-23 01:16 | resnet20, 128, compiled | 1,234 | 1,182 | 451 | 0.99 | 2.60 |" in compiled and "1,253" not in compiled
+    assert "| 2026-11-23 01:16 | Intel Xeon, AMX | resnet20, 128, compiled | 1,234 | 1,182 | 451 | 0.99 | 2.60 |" in compiled
+    assert "1,253" not in compiled and "| 2026-11-23 01:17 | AMD EPYC | resnet20, 128, compiled | 1,561 |" in compiled
     assert "2026-11-23 01:04" not in eager and eager.count("\n| 2026-11-23") == 3
     assert "| 95.55% | 0.926 |" in train and "92.63%" not in train
     assert fer == tables(committed)[2] and gpu == tables(committed)[3] and airbench == tables(committed)[5]
-    assert "| airbench, 1024 | 153,590 | 137,422 | 5,701 | 0.91 | 21.08 |" in gpu and "2026-12-04 15:" not in compiled + eager  # the GPU runs only in theirs
+    assert "| NVIDIA H200 | airbench, 1024 | 153,590 | 137,422 | 5,701 | 0.91 | 21.08 |" in gpu and "2026-12-04 15:" not in compiled + eager  # the GPU runs only in theirs
     assert prose(new) == prose(committed)
     # a second run changes nothing
     assert write_docs(page, results)[0] is False and page.read_text() == new

@@ -166,7 +166,7 @@ def train_row(r: dict[str, Any]) -> list[str]:
             f"`{run}`" if run != "—" else run, r.get("note") or ""]
 
 
-BENCH_HEADERS = ["run (UTC)", "model, batch", "ceiling img/s", "reslab img/s", "conventional img/s", "reslab / ceiling",
+BENCH_HEADERS = ["run (UTC)", "machine", "model, batch", "ceiling img/s", "reslab img/s", "conventional img/s", "reslab / ceiling",
                  "reslab / conventional"]
 
 
@@ -175,7 +175,17 @@ def bench_row(r: dict[str, Any]) -> list[str]:
     speed = [_num(p.get(name, {}).get("images_per_sec"), ",.0f") for name in ("ceiling", "reslab", "conventional")]
     ratios = [_num(q.get(k), ".2f") for k in ("reslab_over_ceiling", "reslab_over_conventional")]
     model = f"{r['model']}, {r['batch_size']}" + (", compiled" if r["compile"] else "")
-    return [str(r["when"])[:16], model, *speed, *ratios]
+    return [str(r["when"])[:16], machine_label(r.get("machine") or {}), model, *speed, *ratios]
+
+
+def machine_label(machine: dict[str, Any]) -> str:
+    """``Intel Xeon, AMX`` (the CPU) or ``NVIDIA H200`` (the GPU) from a benchmark's machine record: speeds
+    compare only within one kind of machine."""
+    if machine.get("gpu"):
+        return str(machine["gpu"])
+    name = re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b.*|\d+-Core", "", str(machine.get("cpu") or "—"))
+    name = " ".join(name.split()) or "—"
+    return name + (", AMX" if machine.get("cpu_amx") else "")
 
 
 TABLES: dict[str, tuple[list[str], Callable[[dict[str, Any]], list[str]], Callable[[dict[str, Any]], str]]] = {
