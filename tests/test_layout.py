@@ -7,6 +7,8 @@ the source with ``ast``, so the test needs no imports of the packages themselves
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,13 @@ def test_train_imports_neither_tune_nor_demo():
     upward = {m: sorted(t for t in ts if t.split(".")[0] in ("tune", "demo")) for m, ts in graph.items() if m.startswith("train")}
     assert {m: ts for m, ts in upward.items() if ts} == {}
     assert {m: sorted(ts) for m, ts in graph.items() if m.startswith("tune") and any(t.startswith("demo") for t in ts)} == {}
+
+
+def test_serving_processes_do_not_load_the_report_libraries():
+    """`reslab demo` and `reslab predict` import train.tracking (the store) but never make a report:
+    scikit-learn and matplotlib (~1 s of start-up together) load only where metrics or plots are made."""
+    code = ("import sys, demo.cli, demo.predict, demo.app, train.tracking, train.usemodel\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'matplotlib')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout

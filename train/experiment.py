@@ -362,10 +362,9 @@ def observations(rows: list[dict[str, Any]]) -> list[str]:
 
 def plot_degradation(series: dict[str, dict[str, Any]], path: Path, heldout: str, title: str) -> Path:
     """Figure 6 of the paper: plain nets left, ResNets right; training error dashed, held-out error solid."""
-    import matplotlib
+    from .report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     depths = sorted({s["depth"] for s in series.values()})

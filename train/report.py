@@ -1,25 +1,31 @@
-"""Classification metrics (scikit-learn) and the plots people would rather look at than read."""
+"""Classification metrics (scikit-learn) and the plots people would rather look at than read.
+
+scikit-learn and matplotlib load when a report is made, not with the module: ``train.tracking`` imports
+this module, and the processes that only serve or predict (``reslab demo``, ``reslab predict``, a DDP rank
+that does not track) would otherwise pay ~1 s of start-up for libraries they never use."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
-    ConfusionMatrixDisplay,
-    classification_report,
-    confusion_matrix,
-    precision_recall_fscore_support,
-)
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only: no display, also on servers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def classification_metrics(labels: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """Accuracy, macro precision/recall/F1, per-class report and the confusion matrix."""
+    from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+
     idx = list(range(len(classes)))
     p, r, f1, _ = precision_recall_fscore_support(labels, preds, labels=idx, average="macro", zero_division=0)
     report = classification_report(labels, preds, labels=idx, target_names=classes, output_dict=True, zero_division=0)
@@ -60,6 +66,9 @@ def plot_confusion(cm: list[list[int]] | np.ndarray, classes: list[str], path: P
 def plot_confusions(panels: list[tuple[Any, list[str], str]], path: Path, per_line: int = 4) -> Path:
     """Confusion matrices ``(matrix, class names, title)`` side by side, at most ``per_line`` a line,
     so that several runs can be read together (``reslab compare``); one panel is drawn larger."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    plt = pyplot()
     several = len(panels) > 1
     cols = min(per_line, len(panels))
     lines = -(-len(panels) // cols)
@@ -90,6 +99,7 @@ def plot_confusions(panels: list[tuple[Any, list[str], str]], path: Path, per_li
 def plot_curves(history: list[dict[str, float]], path: Path, title: str = "") -> Path:
     """Loss and accuracy against epoch, train and validation side by side (plus validation accuracy
     against wall-clock minutes, the time-to-accuracy curve, when the history has the times)."""
+    plt = pyplot()
     ep = [h["epoch"] for h in history]
     timed = [h for h in history if "val_acc" in h and "wall_seconds" in h]
     fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(15 if timed else 10, 4))
