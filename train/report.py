@@ -1,8 +1,8 @@
 """Classification metrics (scikit-learn) and the plots people would rather look at than read.
 
 scikit-learn and matplotlib load when a report is made, not with the module: ``train.tracking`` imports
-this module, and the processes that only serve or predict (``reslab demo``, ``reslab predict``, a DDP rank
-that does not track) would otherwise pay ~1 s of start-up for libraries they never use."""
+this module, and the processes that only serve or predict (``reslab demo``, ``reslab predict``) would
+otherwise pay ~1 s of start-up for libraries they never use."""
 
 from __future__ import annotations
 
