@@ -79,10 +79,15 @@ def test_trials_train_at_the_plans_low_fidelity(make_run, dataset):
     recipe_lr, recipe_batch = {"cifar10": (0.4, 512), "fer2013": (0.2, 256)}[dataset]
     assert first.user_attrs["config"]["model"] == "resnet9" and first.user_attrs["config"]["ema"] == 0.99
     assert (first.params["lr"], first.params["batch_size"], first.params["weight_decay"]) == (recipe_lr, recipe_batch, 0.0005)
+    # trials of a few epochs on a small set are far shorter than the refit: the recipe's batch size is kept
+    assert plan["batch_size_searched"] is False
+    parent = MlflowClient().get_run(first.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
+    assert MlflowClient().get_run(parent).data.tags["pinned.batch_size"] == str(recipe_batch)
     for t in trials:
         cfg = t.user_attrs["config"]
         assert cfg["epochs"] == plan["trial_epochs"] and cfg["subset"] == plan["trial_subset"]
         assert cfg["val_fraction"] == plan["trial_val_fraction"] and cfg["time_budget"] is None
+        assert t.params["batch_size"] == cfg["batch_size"] == recipe_batch
         # lr is coupled to the batch size: the searched value is for the recipe's batch of 512 (256 for FER)
         assert cfg["lr"] == pytest.approx(t.params["lr"] * t.params["batch_size"] / recipe_batch)
 

@@ -208,6 +208,12 @@ def test_space_file_and_durations(tmp_path):
     cfg = s.config(base, {"lr": 0.1, "batch_size": 32, "weight_decay": 1e-4})
     assert cfg.lr == pytest.approx(0.025) and cfg.batch_size == 32  # linear scaling to the batch
     assert s.fixed == {"epochs": 5}
+    # a budget whose trials are too short to rank batch sizes pins the base's (tune/budget.py) ...
+    assert s.pins(base, batch_size_searched=False) == {"batch_size": 128}
+    assert s.pins(base, batch_size_searched=True) == {}
+    # ... unless the user's file asks for batch sizes to be searched
+    f.write_text("batch_size: [64, 128, 256]\n")
+    assert SearchSpace.build(base, f).pins(base, batch_size_searched=False) == {}
     f.write_text("test_set: [1, 2]\n")
     with pytest.raises(ValueError, match="not a searchable"):
         SearchSpace.build(base, f)

@@ -46,6 +46,7 @@ class BudgetPlan:
     trial_epochs: int
     trial_val_fraction: float
     trial_seconds: float  # estimated length of a trial that is never pruned
+    batch_size_searched: bool = True  # False: trials too short to rank batch sizes; the recipe's is pinned
 
     def trial_config(self, base: TrainConfig) -> TrainConfig:
         """The low-fidelity trial: the base recipe on the subset, for ``trial_epochs``."""
@@ -69,7 +70,9 @@ class BudgetPlan:
         subset = "all" if self.trial_subset is None else f"{self.trial_subset:,}"
         return (f"budget {format_duration(self.seconds)} at {self.images_per_sec:.0f} img/s measured: search "
                 f"{format_duration(self.search_seconds)} (trials of {subset} images x {self.trial_epochs} epochs, "
-                f"~{self.trial_seconds:.0f} s unpruned), then refit on all training images and test")
+                f"~{self.trial_seconds:.0f} s unpruned"
+                + ("" if self.batch_size_searched else ", below full fidelity")
+                + "), then refit on all training images and test")
 
 
 def plan_budget(seconds: float, images_per_sec: float, train_images: int, base: TrainConfig,
@@ -91,6 +94,7 @@ def plan_budget(seconds: float, images_per_sec: float, train_images: int, base: 
         epochs = max(MIN_TRIAL_EPOCHS, min(max(base.epochs, MIN_TRIAL_EPOCHS), int(trainable / usable)))
     subset = train_part + val
     trial_seconds = TRIAL_OVERHEAD + epochs * (train_part + val * eval_factor) / images_per_sec
+    full_fidelity = train_part >= usable and epochs >= base.epochs  # a trial is the recipe's whole run
     return BudgetPlan(seconds, started + seconds, images_per_sec, search,
                       None if subset >= train_images else subset, epochs, round(val / subset, 4),
-                      math.ceil(trial_seconds))
+                      math.ceil(trial_seconds), batch_size_searched=full_fidelity)

@@ -63,15 +63,16 @@ class SlotStudy(optuna.Study):
     def waiting(self) -> list[optuna.trial.FrozenTrial]:
         return self.slot_storage.get_all_trials(self.slot_study_id, deepcopy=False, states=(TrialState.WAITING,))
 
-    def provide(self, budget: int, first: dict[str, Any] | None = None) -> int:
+    def provide(self, budget: int, first: dict[str, Any] | None = None, pinned: dict[str, Any] | None = None) -> int:
         """Make this invocation's slots (by its creator only): trials still queued from an earlier
         invocation (cut short, or enqueued by hand) are adopted first, then new ones are queued, the
-        first of them with the parameters ``first`` when given."""
+        first of them with the parameters ``first`` when given, every one with ``pinned``."""
         adopted = self.waiting()[:budget]
         for t in adopted:
             self.slot_storage.set_trial_user_attr(self._trial_id(t), SLOT_ATTR, self.invocation)
         for i in range(budget - len(adopted)):
-            self.enqueue_trial(first if i == 0 and first else {}, user_attrs={SLOT_ATTR: self.invocation})
+            params = {**(first if i == 0 and first else {}), **(pinned or {})}
+            self.enqueue_trial(params, user_attrs={SLOT_ATTR: self.invocation})
         self.set_user_attr(ready_key(self.invocation), budget)
         return len(adopted)
 

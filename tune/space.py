@@ -77,6 +77,7 @@ class SearchSpace:
     distributions: dict[str, BaseDistribution]
     fixed: dict[str, Any] = field(default_factory=dict)
     lr_batch: int | None = None  # the batch size the searched lr is for (None: not coupled)
+    from_file: set[str] = field(default_factory=set)  # dimensions the user's --space file set
 
     @classmethod
     def build(cls, base: TrainConfig, path: str | Path | None = None) -> SearchSpace:
@@ -86,6 +87,7 @@ class SearchSpace:
             return space
         p = Path(path)
         spec = load_yaml(p, "search-space file", "TrainConfig fields")
+        space.from_file = set(spec)
         fields = set(TrainConfig.__dataclass_fields__)
         for key, value in spec.items():
             if key not in fields or key in NOT_SEARCHABLE:
@@ -126,6 +128,16 @@ class SearchSpace:
         if self.lr_batch and "lr" in params and "batch_size" in params:
             merged["lr"] = params["lr"] * params["batch_size"] / self.lr_batch
         return TrainConfig.from_dict(merged).resolved()
+
+    def pins(self, base: TrainConfig, batch_size_searched: bool) -> dict[str, Any]:
+        """Values an invocation's trials take instead of sampling them: the base's batch size when the
+        budget's trials are too short to rank batch sizes (tune/budget.py), unless the --space file asks
+        for it. Pinned, not removed: the study keeps one search space across invocations and workers."""
+        d, batch = self.distributions.get("batch_size"), base.resolved().batch_size
+        if batch_size_searched or "batch_size" in self.from_file or not isinstance(d, CategoricalDistribution) \
+                or batch not in d.choices:
+            return {}
+        return {"batch_size": batch}
 
     def base_params(self, base: TrainConfig) -> dict[str, Any]:
         """The base configuration's own values of the searched dimensions (a study's first trial),

@@ -123,7 +123,10 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
             study.set_user_attr(plan_key(inv.number), plan.to_dict())
         # a new study's first trial is the base recipe itself: the search starts from what is known to work
         first = opts.space.base_params(base) if inv.finished_before == 0 and not study.trials else None
-        adopted = study.provide(inv.target - inv.finished_before, first)
+        pinned = opts.space.pins(base, plan.batch_size_searched) if plan else {}
+        if pinned:
+            note_pinned(inv, pinned)
+        adopted = study.provide(inv.target - inv.finished_before, first, pinned)
         if adopted:
             print(f"{adopted} trial(s) queued before this invocation run first", flush=True)
     elif not study.wait_for_slots():
@@ -180,6 +183,17 @@ def end_after_error(study: optuna.Study, inv: parent.Invocation, error: BaseExce
             parent.end(inv, status, reason)
     except Exception as e:  # noqa: BLE001 (best effort: the error the user sees is ``error``)
         warnings.warn(f"could not end the study's parent run {inv.parent_run_id} ({first_line(e)})", ReslabWarning)
+
+
+def note_pinned(inv: parent.Invocation, pinned: dict[str, Any]) -> None:
+    """Say (on the console and the parent run) which searched dimensions this invocation's trials keep fixed."""
+    from mlflow.tracking import MlflowClient
+
+    what = ", ".join(f"{k} {v}" for k, v in pinned.items())
+    print(f"every trial keeps the recipe's {what}: trials this much shorter than the refit favour small batches "
+          f"for their extra steps, a choice that loses at full length (docs/tuning.md)", flush=True)
+    for k, v in pinned.items():
+        MlflowClient().set_tag(inv.parent_run_id, f"pinned.{k}", str(v))
 
 
 def plan_key(invocation: int) -> str:
