@@ -116,7 +116,7 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
     startup = 4 if opts.budget else max(3, min(10, opts.trials // 3))
     study = SlotStudy(opts.study, storage, TPESampler(seed=seed, n_startup_trials=startup), study.pruner, inv.number)
     fail_stale(study, opts.heartbeat)  # a dead worker's trial is failed (and queued again) before slots are counted
-    plan = None
+    plan, pinned = None, {}
     if created:
         if opts.budget:  # measure this machine, size the trials; stored for the workers that join
             plan = make_plan(opts, data)
@@ -124,8 +124,6 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
         # a new study's first trial is the base recipe itself: the search starts from what is known to work
         first = opts.space.base_params(base) if inv.finished_before == 0 and not study.trials else None
         pinned = opts.space.pins(base, plan.batch_size_searched) if plan else {}
-        if pinned:
-            note_pinned(inv, pinned)
         adopted = study.provide(inv.target - inv.finished_before, first, pinned)
         if adopted:
             print(f"{adopted} trial(s) queued before this invocation run first", flush=True)
@@ -138,6 +136,8 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
           + (f", timeout {opts.timeout:.0f} s" if opts.timeout else "") + f"; worker {worker}", flush=True)
     if plan:
         print(plan.describe(), flush=True)
+    if pinned:
+        note_pinned(inv, pinned)
 
     trial_cfg = plan.trial_config(trial_base(base)) if plan else trial_base(base)
     if plan:
@@ -189,7 +189,7 @@ def note_pinned(inv: parent.Invocation, pinned: dict[str, Any]) -> None:
     """Say (on the console and the parent run) which searched dimensions this invocation's trials keep fixed."""
     from mlflow.tracking import MlflowClient
 
-    what = ", ".join(f"{k} {v}" for k, v in pinned.items())
+    what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in pinned.items())
     print(f"every trial keeps the recipe's {what}: trials this much shorter than the refit favour small batches "
           f"for their extra steps, a choice that loses at full length (docs/tuning.md)", flush=True)
     for k, v in pinned.items():
