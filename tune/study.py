@@ -190,8 +190,8 @@ def note_pinned(inv: parent.Invocation, pinned: dict[str, Any]) -> None:
     from mlflow.tracking import MlflowClient
 
     what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in pinned.items())
-    print(f"every trial keeps the recipe's {what}: trials this much shorter than the refit favour small batches "
-          f"for their extra steps, a choice that loses at full length (docs/tuning.md)", flush=True)
+    print(f"every trial keeps the base configuration's {what}: trials this much shorter than the refit favour "
+          f"small batches for their extra steps, a choice that loses at full length (docs/tuning.md)", flush=True)
     for k, v in pinned.items():
         MlflowClient().set_tag(inv.parent_run_id, f"pinned.{k}", str(v))
 
