@@ -59,7 +59,7 @@ def test_faster_machines_get_higher_fidelity():
     assert (slow.trial_subset or 50000) < (fast.trial_subset or 50000)
     assert gpu.trial_subset is None and gpu.trial_epochs > MIN_TRIAL_EPOCHS  # all the data, more epochs
     # batch sizes are ranked only by trials that are the recipe's whole run (on the GPU here); on the CPUs
-    # a trial is a tenth of the refit or less, and the recipe's batch size is kept
+    # a trial trains about a tenth of the refit's images, and the recipe's batch size is kept
     assert gpu.trial_epochs == RECIPE.epochs and gpu.batch_size_searched
     assert not slow.batch_size_searched and not fast.batch_size_searched
     assert gpu.trial_epochs <= RECIPE.epochs

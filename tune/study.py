@@ -189,11 +189,11 @@ def note_pinned(inv: parent.Invocation, pinned: dict[str, Any]) -> None:
     """Say (on the console and the parent run) which searched dimensions this invocation's trials keep fixed."""
     from mlflow.tracking import MlflowClient
 
-    what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in pinned.items())
+    client, what = MlflowClient(), ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in pinned.items())
     print(f"every trial keeps the base configuration's {what}: trials this much shorter than the refit favour "
           f"small batches for their extra steps, a choice that loses at full length (docs/tuning.md)", flush=True)
     for k, v in pinned.items():
-        MlflowClient().set_tag(inv.parent_run_id, f"pinned.{k}", str(v))
+        client.set_tag(inv.parent_run_id, f"pinned.{k}", str(v))
 
 
 def plan_key(invocation: int) -> str:
