@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from train.budget import Horizon, TimeBudget, parse_duration
+from train.budget import CALIBRATION_MIN_STEPS, CALIBRATION_SKIP, CALIBRATION_STEPS, Horizon, TimeBudget, parse_duration
 from train.config import TrainConfig
 from train.engine import fit, measure_throughput
 from tune.budget import FULL_TRIALS, MIN_TRIAL_EPOCHS, MIN_TRIAL_IMAGES, SEARCH_SHARE, TRIAL_OVERHEAD, plan_budget
@@ -65,6 +65,18 @@ def test_faster_machines_get_higher_fidelity():
     assert gpu.trial_epochs <= RECIPE.epochs
 
 
+def test_a_search_too_short_for_three_epochs_plans_a_trial_that_fits():
+    """An AVX2-only CPU (227 images/s measured, batch 512) and a one-minute study on 2,000 images: three
+    epochs of the whole split (~28 s) do not fit a 16 s search, so the trial gets fewer epochs rather
+    than eat the refit's time; a longer search keeps the three."""
+    short = plan_budget(66, 227, 2000, RECIPE, started=0)
+    assert short.trial_subset is None and 1 <= short.trial_epochs < MIN_TRIAL_EPOCHS
+    assert short.trial_seconds <= short.search_seconds
+    assert not short.batch_size_searched
+    longer = plan_budget(300, 227, 2000, RECIPE, started=0)
+    assert longer.trial_epochs >= MIN_TRIAL_EPOCHS and longer.trial_seconds <= longer.search_seconds
+
+
 def test_budgeted_runs_end_on_time_and_scale_their_schedule(cifar):
     """Two budgets on the same data: each ends within its budget (plus the first steps' timing slack),
     and twice the budget trains about twice as many steps. The length was never given in epochs."""
@@ -92,6 +104,30 @@ def test_measured_throughput_is_plausible(cifar):
                     evaluate_test=False, progress=False), cifar)
     fit_rate = 3200 / (time.perf_counter() - t0)  # includes model build: a lower bound of the step rate
     assert 0.5 * fit_rate < rate < 4 * fit_rate, (rate, fit_rate)
+
+
+def test_measuring_stops_at_its_time_limit(cifar, monkeypatch):
+    """A slow machine: the calibration stops once its timed steps took ``max_seconds`` (three steps at
+    least, for the median), not after all eight; without a limit it times all of them."""
+    import train.engine
+
+    cfg = TrainConfig(dataset="cifar10", model="resnet20", subset=3000, batch_size=32, progress=False)
+    real, calls = train.engine.make_stepper, [0]
+
+    def counting_stepper(*args, **kwargs):
+        stepper = real(*args, **kwargs)
+
+        def step(x, y):
+            calls[0] += 1
+            return stepper(x, y)
+        return step
+
+    monkeypatch.setattr(train.engine, "make_stepper", counting_stepper)
+    assert measure_throughput(cfg, cifar, max_seconds=1e-6) > 0
+    assert calls[0] == CALIBRATION_SKIP + CALIBRATION_MIN_STEPS
+    calls[0] = 0
+    assert measure_throughput(cfg, cifar) > 0
+    assert calls[0] == CALIBRATION_SKIP + CALIBRATION_STEPS
 
 
 def test_one_slow_step_does_not_skew_the_measured_throughput(cifar, monkeypatch):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import module_store
 from train.cli import main
+from train.engine import cpu_supports_bf16
 from train.data import stratified_subset
 
 # Minutes of servers, processes or budgets: run by CI (CI=true make test) and `make test-all`, not by a plain `make test`;
@@ -22,7 +23,10 @@ from train.data import stratified_subset
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
-BUDGET = 120  # seconds for both studies, split 55/45 as the preset says
+# seconds for both studies, split 55/45 as the preset says. An AVX2-only CPU trains ResNet-9 ~2.5x slower in
+# fp32: there 2 minutes left the CIFAR-10 refit ~13 steps and test accuracies of 17% and 24% (2026-12-06,
+# AMD EPYC without bf16), at the edge of the test's "learnt something"; 3 minutes give it room.
+BUDGET = 120 if cpu_supports_bf16() else 180
 SIZES = {"cifar10": (2000, 300), "fer2013": (1500, 300)}  # train / test images of the small copies
 
 

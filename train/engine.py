@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import mixup, normalize, random_crop_flip
-from .budget import (CALIBRATION_SKIP, CALIBRATION_STEPS, REPLAN_MIN_STEPS, REPLANS_PER_EPOCH, Horizon, TimeBudget,
+from .budget import (CALIBRATION_MIN_STEPS, CALIBRATION_SKIP, CALIBRATION_STEPS, REPLAN_MIN_STEPS, REPLANS_PER_EPOCH, Horizon, TimeBudget,
                      format_duration)
 from .config import TTA_VIEWS, TrainConfig
 from .data import ImageData, split_indices
@@ -588,11 +588,14 @@ def hard_labels(target: torch.Tensor) -> torch.Tensor:
     return target.argmax(1) if target.ndim == 2 else target
 
 
-def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATION_STEPS) -> float:
+def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATION_STEPS,
+                       max_seconds: float | None = None) -> float:
     """Training images/s of ``cfg``'s step on this machine, from a few steps on real batches (the
     weights are thrown away). Budgets are planned from this, never from a number measured elsewhere.
-    Each step is timed alone and the median taken: the whole window is under a second on a CPU, and one
-    step slowed by something else on the machine would otherwise halve the estimate (seen in the suite)."""
+    Each step is timed alone and the median taken: one step slowed by something else on the machine
+    would otherwise halve the estimate (seen in the suite). ``max_seconds`` stops the timing early, after
+    at least ``CALIBRATION_MIN_STEPS`` steps: on an AVX2-only CPU ten steps of batch 512 take ~24 s, a
+    third of a one-minute budget."""
     cfg = dataclasses.replace(cfg.resolved(), compile=False, pretrained=None)
     rt = Runtime.create(cfg, data)
     device = rt.device
@@ -604,8 +607,14 @@ def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATI
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
     rates: list[float] = []
+    timed = 0.0  # seconds of the timed steps so far
+
+    def enough() -> bool:
+        return len(rates) >= steps or (max_seconds is not None and len(rates) >= min(steps, CALIBRATION_MIN_STEPS)
+                                       and timed >= max_seconds)
+
     done, t0 = 0, time.perf_counter()
-    while len(rates) < steps:
+    while not enough():
         for xb, yb in loader.epoch(done):  # the loader's wait counts: each interval is one whole step
             x, y = prepare_batch(xb, yb, rt, aug, gen)
             stepper(x, y)
@@ -614,8 +623,9 @@ def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATI
             t1 = time.perf_counter()
             if done >= CALIBRATION_SKIP:
                 rates.append(len(y) / max(t1 - t0, 1e-9))
+                timed += t1 - t0
             done, t0 = done + 1, t1
-            if len(rates) == steps:
+            if enough():
                 break
     return float(statistics.median(rates))
 

@@ -7,6 +7,8 @@
    subset for a few epochs, sized so that ``FULL_TRIALS`` trials run to the end within the search
    time; successive halving (ASHA) stops most trials after their first epoch and promotes the best
    third at each rung (epochs 1, 3, 9, ...), so several times as many configurations are tried.
+   A search too short for one trial of ``MIN_TRIAL_EPOCHS`` (a slow CPU, a tiny budget) gets
+   shorter trials, down to one epoch, rather than a first trial that eats the refit's time.
 3. **Refit** (what is left, less ``FINISH_RESERVE``). The best configuration is retrained on all
    training images (train + validation) under a time budget, so its one-cycle schedule ends on time,
    then evaluated once on the test split and registered.
@@ -27,6 +29,7 @@ from train.budget import EVAL_COST_PER_TRAIN_IMAGE, format_duration
 from train.config import TTA_VIEWS, TrainConfig
 
 SEARCH_SHARE = 0.25  # of the whole budget; the refit gets the rest (docs/tuning.md: why)
+MEASURE_SHARE = 0.02  # of the whole budget, at most, for timing the machine (past its first few steps)
 FULL_TRIALS = 3  # trials that could run to their last epoch within the search time
 MIN_TRIAL_EPOCHS = 3  # successive halving needs rungs: epoch 1, then 3
 MIN_TRIAL_IMAGES = 4000  # below this a trial says little about the full-data run
@@ -90,10 +93,14 @@ def plan_budget(seconds: float, images_per_sec: float, train_images: int, base: 
     trainable = images_per_sec * per_trial - val * eval_factor * MIN_TRIAL_EPOCHS
     epochs = MIN_TRIAL_EPOCHS
     train_part = min(usable, max(MIN_TRIAL_IMAGES, int(trainable / epochs)))
+    epoch_seconds = (train_part + val * eval_factor) / images_per_sec
     if train_part >= usable:  # the whole split fits: spend the rest on epochs, up to the recipe's
         epochs = max(MIN_TRIAL_EPOCHS, min(max(base.epochs, MIN_TRIAL_EPOCHS), int(trainable / usable)))
+    if TRIAL_OVERHEAD + epochs * epoch_seconds > search:  # not even one trial fits (a slow CPU, a tiny
+        # budget): fewer epochs, down to one, rather than a first trial that eats the refit's time
+        epochs = max(1, min(epochs, int((search - TRIAL_OVERHEAD) / epoch_seconds)))
     subset = train_part + val
-    trial_seconds = TRIAL_OVERHEAD + epochs * (train_part + val * eval_factor) / images_per_sec
+    trial_seconds = TRIAL_OVERHEAD + epochs * epoch_seconds
     full_fidelity = train_part >= usable and epochs >= base.epochs  # a trial is the recipe's whole run
     return BudgetPlan(seconds, started + seconds, images_per_sec, search,
                       None if subset >= train_images else subset, epochs, round(val / subset, 4),

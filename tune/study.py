@@ -30,7 +30,7 @@ from train.interrupt import end_reason
 from train.tracking import experiment_id, first_line, flat_params, setup_tracking, tracking_gone
 
 from . import ddp, parent
-from .budget import BudgetPlan, plan_budget
+from .budget import MEASURE_SHARE, BudgetPlan, plan_budget
 from .finalize import register_best
 from .objective import Objective, TrialFailed, worker_id
 from .progress import StudyProgress
@@ -204,7 +204,7 @@ def make_plan(opts: TuneOptions, data) -> BudgetPlan:
     """Measure the base configuration's training speed here, then size the search for the budget."""
     t0 = time.perf_counter()
     probe = dataclasses.replace(trial_base(opts.base), time_budget=None)
-    rate = measure_throughput(probe, data)
+    rate = measure_throughput(probe, data, max_seconds=MEASURE_SHARE * opts.budget)
     plan = plan_budget(opts.budget, rate, len(data.train_y), probe, started=opts.started)
     print(f"measured {rate:.0f} training images/s in {time.perf_counter() - t0:.1f} s "
           f"({probe.model}, batch {probe.batch_size})", flush=True)
