@@ -223,6 +223,9 @@ class ServedModel:
         except MlflowException as e:
             raise NoModel(missing_message(uri, _dataset_of(uri))) from e
         self.module, self.config = safe_module(local, uri)
+        # channels_last, as the network trained: one FER-2013 face's forward pass and Grad-CAM took 4.6 ms
+        # instead of 6.4 in NCHW on an AVX2-only CPU (docs/demo.md)
+        self.module = self.module.to(memory_format=torch.channels_last)
         self.net = self.module  # predictions and Grad-CAM from the same rebuilt network
         missing = [k for k in ("classes", "image_size", "channels", "mean", "std") if k not in self.config]
         if missing:
@@ -251,7 +254,7 @@ class ServedModel:
         return to_model_input(rgb, self.image_size, self.channels)  # shared with reslab predict and the REST model
 
     def tensor(self, seen: list[np.ndarray]) -> torch.Tensor:
-        return normalize(torch.from_numpy(np.stack(seen)), self.mean, self.std, channels_last=False)
+        return normalize(torch.from_numpy(np.stack(seen)), self.mean, self.std, channels_last=True)
 
     @torch.no_grad()
     def probabilities(self, seen: list[np.ndarray]) -> np.ndarray:

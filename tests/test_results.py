@@ -117,12 +117,18 @@ def test_the_pages_tables_come_from_the_files(docs_copy):
     t["test_acc"] = 0.9555
     trained.write_text(json.dumps(t))
     (results / "bench-cifar10-eager-2026-11-23T0104.json").unlink()
+    slow = results / "bench-cifar10-eager-2026-11-23T0121.json"  # the same CPU name without bf16 (AVX2 only)
+    e = json.loads(slow.read_text())
+    e["machine"]["cpu_bf16"] = False
+    slow.write_text(json.dumps(e))
     assert write_docs(page, results)[0] is True
     new = page.read_text()
     compiled, eager, fer, gpu, train, airbench = tables(new)
     assert "| 2026-11-23 01:16 | Intel Xeon, AMX | resnet20, 128, compiled | 1,234 | 1,182 | 451 | 0.99 | 2.60 |" in compiled
     assert "1,253" not in compiled and "| 2026-11-23 01:17 | AMD EPYC | resnet20, 128, compiled | 1,561 |" in compiled
     assert "2026-11-23 01:04" not in eager and eager.count("\n| 2026-11-23") == 3
+    assert "| 2026-11-23 01:21 | AMD EPYC, no bf16 | resnet20, 128 |" in eager
+    assert "| 2026-11-23 01:23 | AMD EPYC | resnet20, 128 |" in eager
     assert "| 95.55% | 0.926 |" in train and "92.63%" not in train
     assert fer == tables(committed)[2] and gpu == tables(committed)[3] and airbench == tables(committed)[5]
     assert "| NVIDIA H200 | airbench, 1024 | 153,590 | 137,422 | 5,701 | 0.91 | 21.08 |" in gpu and "2026-12-04 15:" not in compiled + eager  # the GPU runs only in theirs

@@ -179,13 +179,14 @@ def bench_row(r: dict[str, Any]) -> list[str]:
 
 
 def machine_label(machine: dict[str, Any]) -> str:
-    """``Intel Xeon, AMX`` (the CPU) or ``NVIDIA H200`` (the GPU) from a benchmark's machine record: speeds
-    compare only within one kind of machine."""
+    """``Intel Xeon, AMX``, ``AMD EPYC, no bf16`` (the CPU) or ``NVIDIA H200`` (the GPU) from a benchmark's
+    machine record: speeds compare only within one kind of machine, and one CPU name comes with or without
+    bf16 (an AMD EPYC of this pool has AVX-512 BF16 or AVX2 only)."""
     if machine.get("gpu"):
         return str(machine["gpu"])
     name = re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b.*|\d+-Core", "", str(machine.get("cpu") or "—"))
     name = " ".join(name.split()) or "—"
-    return name + (", AMX" if machine.get("cpu_amx") else "")
+    return name + (", AMX" if machine.get("cpu_amx") else "") + (", no bf16" if machine.get("cpu_bf16") is False else "")
 
 
 TABLES: dict[str, tuple[list[str], Callable[[dict[str, Any]], list[str]], Callable[[dict[str, Any]], str]]] = {
