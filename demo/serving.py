@@ -223,8 +223,8 @@ class ServedModel:
         except MlflowException as e:
             raise NoModel(missing_message(uri, _dataset_of(uri))) from e
         self.module, self.config = safe_module(local, uri)
-        # channels_last, as the network trained: one FER-2013 face's forward pass and Grad-CAM took 4.6 ms
-        # instead of 6.4 in NCHW on an AVX2-only CPU (docs/demo.md)
+        # channels_last, as the network trained: one FER-2013 face's forward pass and Grad-CAM took 4.4-4.6 ms
+        # instead of 4.9-6.4 in NCHW on an AVX2-only CPU (docs/demo.md)
         self.module = self.module.to(memory_format=torch.channels_last)
         self.net = self.module  # predictions and Grad-CAM from the same rebuilt network
         missing = [k for k in ("classes", "image_size", "channels", "mean", "std") if k not in self.config]

@@ -15,8 +15,8 @@ from PIL import Image
 
 from conftest import module_store
 from train.cli import main
-from train.engine import cpu_supports_bf16
 from train.data import stratified_subset
+from train.engine import cpu_supports_bf16
 
 # Minutes of servers, processes or budgets: run by CI (CI=true make test) and `make test-all`, not by a plain `make test`;
 # it holds a wall-clock budget, so `make test` runs it alone (serial), not beside another worker.

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import mixup, normalize, random_crop_flip
-from .budget import (CALIBRATION_MIN_STEPS, CALIBRATION_SKIP, CALIBRATION_STEPS, REPLAN_MIN_STEPS, REPLANS_PER_EPOCH, Horizon, TimeBudget,
-                     format_duration)
+from .budget import (CALIBRATION_MIN_STEPS, CALIBRATION_SKIP, CALIBRATION_STEPS, REPLAN_MIN_STEPS, REPLANS_PER_EPOCH,
+                     Horizon, TimeBudget, format_duration)
 from .config import TTA_VIEWS, TrainConfig
 from .data import ImageData, split_indices
 from .errors import DivergedError, ReslabWarning

@@ -98,7 +98,7 @@ def plan_budget(seconds: float, images_per_sec: float, train_images: int, base: 
         epochs = max(MIN_TRIAL_EPOCHS, min(max(base.epochs, MIN_TRIAL_EPOCHS), int(trainable / usable)))
     if TRIAL_OVERHEAD + epochs * epoch_seconds > search:  # not even one trial fits (a slow CPU, a tiny
         # budget): fewer epochs, down to one, rather than a first trial that eats the refit's time
-        epochs = max(1, min(epochs, int((search - TRIAL_OVERHEAD) / epoch_seconds)))
+        epochs = max(1, int((search - TRIAL_OVERHEAD) / epoch_seconds))
     subset = train_part + val
     trial_seconds = TRIAL_OVERHEAD + epochs * epoch_seconds
     full_fidelity = train_part >= usable and epochs >= base.epochs  # a trial is the recipe's whole run
