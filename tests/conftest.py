@@ -20,6 +20,8 @@ import pytest
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+pytest_plugins = ["demo_fixtures"]  # the demo's store and server, one definition for every module
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("RESLAB_DATA", ROOT.parent / "shared" / "datasets"))
 
@@ -32,12 +34,13 @@ def free_port() -> int:
 
 # The longest modules first, so that with `pytest -n 2 --dist loadfile --no-loadscope-reorder` (`make test`)
 # neither worker is left with one of them at the end while the other idles (pytest-xdist's default order is by
-# number of tests, which ignores this). Seconds of one worker on a 2-core CPU with AVX-512 BF16, parallel pass,
-# 2026-12-05; test_demo_security.py runs with test_demo.py (below), so their sum counts.
-LONGEST_FIRST = {"test_scaleout.py": 190, "test_demo.py": 130, "test_outages.py": 119, "test_train.py": 104,
-                 "test_tune_paths.py": 77, "test_faults.py": 56}
-# Modules that use another module's session fixtures run on that module's worker, so what the fixtures
-# build (test_demo.py's store: two models trained and registered) is built once, not once per worker.
+# number of tests, which ignores this). Seconds of one worker in the parallel pass on the AVX2-only 2-core CPU,
+# 2026-12-06 (test_demo.py with test_demo_security.py, which runs beside it: SAME_WORKER below; test_compiled.py
+# with a cold Inductor cache, as in CI).
+LONGEST_FIRST = {"test_demo.py": 220, "test_scaleout.py": 180, "test_train.py": 160, "test_compiled.py": 150,
+                 "test_outages.py": 108, "test_faults.py": 66, "test_tune_paths.py": 65}
+# Modules that use the same expensive session fixture run on one worker, so what it builds (the demo's
+# store, tests/demo_fixtures.py: two models trained and registered) is built once, not once per worker.
 SAME_WORKER = {"test_demo_security.py": "test_demo.py"}
 
 

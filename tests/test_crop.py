@@ -52,7 +52,7 @@ def test_training_sees_crops_and_evaluation_whole_images(fer, monkeypatch):
         return model
 
     monkeypatch.setattr(train.engine, "build_model", spying_build)
-    cfg = TrainConfig(dataset="fer2013", model="resnet9", model_args={"width": 16}, subset=1200, epochs=2,
+    cfg = TrainConfig(dataset="fer2013", model="resnet9", model_args={"width": 8}, subset=1200, epochs=2,
                       batch_size=64, lr=0.05, crop_size=40, tta=1, progress=False, seed=1)
     assert batch_augment(cfg.resolved()) == BatchAugment(0, True, 40)  # FER-2013: albumentations, then crop + flip batched
     result = fit(cfg, fer)
@@ -88,7 +88,7 @@ def test_full_size_finish_trains_the_last_steps_on_whole_images(fer, monkeypatch
         return model
 
     monkeypatch.setattr(train.engine, "build_model", spying_build)
-    cfg = TrainConfig(dataset="fer2013", model="resnet9", model_args={"width": 16}, subset=1200, epochs=2,
+    cfg = TrainConfig(dataset="fer2013", model="resnet9", model_args={"width": 8}, subset=1200, epochs=2,
                       batch_size=64, lr=0.05, crop_size=40, full_size_finish=0.25, evaluate_test=False,
                       progress=False, seed=1)
     result = fit(cfg, fer)
@@ -107,7 +107,7 @@ def test_a_resumed_run_switches_to_whole_images_where_the_uninterrupted_one_did(
         if epoch == 0:
             raise StopAfter
 
-    base = dict(dataset="fer2013", model="resnet9", model_args={"width": 16}, subset=900, epochs=3, batch_size=64,
+    base = dict(dataset="fer2013", model="resnet9", model_args={"width": 8}, subset=900, epochs=3, batch_size=64,
                 lr=0.05, crop_size=40, full_size_finish=0.5, class_weights=0.5, evaluate_test=False, progress=False,
                 seed=2)
     full = fit(TrainConfig(**base, checkpoint_dir=str(tmp_path / "a")), fer)

@@ -1,8 +1,8 @@
 """`reslab demo` under attack (issue 16): each test attacks the running app the way an anonymous user
 of an exposed demo could, through raw HTTP to Gradio's queue API or through gradio_client.
 
-The server, the store and the two small registered models are test_demo.py's fixtures (imported, so
-a run of both files trains them once)."""
+The server, the store and the two small registered models are the fixtures of tests/demo_fixtures.py,
+shared with test_demo.py: the store is trained once per session."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import free_port, stop
-from test_demo import client, face_collage, in_store, save_png, server, store  # noqa: F401  (fixtures)
+from test_demo import face_collage, save_png
 
 CIFAR_API, FER_API = "/classify_cifar10", "/classify_fer2013"
 

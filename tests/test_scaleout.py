@@ -37,6 +37,9 @@ pytestmark = pytest.mark.slow
 
 RESLAB = [str(Path(sys.executable).parent / "reslab")]  # the installed console script
 TRIAL = ["--dataset", "cifar10", "--subset", "300", "--epochs", "1", "--batch-size", "32", "--no-progress"]
+# A study whose mechanics are tested, not what it learns, on a small network: the test evaluation of its
+# registered model takes seconds instead of most of a minute (tests/tiny-resnet9.yaml).
+TINY = ["--config", str(Path(__file__).with_name("tiny-resnet9.yaml"))]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -170,7 +173,7 @@ def test_tune_trials_train_on_two_processes(team, tmp_path):
     queued = optuna.create_study(study_name="ddp-trials", storage=team.storage, direction="maximize")
     for lr in (1e-7, 0.1, 1e-7):
         queued.enqueue_trial({"lr": lr})
-    args = ["tune", "--dataset", "cifar10", "--subset", "2000", "--epochs", "2", "--trials", "3", "--prune-after", "1",
+    args = ["tune", "--dataset", "cifar10", "--subset", "2000", "--epochs", "2", "--trials", "3", "--prune-after", "1", *TINY,
             "--prune-warmup", "0", "--space", str(tmp_path / "space.yaml"), "--storage", team.storage,
             "--study", "ddp-trials", "--experiment", "ddp-trials", "--no-register", "--no-progress", "--nproc", "2"]
     proc = subprocess.run([*RESLAB, *args], cwd=tmp_path, env=team.env, capture_output=True, text=True, timeout=600)
@@ -199,7 +202,7 @@ def test_tune_trials_train_on_two_processes(team, tmp_path):
 @pytest.fixture(scope="module")
 def shared_study(team):
     """Three workers started together on one PostgreSQL study with a budget of 6 trials."""
-    args = ["tune", *TRIAL, "--storage", team.storage, "--study", "shared", "--trials", "6", "--experiment", "shared"]
+    args = ["tune", *TRIAL, *TINY, "--storage", team.storage, "--study", "shared", "--trials", "6", "--experiment", "shared"]
     procs = {f"shared-worker{i}": start(team, args, f"shared-worker{i}") for i in range(3)}
     logs = finish(team, procs)
     for name, p in procs.items():

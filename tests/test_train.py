@@ -37,11 +37,12 @@ def test_short_training_learns_well_above_chance(cifar):
 
 
 def small_recipe(name: str = "fast-cpu", **over) -> TrainConfig:
-    """The named recipe for CIFAR-10 on a few real images and epochs (no time budget)."""
+    """The named recipe for CIFAR-10 on a few real images and epochs (no time budget), its ResNet-9 at width 16
+    instead of 32: a quarter of the FLOPs (the EMA test below 90 s -> 28 s on one AVX2 thread, 2026-12-06)."""
     from train.config import recipe
 
     d = {**recipe(name, "cifar10"), "time_budget": None, "subset": 1200, "val_fraction": 0.25, "batch_size": 128,
-         "lr": 0.1, "epochs": 3, "seed": 7, "evaluate_test": False, "progress": False, **over}
+         "lr": 0.1, "epochs": 3, "seed": 7, "evaluate_test": False, "progress": False, "model_args": {"width": 16}, **over}
     return TrainConfig.from_dict(d)
 
 
@@ -79,7 +80,7 @@ def test_ema_and_tta_are_what_is_evaluated(cifar):
     differ = [k for k, a in ema.model.state_dict().items() if a.is_floating_point() and not torch.equal(a, raw.model.state_dict()[k])]
     assert len(differ) > 10
     assert ema.val.accuracy != raw.val.accuracy or not np.allclose(ema.val.probs, raw.val.probs)
-    assert ema.val.accuracy > 0.2  # well above chance (10%) after three epochs on 900 images (measured 0.34)
+    assert ema.val.accuracy > 0.2  # well above chance (10%) after three epochs on 900 images (measured 0.37)
 
     from train.data import split_validation, stratified_subset
 
@@ -274,8 +275,10 @@ def test_cli_run_is_complete_in_mlflow_and_the_model_loads_back(mlflow_store, da
     assert f"test accuracy {m['test_acc']:.4f}" in card, card
 
     # transfer learning: FER-2013 initialised from our own registered CIFAR-10 model
+    no_test = Path("no-test.yaml")  # what is checked here is the start, not the test split (a minute of evaluation)
+    no_test.write_text("evaluate_test: false\n")
     run_cli("--dataset", "fer2013", "--model", "resnet20", "--data", str(data_dir), "--subset", "300", "--epochs", "1",
-            "--init-from", "models:/cifar10-resnet@champion", "--run-name", "transfer")
+            "--init-from", "models:/cifar10-resnet@champion", "--run-name", "transfer", "--config", str(no_test))
     fer_run = client.search_runs([client.get_experiment_by_name("fer2013").experiment_id])[0]
     assert fer_run.data.tags["init_from"] == "models:/cifar10-resnet@champion"
     expected = len(create_model("resnet20", 7, 1).state_dict()) - 2  # all but the classifier (the stem is adapted to gray)
