@@ -12,7 +12,7 @@ import sys
 from train.config import champion_uri
 from train.data import DATASETS
 
-from .settings import BATCH_SIZE, QUEUE_SIZE, UPLOAD_LIMIT
+from .settings import BATCH_SIZE, QUEUE_SIZE, UPLOAD_LIMIT, serving_threads
 
 AUTH_ENV = "RESLAB_DEMO_AUTH"  # USER:PASSWORD, instead of --auth (which other users can see in `ps`)
 
@@ -37,6 +37,8 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-file-size", default=UPLOAD_LIMIT, help=f"largest upload accepted (default: {UPLOAD_LIMIT})")
     p.add_argument("--queue-size", type=int, default=QUEUE_SIZE, help=f"requests allowed to wait in the queue (default: {QUEUE_SIZE})")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"most uploads merged into one forward pass (default: {BATCH_SIZE})")
+    p.add_argument("--threads", type=int, metavar="N", help="torch threads for the forward passes (default: half "
+                   f"the CPU cores, at least 1, here {serving_threads()}; the other cores serve HTTP)")
     p.add_argument("--no-examples", dest="examples", action="store_false", help="skip the test-split examples")
     b = p.add_argument_group(
         "benchmark (--bench)", "measure end-to-end HTTP latency instead of serving: start `reslab demo` as a process on "
@@ -110,6 +112,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from train.cli import fail
 
+    if args.threads is not None and args.threads < 1:
+        fail(f"--threads {args.threads}: give 1 or more")
     if args.bench:
         from .bench import cmd_bench
 
@@ -139,8 +143,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     logging.getLogger("reslab.demo").setLevel(logging.INFO)
     from .serving import find_mlflow_ui
 
+    import torch
+
+    torch.set_num_threads(args.threads or serving_threads())
     uri = setup_tracking()
-    print(f"loading models from {uri} ...", flush=True)
+    print(f"loading models from {uri} ... (forward passes on {torch.get_num_threads()} torch thread(s))", flush=True)
     entries = load_models(args.model)
     for e in entries:
         print(f"  {e.dataset}: " + (e.message.replace("`", "") if isinstance(e, Missing) else

@@ -210,6 +210,17 @@ def test_bad_model_is_a_one_line_error(in_store, capsys, spec, says):
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("reslab: error: ") and says in err, err
 
 
+def test_serving_threads_leave_half_the_cores_to_http(capsys):
+    """`reslab demo`'s forward passes default to half the cores (at least one); --threads below 1 is one line."""
+    from demo.settings import serving_threads
+    from train.cli import main
+
+    assert [serving_threads(n) for n in (1, 2, 3, 16)] == [1, 1, 1, 8]
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--threads", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err == "reslab: error: --threads 0: give 1 or more\n"
+
+
 # --------------------------------------------------------------------------- a real server
 
 
@@ -345,13 +356,15 @@ def test_reslab_demo_process(in_store, cifar, tmp_path):
     MlflowClient().set_registered_model_alias("cifar10-resnet", "challenger", mv.version)
     port = free_port()
     log = (tmp_path / "demo.log").open("w+")
-    proc = subprocess.Popen([reslab, "demo", "--port", str(port), "--queue-size", "1", "--no-examples",
+    proc = subprocess.Popen([reslab, "demo", "--port", str(port), "--queue-size", "1", "--no-examples", "--threads", "2",
                              "--model", "cifar10=models:/cifar10-resnet@challenger",
                              "--model", "models:/cifar10-resnet@champion"],
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for_server(url, proc, 180, lambda: (tmp_path / "demo.log").read_text())
+        # --threads took effect (read back from torch; a test worker's OMP_NUM_THREADS=1 would say 1)
+        assert "(forward passes on 2 torch thread(s))" in (tmp_path / "demo.log").read_text()
         config = httpx.get(url + "config", timeout=30).json()
         tabs = [c["props"]["label"] for c in config["components"] if c["type"] == "tabitem"]
         assert tabs == [f"cifar10 · cifar10-resnet v{mv.version}", "cifar10 · cifar10-resnet v1", "fer2013"], tabs
