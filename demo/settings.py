@@ -11,8 +11,9 @@ BATCH_SIZE = 16  # uploads merged into one forward pass
 def serving_threads(cores: int | None = None) -> int:
     """The demo's default number of torch threads for its forward passes: half the CPU cores this process
     may run on, at least one. The other half is left to the HTTP side (Gradio's event loop, decoding,
-    encoding), which the forward pass's OpenMP threads would otherwise compete with: on a 2-core AVX2 CPU
-    one thread answered one FER-2013 face end to end faster than two (docs/demo.md)."""
+    encoding), which the forward pass's OpenMP threads would otherwise compete with: on a 2-core AVX2 CPU the
+    served forward pass was 1-2 ms shorter on one thread than on two in 4 of 5 paired runs (end to end, the
+    host's drift was larger than the difference; docs/demo.md)."""
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // 2)

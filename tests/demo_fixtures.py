@@ -53,7 +53,6 @@ def in_store(store, monkeypatch):
     return store
 
 
-
 @pytest.fixture(scope="module")
 def server(store):
     """`reslab demo` as the command builds it, on a free loopback port."""
