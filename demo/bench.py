@@ -39,8 +39,6 @@ from typing import Any
 
 import numpy as np
 
-from .settings import serving_threads
-
 API = "/gradio_api"
 TARGET_P50_MS = 50.0  # issue 17: one image, end to end, on a quiet machine
 TARGET_BURST_P95_MS = 2000.0  # issue 17: 50 concurrent requests
@@ -108,15 +106,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def demo_server(model_uri: str, batch_size: int, queue_size: int, log: Path, timeout: float = 300,
-                threads: int | None = None) -> Iterator[str]:
+def demo_server(model_uri: str, batch_size: int, queue_size: int, threads: int, log: Path,
+                timeout: float = 300) -> Iterator[str]:
     """``reslab demo`` serving ``model_uri`` as a process of its own, with Gradio's profiler on; yields its URL."""
     from .app import wait_until_up
 
     port = free_port()
     cmd = [sys.executable, "-m", "train.cli", "demo", "--host", "127.0.0.1", "--port", str(port), "--no-examples",
-           "--model", model_uri, "--batch-size", str(batch_size), "--queue-size", str(queue_size)]
-    cmd += ["--threads", str(threads)] if threads else []
+           "--model", model_uri, "--batch-size", str(batch_size), "--queue-size", str(queue_size),
+           "--threads", str(threads)]
     env = {**os.environ, "GRADIO_PROFILING": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -292,7 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         images = test_images(dataset, max(args.requests, args.concurrent, 1), Path(tmp))
         log = Path(tmp) / "demo.log"
         limits = httpx.Limits(max_connections=args.concurrent + 10, max_keepalive_connections=args.concurrent + 10)
-        with demo_server(uri, args.batch_size, args.queue_size, log, threads=args.threads) as url, \
+        with demo_server(uri, args.batch_size, args.queue_size, args.threads, log) as url, \
                 httpx.Client(timeout=args.timeout, limits=limits) as http:
             fn, api_name = endpoint(http, url, dataset)
             warm = sequential(http, url, fn, images, args.warmup, 0, args.gradcam)
@@ -307,7 +305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model_uri": uri, "registered": f"{opened.name} v{opened.version}" if opened.name else "",
         "architecture": opened.config.get("architecture"), "model_args": opened.config.get("model_args") or {},
         "dataset": dataset, "api_name": api_name, "gradcam": args.gradcam, "batch_size": args.batch_size,
-        "queue_size": args.queue_size, "server_threads": args.threads or serving_threads(), "warmup": len(warm),
+        "queue_size": args.queue_size, "server_threads": args.threads, "warmup": len(warm),
         "images": [{"index": i, "label": images.classes[y]} for i, y in zip(images.indices, images.labels)],
         "sequential": {**summary(seq), "server": traces_seq, "calls": [asdict(c) for c in seq]},
         "concurrent": {**summary(conc), "wall_ms": wall, "server": traces_conc, "calls": [asdict(c) for c in conc]},

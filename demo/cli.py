@@ -114,6 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if args.threads is not None and args.threads < 1:
         fail(f"--threads {args.threads}: give 1 or more")
+    args.threads = args.threads or serving_threads()  # resolved once: the server and --bench's record read it
     if args.bench:
         from .bench import cmd_bench
 
@@ -145,7 +146,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     import torch
 
-    torch.set_num_threads(args.threads or serving_threads())
+    torch.set_num_threads(args.threads)
     uri = setup_tracking()
     print(f"loading models from {uri} ... (forward passes on {torch.get_num_threads()} torch thread(s))", flush=True)
     entries = load_models(args.model)

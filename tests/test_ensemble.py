@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import zipfile
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -86,8 +87,8 @@ def test_an_ensemble_run_is_logged_tested_served_and_exported_as_one(fer, mlflow
 
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "unset")  # restored to its absence afterwards
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")  # as in a user's shell: the command decides
-    (tmp_path / "tiny.yaml").write_text("model: resnet9\nmodel_args: {width: 8}\n")
-    out = in_process(["train", "--dataset", "fer2013", "--config", str(tmp_path / "tiny.yaml"), "--ensemble", "2",
+    tiny = Path(__file__).with_name("tiny-resnet9.yaml")
+    out = in_process(["train", "--dataset", "fer2013", "--config", str(tiny), "--ensemble", "2",
                       "--subset", "1400", "--epochs", "1", "--batch-size", "64", "--crop-size", "40", "--ema", "0.9",
                       "--tta", "1", "--no-progress", "--seed", "4"], tmp_path / "mlruns")
     assert out.returncode == 0, out.stderr[-2000:]
