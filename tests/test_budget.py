@@ -3,14 +3,17 @@ study splits its minutes as tune/budget.py says."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
 
-from train.budget import CALIBRATION_MIN_STEPS, CALIBRATION_SKIP, CALIBRATION_STEPS, Horizon, TimeBudget, parse_duration
+from train.budget import (CALIBRATION_MIN_STEPS, CALIBRATION_SKIP, CALIBRATION_STEPS, Horizon, TimeBudget, format_duration,
+                          parse_duration)
 from train.config import TrainConfig
 from train.engine import fit, measure_throughput
-from tune.budget import FULL_TRIALS, MIN_TRIAL_EPOCHS, MIN_TRIAL_IMAGES, SEARCH_SHARE, TRIAL_OVERHEAD, plan_budget
+from tune.budget import (FINISH_RESERVE, FULL_TRIALS, MIN_TRIAL_EPOCHS, MIN_TRIAL_IMAGES, SEARCH_SHARE, TRIAL_OVERHEAD,
+                         plan_budget)
 
 # Runs here must end within their wall-clock budgets: `make test` runs this module alone, not beside another worker.
 pytestmark = pytest.mark.serial
@@ -44,6 +47,8 @@ def test_study_plan_scales_with_the_machine(rate):
     budget, train_images = 600.0, 50000
     plan = plan_budget(budget, rate, train_images, RECIPE, started=0.0)
     assert plan.search_seconds == pytest.approx(SEARCH_SHARE * budget)
+    # the AVX2-only CPU's quarter of 10 minutes is too short for 3 trials of the smallest useful size
+    assert plan.search == (rate > 250) and ("too short to search" in plan.describe()) == (rate == 250)
     assert plan.trial_epochs >= MIN_TRIAL_EPOCHS
     subset = plan.trial_subset or train_images
     assert subset >= min(train_images, MIN_TRIAL_IMAGES)
@@ -65,15 +70,32 @@ def test_faster_machines_get_higher_fidelity():
     assert gpu.trial_epochs <= RECIPE.epochs
 
 
-def test_a_search_too_short_for_three_epochs_plans_a_trial_that_fits():
-    """An AVX2-only CPU (227 images/s measured, batch 512) and a one-minute study on 2,000 images: three
-    epochs of the whole split (~28 s) do not fit a 16 s search, so the trial gets fewer epochs rather
-    than eat the refit's time; a longer search keeps the three."""
-    short = plan_budget(66, 227, 2000, RECIPE, started=0)
-    assert short.trial_subset is None and 1 <= short.trial_epochs < MIN_TRIAL_EPOCHS
+def test_a_search_too_short_to_rank_anything_gives_its_time_to_the_refit():
+    """`make run` on an AVX2-only CPU (2026-12-06): CIFAR-10's 11 minutes at 197 images/s and FER-2013's 9 at
+    148 left searches of ~2.1 and ~1.3 trials of the smallest useful size, which ranked configurations on
+    noise; such a search is not run, and the plan says which budget would search."""
+    for seconds, rate, images in ((660, 197, 50000), (540, 148, 28709)):
+        plan = plan_budget(seconds, rate, images, RECIPE, started=0)
+        assert not plan.search and plan.search_needs > plan.search_seconds
+        assert plan.refit_seconds(now=30) == pytest.approx(seconds - 30 - FINISH_RESERVE)  # the refit gets it all
+        enough = 60 * math.ceil(plan.search_needs / SEARCH_SHARE / 60)  # "a budget of M:00 or more searches"
+        assert f"a budget of {format_duration(enough)} or more searches" in plan.describe()
+        assert plan_budget(enough, rate, images, RECIPE, started=0).search
+        assert not plan_budget(enough - 60, rate, images, RECIPE, started=0).search
+        assert plan_budget(seconds, rate, images, RECIPE, started=0, min_trials=2).search == (rate == 197)
+    assert plan_budget(660, 930, 50000, RECIPE, started=0).search  # a bf16 CPU searches the same 11 minutes
+
+
+def test_min_trials_0_searches_with_trials_that_fit():
+    """``--min-search-trials 0``, an AVX2-only CPU (227 images/s measured, batch 512) and a one-minute study
+    on 2,000 images: three epochs of the whole split (~28 s) do not fit a 16 s search, so the trial gets
+    fewer epochs rather than eat the refit's time; a longer search keeps the three."""
+    assert not plan_budget(66, 227, 2000, RECIPE, started=0).search
+    short = plan_budget(66, 227, 2000, RECIPE, started=0, min_trials=0)
+    assert short.search and short.trial_subset is None and 1 <= short.trial_epochs < MIN_TRIAL_EPOCHS
     assert short.trial_seconds <= short.search_seconds
     assert not short.batch_size_searched
-    longer = plan_budget(300, 227, 2000, RECIPE, started=0)
+    longer = plan_budget(300, 227, 2000, RECIPE, started=0, min_trials=0)
     assert longer.trial_epochs >= MIN_TRIAL_EPOCHS and longer.trial_seconds <= longer.search_seconds
 
 

@@ -1,9 +1,13 @@
 """`make run`'s own code path (``reslab tune --preset make-run``) at a small budget on small real
 data: a budgeted study per dataset, low-fidelity trials under successive halving, a refit on all
-training images, one test evaluation, both champions registered, all within the wall-clock budget."""
+training images, one test evaluation, both champions registered, all within the wall-clock budget.
+A budget this small is too short for a search that ranks anything, so ``make run`` would skip it and
+refit the recipe (tested at the end); the search's mechanics are tested with ``--min-search-trials 0``."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 from pathlib import Path
@@ -51,7 +55,7 @@ def make_run(small_both, tmp_path_factory):
     with module_store(tmp, RESLAB_CACHE=str(tmp / "cache")):
         t0 = time.time()
         main(["tune", "--preset", "make-run", "--budget", f"{BUDGET}s", "--data", str(small_both),
-              "--study", "mr", "--no-progress"])
+              "--study", "mr", "--no-progress", "--min-search-trials", "0"])  # search however short the budget
         wall = time.time() - t0
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -137,3 +141,45 @@ def test_champion_is_a_refit_on_all_training_images_tested_once(make_run, datase
     assert [r.info.run_id for r in children if "test_acc" in r.data.metrics] == [run.info.run_id]
     assert float(mv.tags["test_acc"]) == pytest.approx(run.data.metrics["test_acc"])
     assert run.data.metrics["test_acc"] > 1.5 / (10 if dataset == "cifar10" else 7)  # learnt something
+
+
+SHORT = 45  # seconds: a search of FER-2013's recipe would need 3 trials of ~10 s (bf16) to ~30 s (AVX2) in 11 s
+
+
+@pytest.fixture(scope="module")
+def no_search(small_both, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("no-search-store")
+    with module_store(tmp, RESLAB_CACHE=str(tmp / "cache")):
+        out, t0 = io.StringIO(), time.time()
+        with contextlib.redirect_stdout(out):
+            main(["tune", "--preset", "make-run", "--dataset", "fer2013", "--budget", f"{SHORT}s",
+                  "--data", str(small_both), "--study", "short", "--no-progress"])
+        wall = time.time() - t0
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        storage = JournalStorage(JournalFileBackend(str(tmp / "mlruns" / "optuna" / "journal.log")))
+        yield {"wall": wall, "study": optuna.load_study(study_name="short-fer2013", storage=storage),
+               "stdout": out.getvalue()}
+
+
+def test_a_budget_too_short_to_search_refits_the_recipe_instead(no_search):
+    """No trial runs: the recipe itself is refit on every training image for the whole budget, tested
+    once and registered, and the console, the parent run and the version all say the search was skipped."""
+    assert no_search["wall"] < SHORT * 1.15 + 15, no_search["wall"]
+    study = no_search["study"]
+    assert study.trials == [] and study.user_attrs["plan:1"]["search"] is False
+    assert "too short to search" in no_search["stdout"] and "no search (budget too short)" in no_search["stdout"]
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias("fer2013-resnet", "champion")
+    assert mv.tags["search"] == "skipped" and mv.tags["refit"] == "True" and "trial" not in mv.tags
+    assert json.loads(mv.tags["params"]) == {"lr": 0.2, "batch_size": 256, "weight_decay": 0.0005}  # the recipe's
+    run = client.get_run(mv.run_id)
+    assert run.info.run_name == "refit-base"
+    assert run.data.params["val_fraction"] == "0.0" and run.data.params["subset"] == "None"
+    assert run.data.metrics["train_images"] == SIZES["fer2013"][0]
+    assert (run.data.params["lr"], run.data.params["batch_size"], run.data.params["crop_size"]) == ("0.2", "256", "40")
+    assert float(run.data.params["time_budget"]) >= 20 and run.data.metrics["budget_steps"] > 0
+    assert float(mv.tags["test_acc"]) == pytest.approx(run.data.metrics["test_acc"])
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["search"] == "skipped" and "too short to search" in parent.data.tags["budget_plan"]
+    assert parent.data.tags["registered.version"] == str(mv.version)

@@ -7,8 +7,11 @@
    subset for a few epochs, sized so that ``FULL_TRIALS`` trials run to the end within the search
    time; successive halving (ASHA) stops most trials after their first epoch and promotes the best
    third at each rung (epochs 1, 3, 9, ...), so several times as many configurations are tried.
-   A search too short for one trial of ``MIN_TRIAL_EPOCHS`` (a slow CPU, a tiny budget) gets
-   shorter trials, down to one epoch, rather than a first trial that eats the refit's time.
+   A search too short for ``FULL_TRIALS`` trials of the smallest useful size (``MIN_TRIAL_EPOCHS``
+   epochs of ``MIN_TRIAL_IMAGES``: an AVX2-only CPU, a budget of a few minutes) is not run at all:
+   its trials would rank configurations on noise, so the refit of the base configuration gets the
+   whole budget instead (``min_trials`` lowers that bar; below one trial's length, trials get fewer
+   epochs, down to one, rather than eat the refit's time).
 3. **Refit** (what is left, less ``FINISH_RESERVE``). The best configuration is retrained on all
    training images (train + validation) under a time budget, so its one-cycle schedule ends on time,
    then evaluated once on the test split and registered.
@@ -50,6 +53,9 @@ class BudgetPlan:
     trial_val_fraction: float
     trial_seconds: float  # estimated length of a trial that is never pruned
     batch_size_searched: bool = True  # False: trials too short to rank batch sizes; the recipe's is pinned
+    search: bool = True  # False: too short for min_trials trials of the smallest useful size; refit the base only
+    search_needs: float = 0.0  # seconds of search that min_trials trials of that size take here
+    min_trials: int = FULL_TRIALS
 
     def trial_config(self, base: TrainConfig) -> TrainConfig:
         """The low-fidelity trial: the base recipe on the subset, for ``trial_epochs``."""
@@ -70,6 +76,11 @@ class BudgetPlan:
         return dataclasses.asdict(self)
 
     def describe(self) -> str:
+        if not self.search:
+            return (f"budget {format_duration(self.seconds)} at {self.images_per_sec:.0f} img/s measured: too short to "
+                    f"search ({self.min_trials} trials of the smallest useful size take {format_duration(self.search_needs)} "
+                    f"here; a budget of {format_duration(60 * math.ceil(self.search_needs / SEARCH_SHARE / 60))} or more searches), so the base "
+                    "configuration is refit on all training images for the whole budget, then tested")
         subset = "all" if self.trial_subset is None else f"{self.trial_subset:,}"
         return (f"budget {format_duration(self.seconds)} at {self.images_per_sec:.0f} img/s measured: search "
                 f"{format_duration(self.search_seconds)} (trials of {subset} images x {self.trial_epochs} epochs, "
@@ -79,8 +90,9 @@ class BudgetPlan:
 
 
 def plan_budget(seconds: float, images_per_sec: float, train_images: int, base: TrainConfig,
-                started: float | None = None) -> BudgetPlan:
-    """Size the search's trials and the refit for ``seconds`` on a machine training ``images_per_sec``."""
+                started: float | None = None, min_trials: int = FULL_TRIALS) -> BudgetPlan:
+    """Size the search's trials and the refit for ``seconds`` on a machine training ``images_per_sec``;
+    no search when fewer than ``min_trials`` trials of the smallest useful size fit in it."""
     if seconds <= 0:
         raise ValueError("the tuning budget must be above 0 seconds")
     started = time.time() if started is None else started
@@ -88,6 +100,7 @@ def plan_budget(seconds: float, images_per_sec: float, train_images: int, base: 
     eval_factor = EVAL_COST_PER_TRAIN_IMAGE * TTA_VIEWS[int(base.tta)]
     val = min(TRIAL_VAL_IMAGES, train_images // 5)  # small data (tests, a user's own folder): a fifth
     usable = train_images - val
+    smallest = TRIAL_OVERHEAD + MIN_TRIAL_EPOCHS * (min(usable, MIN_TRIAL_IMAGES) + val * eval_factor) / images_per_sec
     per_trial = max(1.0, search / FULL_TRIALS - TRIAL_OVERHEAD)
     # images one unpruned trial can train in that time, its per-epoch validation included
     trainable = images_per_sec * per_trial - val * eval_factor * MIN_TRIAL_EPOCHS
@@ -104,4 +117,6 @@ def plan_budget(seconds: float, images_per_sec: float, train_images: int, base: 
     full_fidelity = train_part >= usable and epochs >= base.epochs  # a trial is the recipe's whole run
     return BudgetPlan(seconds, started + seconds, images_per_sec, search,
                       None if subset >= train_images else subset, epochs, round(val / subset, 4),
-                      math.ceil(trial_seconds), batch_size_searched=full_fidelity)
+                      math.ceil(trial_seconds), batch_size_searched=full_fidelity,
+                      search=min_trials * smallest <= search, search_needs=round(min_trials * smallest, 1),
+                      min_trials=min_trials)

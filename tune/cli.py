@@ -11,6 +11,8 @@ from train.budget import format_duration, parse_duration
 from train.cli import add_train_args, config_from_args, fail
 from train.config import RECIPES_DIR, load_yaml
 
+from .budget import FULL_TRIALS
+
 # Presets of whole tuning runs, as recipe files (train/recipes/<name>.yaml, section `tune`).
 PRESETS = ("make-run",)
 
@@ -56,6 +58,10 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--budget", metavar="DURATION", help="wall-clock budget of the whole invocation, e.g. 10m: this "
                    "machine's speed is measured, trials are sized to a quarter of it (low fidelity, successive "
                    "halving), the best configuration is refit on all training images in the rest, tested and registered")
+    g.add_argument("--min-search-trials", type=int, default=FULL_TRIALS, metavar="N",
+                   help=f"with --budget: search only if N trials of the smallest useful size (3 epochs of 4,000 images) "
+                   f"fit in its quarter, else refit the base configuration for the whole budget; 0 always searches "
+                   f"(default {FULL_TRIALS})")
     g.add_argument("--space", metavar="FILE.yaml", help="add or override searched dimensions (see docs/tuning-reference.md)")
     g.add_argument("--pruner", choices=["asha", "median", "hyperband", "none"],
                    help="asha: successive halving over epochs; median: below the median of earlier trials at the same "
@@ -130,6 +136,8 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
         base.tta = 1  # points, well inside the selection's noise: trials buy epochs with that time instead
     if base.val_fraction <= 0:
         fail("tuning needs a validation split: --val-fraction must be above 0")
+    if args.min_search_trials < 0:
+        fail("--min-search-trials must be 0 (always search) or more")
     if args.trials is not None and args.trials < 1:
         fail("--trials must be at least 1")
     if args.budget and args.timeout:
@@ -155,6 +163,7 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
         pruner=args.pruner or ("asha" if budget else "median"), prune_after=3 if args.prune_after is None else args.prune_after,
         prune_warmup=args.prune_warmup, heartbeat=args.heartbeat, refit=args.refit or budget is not None,
         register=args.register, experiment=args.experiment, progress=base.progress, budget=budget, started=t0,
+        min_search_trials=args.min_search_trials,
     )
     if args.nproc > 1:
         from train.distributed import launch
@@ -173,5 +182,7 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
         fail(f"no trial of study {opts.study} completed, so nothing was registered (see the trials' fail_reason)")
     counts = out.get("summary", {}).get("counts", {})
     reg = out.get("registered") or {}
+    searched = "trial" in reg or not reg  # a version from no trial: the budget was too short to search
     return {"dataset": base.dataset, "study": opts.study, "minutes": (time.time() - t0) / 60,
-            "counts": f"{counts.get('complete', 0)}/{counts.get('pruned', 0)}/{counts.get('fail', 0)}", **reg}
+            "counts": f"{counts.get('complete', 0)}/{counts.get('pruned', 0)}/{counts.get('fail', 0)}" if searched
+            else "no search (budget too short)", **reg}

@@ -66,24 +66,50 @@ def refit_config(cfg: TrainConfig, seconds: float | None = None, progress: bool 
     return cfg
 
 
-def _refit(study: optuna.Study, best: optuna.trial.FrozenTrial, cfg: TrainConfig, data: ImageData,
+def _refit(study: optuna.Study, best: optuna.trial.FrozenTrial | None, cfg: TrainConfig, data: ImageData,
            experiment_id: str, parent_run_id: str, seconds: float | None = None,
            progress: bool = True) -> tuple[str, dict[str, Any]]:
-    """Retrain the best configuration on train+val, then evaluate once on test."""
+    """Retrain the best trial's configuration (or, with no trial, the base one) on train+val, then
+    evaluate once on test."""
     cfg = refit_config(cfg, seconds, progress)
     device = select_device(cfg.device)
-    tags = {"optuna.study": study.study_name, "optuna.trial": str(best.number),
+    what = "the base" if best is None else f"trial {best.number}'s"
+    tags = {"optuna.study": study.study_name, "optuna.trial": "none" if best is None else str(best.number),
             "kind": "refit", **run_tags(cfg, data, str(device), resolve_precision(cfg.precision, device))}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"refit-trial-{best.number}",
+    with mlflow.start_run(experiment_id=experiment_id, run_name="refit-base" if best is None else f"refit-trial-{best.number}",
                           parent_run_id=parent_run_id, tags=tags) as run:
         mlflow.log_params(flat_params(cfg))
         length = f"{cfg.time_budget:.0f} s budget" if cfg.time_budget else f"{cfg.epochs} epochs"
         images = len(data.train_y) if cfg.subset is None else cfg.subset
-        print(f"[refit] trial {best.number}'s configuration on train+val ({images:,} images, {length}), "
+        print(f"[refit] {what} configuration on train+val ({images:,} images, {length}), "
               "then [test] on the test split", flush=True)
         ddp.tell(ddp.REFIT, cfg.to_dict())  # under --nproc the other ranks train it with us
         result = fit(cfg, data, [epoch_logger])
         return run.info.run_id, log_fit(result, data)
+
+
+def _register(data: ImageData, cfg: TrainConfig, run_id: str, logged: dict[str, Any],
+              tags: dict[str, Any]) -> dict[str, Any]:
+    """Register the logged model under the champion/challenger rule; tags say where it came from."""
+    name = registered_name(data.name)
+    test_acc = float(logged["summary"]["test_acc"])
+    tags = {**tags, "test_acc": test_acc, "run_id": run_id, "dataset": data.name, "model": cfg.model,
+            "lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay}
+    print(f"[register] {name}: test accuracy {test_acc:.4f}", flush=True)
+    mv = register_model(logged["model_info"].model_uri, name, tags)
+    return {"name": name, "version": mv.version, "alias": promote(name, mv.version, test_acc), "test_acc": test_acc,
+            "run_id": run_id, "trained": {"lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay}}
+
+
+def register_base(study: optuna.Study, base: TrainConfig, params: dict[str, Any], data: ImageData,
+                  experiment_id: str, parent_run_id: str, seconds: float, progress: bool = True) -> dict[str, Any]:
+    """No search (a budget too short for one that ranks anything): refit the base configuration on
+    train+val for ``seconds``, test it once and register it; ``params`` are its values of the searched
+    dimensions."""
+    run_id, logged = _refit(study, None, base, data, experiment_id, parent_run_id, seconds, progress)
+    tags = {"study": study.study_name, "search": "skipped", "params": json.dumps(params, sort_keys=True),
+            "refit": True, **{f"param.{k}": v for k, v in params.items()}}
+    return {**_register(data, base, run_id, logged, tags), "params": params}
 
 
 def register_best(study: optuna.Study, data: ImageData, experiment_id: str, parent_run_id: str,
@@ -104,16 +130,9 @@ def register_best(study: optuna.Study, data: ImageData, experiment_id: str, pare
         run_id, logged = _refit(study, best, cfg, data, experiment_id, parent_run_id, refit_seconds, progress)
     else:
         run_id, logged = _log_trial_model(best, cfg, data)
-    test_acc = float(logged["summary"]["test_acc"])
     tags = {"study": study.study_name, "trial": best.number, "params": json.dumps(best.params, sort_keys=True),
-            "val_acc": best.value, "test_acc": test_acc, "run_id": run_id, "refit": refit,
-            "dataset": data.name, "model": cfg.model, **{f"param.{k}": v for k, v in best.params.items()},
-            "lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay}
-    print(f"[register] {name}: test accuracy {test_acc:.4f}", flush=True)
-    mv = register_model(logged["model_info"].model_uri, name, tags)
-    alias = promote(name, mv.version, test_acc)
+            "val_acc": best.value, "refit": refit, **{f"param.{k}": v for k, v in best.params.items()}}
+    out = _register(data, cfg, run_id, logged, tags)
     # a finished trial is read-only in Optuna, so the study remembers which trials became versions
-    study.set_user_attr(REGISTERED_ATTR, {**study.user_attrs.get(REGISTERED_ATTR, {}), str(best.number): str(mv.version)})
-    return {"name": name, "version": mv.version, "alias": alias, "trial": best.number, "val_acc": best.value,
-            "test_acc": test_acc, "run_id": run_id, "params": best.params,
-            "trained": {"lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay}}
+    study.set_user_attr(REGISTERED_ATTR, {**study.user_attrs.get(REGISTERED_ATTR, {}), str(best.number): str(out["version"])})
+    return {**out, "trial": best.number, "val_acc": best.value, "params": best.params}

@@ -129,6 +129,9 @@ def _figures(study: optuna.Study) -> dict[str, Any]:
     """Optuna's plotly figures; importances need two complete trials and are skipped otherwise."""
     from optuna import visualization as vis
 
+    if not study.get_trials(deepcopy=False):  # no search (a budget too short for one): nothing to draw
+        return {}
+
     complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     figs = {"optimization_history": vis.plot_optimization_history, "parallel_coordinate": vis.plot_parallel_coordinate,
             "slice": vis.plot_slice, "intermediate_values": vis.plot_intermediate_values}

@@ -30,8 +30,8 @@ from train.interrupt import end_reason
 from train.tracking import experiment_id, first_line, flat_params, setup_tracking, tracking_gone
 
 from . import ddp, parent
-from .budget import MEASURE_SHARE, BudgetPlan, plan_budget
-from .finalize import register_best
+from .budget import FULL_TRIALS, MEASURE_SHARE, BudgetPlan, plan_budget
+from .finalize import register_base, register_best
 from .objective import Objective, TrialFailed, worker_id
 from .progress import StudyProgress
 from .slots import BudgetSpent, SlotStudy
@@ -56,6 +56,7 @@ class TuneOptions:
     experiment: str | None = None
     progress: bool = True
     budget: float | None = None  # seconds for the whole invocation (search + refit + test): tune/budget.py
+    min_search_trials: int = FULL_TRIALS  # with a budget: fewer trials of the smallest useful size fit, no search
     started: float = field(default_factory=time.time)  # unix time the budget counts from
 
 
@@ -123,19 +124,26 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
             study.set_user_attr(plan_key(inv.number), plan.to_dict())
         # a new study's first trial is the base recipe itself: the search starts from what is known to work
         first = opts.space.base_params(base) if inv.finished_before == 0 and not study.trials else None
-        pinned = opts.space.pins(base, plan.batch_size_searched) if plan else {}
-        adopted = study.provide(inv.target - inv.finished_before, first, pinned)
+        pinned = opts.space.pins(base, plan.batch_size_searched) if plan and plan.search else {}
+        slots = inv.target - inv.finished_before if plan is None or plan.search else 0  # no search: no trials
+        adopted = study.provide(slots, first, pinned)
         if adopted:
             print(f"{adopted} trial(s) queued before this invocation run first", flush=True)
     elif not study.wait_for_slots():
         print("the invocation's creator never queued its trials; nothing to run here", flush=True)
     if not created and plan_key(inv.number) in study.user_attrs:
         plan = BudgetPlan(**study.user_attrs[plan_key(inv.number)])
+        if not plan.search:
+            print(f"invocation {inv.number} of study {opts.study} runs no search (its budget is too short); "
+                  "its creator refits the base configuration: nothing to run here", flush=True)
+            return {"study": opts.study, "finalized_by": None}
     print(f"study {opts.study} ({describe(opts.storage)}), invocation {inv.number}: "
           f"{'started' if created else 'joined'} parent run {inv.parent_run_id}; budget {inv.target - inv.finished_before} trials"
           + (f", timeout {opts.timeout:.0f} s" if opts.timeout else "") + f"; worker {worker}", flush=True)
     if plan:
         print(plan.describe(), flush=True)
+        if created:
+            note_plan(inv, plan)
     if pinned:
         note_pinned(inv, pinned)
 
@@ -144,9 +152,10 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
         timeout = plan.search_timeout()
     else:
         timeout = None if opts.timeout is None else max(0.0, inv.started + opts.timeout - time.time())
-    progress = StudyProgress(inv, study, opts.progress, plan, trial_cfg.epochs)
+    searching = plan is None or plan.search
+    progress = StudyProgress(inv, study, opts.progress and searching, plan, trial_cfg.epochs)
     try:
-        if timeout is None or timeout > 0:
+        if searching and (timeout is None or timeout > 0):
             # no n_trials: ask() raises BudgetSpent once the invocation's queued trials are all taken
             study.optimize(Objective(trial_cfg, opts.space, data, exp, inv.parent_run_id, progress.epoch),
                            timeout=timeout, catch=(TrialFailed,), gc_after_trial=True, callbacks=[progress])
@@ -196,6 +205,15 @@ def note_pinned(inv: parent.Invocation, pinned: dict[str, Any]) -> None:
         client.set_tag(inv.parent_run_id, f"pinned.{k}", str(v))
 
 
+def note_plan(inv: parent.Invocation, plan: BudgetPlan) -> None:
+    """The budget's plan on the parent run, where the MLflow UI shows it: searched or not, and why."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    client.set_tag(inv.parent_run_id, "budget_plan", plan.describe())
+    client.set_tag(inv.parent_run_id, "search", "yes" if plan.search else "skipped")
+
+
 def plan_key(invocation: int) -> str:
     return f"plan:{invocation}"
 
@@ -205,7 +223,7 @@ def make_plan(opts: TuneOptions, data) -> BudgetPlan:
     t0 = time.perf_counter()
     probe = dataclasses.replace(trial_base(opts.base), time_budget=None)
     rate = measure_throughput(probe, data, max_seconds=MEASURE_SHARE * opts.budget)
-    plan = plan_budget(opts.budget, rate, len(data.train_y), probe, started=opts.started)
+    plan = plan_budget(opts.budget, rate, len(data.train_y), probe, started=opts.started, min_trials=opts.min_search_trials)
     print(f"measured {rate:.0f} training images/s in {time.perf_counter() - t0:.1f} s "
           f"({probe.model}, batch {probe.batch_size})", flush=True)
     return plan
@@ -240,22 +258,27 @@ def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneO
     summary = parent.summarize(study, inv)
     counts = summary["counts"]
     print(f"study {study.study_name}: {inv.finished(study)} trials this invocation; all trials: "
-          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "waiting")
+          + (", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "waiting") or "none")
           + (f" ({counts['waiting']} queued slots not started: the search time was spent)" if counts.get("waiting") else ""))
     registered = None
-    if opts.register and "best_trial" in summary:
+    if opts.register and plan is not None and not plan.search:
+        base = trial_base(opts.base)
+        registered = register_base(study, base, opts.space.base_params(base), data, exp, inv.parent_run_id,
+                                   plan.refit_seconds(), opts.progress)
+    elif opts.register and "best_trial" in summary:
         print(f"best trial {summary['best_trial']}: val_acc {summary['best_value']:.4f} {summary['best_params']}")
         refit_budget = plan.refit_seconds() if plan else None
         registered = register_best(study, data, exp, inv.parent_run_id, opts.refit or plan is not None,
                                    refit_budget, opts.progress)
-        if registered and not registered.get("already"):
-            from mlflow.tracking import MlflowClient
+    if registered and not registered.get("already"):
+        from mlflow.tracking import MlflowClient
 
-            client = MlflowClient()
-            for k in ("name", "version", "alias", "test_acc"):
-                client.set_tag(inv.parent_run_id, f"registered.{k}", str(registered[k]))
-            print(f"test accuracy {registered['test_acc']:.4f}; registered {registered['name']} version "
-                  f"{registered['version']} (alias: {registered['alias']}) from trial {registered['trial']}")
+        client = MlflowClient()
+        for k in ("name", "version", "alias", "test_acc"):
+            client.set_tag(inv.parent_run_id, f"registered.{k}", str(registered[k]))
+        source = f"trial {registered['trial']}" if "trial" in registered else "the base configuration (no search)"
+        print(f"test accuracy {registered['test_acc']:.4f}; registered {registered['name']} version "
+              f"{registered['version']} (alias: {registered['alias']}) from {source}")
     parent.end(inv)
     return {"study": study.study_name, "finalized_by": worker, "summary": summary, "registered": registered,
             "parent_run_id": inv.parent_run_id}
