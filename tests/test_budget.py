@@ -86,6 +86,21 @@ def test_a_search_too_short_to_rank_anything_gives_its_time_to_the_refit():
     assert plan_budget(660, 930, 50000, RECIPE, started=0).search  # a bf16 CPU searches the same 11 minutes
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--min-search-trials", "2"], "--min-search-trials needs --budget"),
+    (["--budget", "1m", "--min-search-trials", "-1"], "--min-search-trials must be 0 (always search) or more"),
+])
+def test_min_search_trials_bad_input_is_one_line(args, message, capsys, tmp_path, monkeypatch):
+    from train.cli import main
+
+    monkeypatch.chdir(tmp_path)  # had the check gone, the study would fail at once on the missing data, here
+    monkeypatch.setenv("RESLAB_MLRUNS", str(tmp_path / "mlruns"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(SystemExit) as e:
+        main(["tune", "--dataset", "cifar10", "--data", str(tmp_path / "no-data"), "--no-progress", *args])
+    assert e.value.code == 2 and capsys.readouterr().err == f"reslab: error: {message}\n"
+
+
 def test_min_trials_0_searches_with_trials_that_fit():
     """``--min-search-trials 0``, an AVX2-only CPU (227 images/s measured, batch 512) and a one-minute study
     on 2,000 images: three epochs of the whole split (~28 s) do not fit a 16 s search, so the trial gets

@@ -57,8 +57,9 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--timeout", metavar="DURATION", help="stop starting trials after this long, e.g. 90m or 2h")
     g.add_argument("--budget", metavar="DURATION", help="wall-clock budget of the whole invocation, e.g. 10m: this "
                    "machine's speed is measured, trials are sized to a quarter of it (low fidelity, successive "
-                   "halving), the best configuration is refit on all training images in the rest, tested and registered")
-    g.add_argument("--min-search-trials", type=int, default=FULL_TRIALS, metavar="N",
+                   "halving), the best configuration is refit on all training images in the rest, tested and registered; "
+                   "a budget too short for a search that ranks anything refits the base configuration for all of it")
+    g.add_argument("--min-search-trials", type=int, metavar="N",
                    help=f"with --budget: search only if N trials of the smallest useful size (3 epochs of 4,000 images) "
                    f"fit in its quarter, else refit the base configuration for the whole budget; 0 always searches "
                    f"(default {FULL_TRIALS})")
@@ -136,8 +137,6 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
         base.tta = 1  # points, well inside the selection's noise: trials buy epochs with that time instead
     if base.val_fraction <= 0:
         fail("tuning needs a validation split: --val-fraction must be above 0")
-    if args.min_search_trials < 0:
-        fail("--min-search-trials must be 0 (always search) or more")
     if args.trials is not None and args.trials < 1:
         fail("--trials must be at least 1")
     if args.budget and args.timeout:
@@ -145,6 +144,8 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
     budget = parse_duration(str(args.budget)) if args.budget else None
     if budget is not None and budget <= 0:
         fail("--budget must be above 0")
+    if args.min_search_trials is not None and (budget is None or args.min_search_trials < 0):
+        fail("--min-search-trials needs --budget" if budget is None else "--min-search-trials must be 0 (always search) or more")
     if args.init_from:
         from train.tracking import model_files, setup_tracking
 
@@ -163,7 +164,7 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
         pruner=args.pruner or ("asha" if budget else "median"), prune_after=3 if args.prune_after is None else args.prune_after,
         prune_warmup=args.prune_warmup, heartbeat=args.heartbeat, refit=args.refit or budget is not None,
         register=args.register, experiment=args.experiment, progress=base.progress, budget=budget, started=t0,
-        min_search_trials=args.min_search_trials,
+        min_search_trials=FULL_TRIALS if args.min_search_trials is None else args.min_search_trials,
     )
     if args.nproc > 1:
         from train.distributed import launch
