@@ -133,6 +133,18 @@ def test_budgeted_runs_end_on_time_and_scale_their_schedule(cifar):
     assert 1.5 * short < long < 3 * short, (short, long)
 
 
+def test_a_budget_outlasts_a_configured_length_shorter_than_its_calibration(cifar):
+    """A budgeted run whose configured length (one epoch of 5 steps, as a refit configured from a one-epoch
+    tuning trial on a small dataset) ends before the calibration's 10 steps still plans from its budget and
+    spends it, instead of ending at that length with most of the budget unspent."""
+    cfg = TrainConfig(dataset="cifar10", model="resnet9", model_args={"width": 8}, subset=400, batch_size=64,
+                      epochs=1, time_budget=8.0, evaluate_test=False, progress=False, val_fraction=0.0)
+    result = fit(cfg, cifar)
+    b = result.extra["budget"]
+    assert len(result.history) > 1 and b["budget_steps"] > 10, b  # more than the configured 1 epoch of 6 steps
+    assert 0.6 * 8.0 <= b["budget_wall_seconds"] <= 8.0 * 1.15 + 1.0, b
+
+
 def test_measured_throughput_is_plausible(cifar):
     cfg = TrainConfig(dataset="cifar10", model="resnet20", batch_size=64, progress=False)
     rate = measure_throughput(cfg, cifar)
