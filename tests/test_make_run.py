@@ -169,6 +169,7 @@ def test_a_budget_too_short_to_search_refits_the_recipe_instead(no_search):
     study = no_search["study"]
     assert study.trials == [] and study.user_attrs["plan:1"]["search"] is False
     assert "too short to search" in no_search["stdout"] and "no search (budget too short)" in no_search["stdout"]
+    assert "; no trials (no search);" in no_search["stdout"]
     client = MlflowClient()
     mv = client.get_model_version_by_alias("fer2013-resnet", "champion")
     assert mv.tags["search"] == "skipped" and mv.tags["refit"] == "True" and "trial" not in mv.tags

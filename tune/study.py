@@ -137,8 +137,10 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
             print(f"invocation {inv.number} of study {opts.study} runs no search (its budget is too short); "
                   "its creator refits the base configuration: nothing to run here", flush=True)
             return {"study": opts.study, "finalized_by": None}
+    searching = plan is None or plan.search
     print(f"study {opts.study} ({describe(opts.storage)}), invocation {inv.number}: "
-          f"{'started' if created else 'joined'} parent run {inv.parent_run_id}; budget {inv.target - inv.finished_before} trials"
+          f"{'started' if created else 'joined'} parent run {inv.parent_run_id}; "
+          + (f"budget {inv.target - inv.finished_before} trials" if searching else "no trials (no search)")
           + (f", timeout {opts.timeout:.0f} s" if opts.timeout else "") + f"; worker {worker}", flush=True)
     if plan:
         print(plan.describe(), flush=True)
@@ -152,7 +154,6 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
         timeout = plan.search_timeout()
     else:
         timeout = None if opts.timeout is None else max(0.0, inv.started + opts.timeout - time.time())
-    searching = plan is None or plan.search
     progress = StudyProgress(inv, study, opts.progress and searching, plan, trial_cfg.epochs)
     try:
         if searching and (timeout is None or timeout > 0):
