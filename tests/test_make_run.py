@@ -49,6 +49,13 @@ def small_both(cifar, fer, tmp_path_factory) -> Path:
     return root
 
 
+def stored_study(name: str) -> optuna.Study:
+    """A study as `reslab tune` left it in the current store's default journal file."""
+    from tune.storage import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage())
+
+
 @pytest.fixture(scope="module")
 def make_run(small_both, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("make-run-store")
@@ -57,11 +64,7 @@ def make_run(small_both, tmp_path_factory):
         main(["tune", "--preset", "make-run", "--budget", f"{BUDGET}s", "--data", str(small_both),
               "--study", "mr", "--no-progress", "--min-search-trials", "0"])  # search however short the budget
         wall = time.time() - t0
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        storage = JournalStorage(JournalFileBackend(str(tmp / "mlruns" / "optuna" / "journal.log")))
-        studies = {d: optuna.load_study(study_name=f"mr-{d}", storage=storage) for d in SIZES}
-        yield {"wall": wall, "studies": studies, "data": small_both}
+        yield {"wall": wall, "studies": {d: stored_study(f"mr-{d}") for d in SIZES}, "data": small_both}
 
 
 def test_the_whole_run_keeps_its_budget(make_run):
@@ -155,11 +158,7 @@ def no_search(small_both, tmp_path_factory):
             main(["tune", "--preset", "make-run", "--dataset", "fer2013", "--budget", f"{SHORT}s",
                   "--data", str(small_both), "--study", "short", "--no-progress"])
         wall = time.time() - t0
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        storage = JournalStorage(JournalFileBackend(str(tmp / "mlruns" / "optuna" / "journal.log")))
-        yield {"wall": wall, "study": optuna.load_study(study_name="short-fer2013", storage=storage),
-               "stdout": out.getvalue()}
+        yield {"wall": wall, "study": stored_study("short-fer2013"), "stdout": out.getvalue()}
 
 
 def test_a_budget_too_short_to_search_refits_the_recipe_instead(no_search):

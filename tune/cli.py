@@ -183,7 +183,6 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
         fail(f"no trial of study {opts.study} completed, so nothing was registered (see the trials' fail_reason)")
     counts = out.get("summary", {}).get("counts", {})
     reg = out.get("registered") or {}
-    searched = "trial" in reg or not reg  # a version from no trial: the budget was too short to search
     return {"dataset": base.dataset, "study": opts.study, "minutes": (time.time() - t0) / 60,
-            "counts": f"{counts.get('complete', 0)}/{counts.get('pruned', 0)}/{counts.get('fail', 0)}" if searched
-            else "no search (budget too short)", **reg}
+            "counts": f"{counts.get('complete', 0)}/{counts.get('pruned', 0)}/{counts.get('fail', 0)}"
+            if out.get("searched", True) else "no search (budget too short)", **reg}

@@ -261,8 +261,8 @@ def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneO
     print(f"study {study.study_name}: {inv.finished(study)} trials this invocation; all trials: "
           + (", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s != "waiting") or "none")
           + (f" ({counts['waiting']} queued slots not started: the search time was spent)" if counts.get("waiting") else ""))
-    registered = None
-    if opts.register and plan is not None and not plan.search:
+    registered, skipped = None, plan is not None and not plan.search
+    if opts.register and skipped:
         base = trial_base(opts.base)
         registered = register_base(study, base, opts.space.base_params(base), data, exp, inv.parent_run_id,
                                    plan.refit_seconds(), opts.progress)
@@ -277,9 +277,9 @@ def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneO
         client = MlflowClient()
         for k in ("name", "version", "alias", "test_acc"):
             client.set_tag(inv.parent_run_id, f"registered.{k}", str(registered[k]))
-        source = f"trial {registered['trial']}" if "trial" in registered else "the base configuration (no search)"
+        source = "the base configuration (no search)" if skipped else f"trial {registered['trial']}"
         print(f"test accuracy {registered['test_acc']:.4f}; registered {registered['name']} version "
               f"{registered['version']} (alias: {registered['alias']}) from {source}")
     parent.end(inv)
     return {"study": study.study_name, "finalized_by": worker, "summary": summary, "registered": registered,
-            "parent_run_id": inv.parent_run_id}
+            "searched": not skipped, "parent_run_id": inv.parent_run_id}
