@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import urllib.error
@@ -323,6 +324,10 @@ def build_app(entries: list[ServedModel | Missing], mlflow_ui: str | None = None
                 title = tab_title(e, entries)
                 with gr.Tab(title):
                     model_tab(e, title, finder, mlflow_ui, batch_size, dataset_examples(e.dataset) if examples else [])
+    # Gradio's queue recomputes, after every event, percentiles over all the events it has recorded (up to
+    # 10,000) with pandas, for its /monitoring page, which `launch` turns off: 3 ms of a 2-core CPU per request
+    # at first and 11 ms at 10,000 events, holding the GIL (docs/demo.md). Never, unless asked for.
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(2**62))
     app.queue(max_size=queue_size, default_concurrency_limit=1)
     guard_queue(app)
     return app
@@ -353,12 +358,13 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, sha
            auth: tuple[str, str] | None = None) -> gr.Blocks:
     """Serve ``app``. ``show_error`` is off: an unexpected exception reaches the page as Gradio's plain
     "Error", never its text (which can hold object reprs and server paths); the app's own messages
-    (``gr.Error``, the status panel) are one line each, and the details go to the server log."""
+    (``gr.Error``, the status panel) are one line each, and the details go to the server log. Gradio's
+    ``/monitoring`` routes, open by default (function names and timings), are off."""
     # _frontend=False skips Gradio's 3-second reachability probe, which fails on a busy machine;
     # wait_until_up checks the same thing with patience.
     app.launch(server_name=host, server_port=port, share=share, max_file_size=max_file_size, quiet=True,
                prevent_thread_lock=True, show_error=False, auth=auth, ssr_mode=False, theme=gr.themes.Default(**THEME),
-               _frontend=False)
+               enable_monitoring=False, _frontend=False)
     wait_until_up(app.local_url)
     if block:
         print(f"reslab demo running on {app.local_url}" + (f" and {app.share_url}" if app.share_url else "")
