@@ -178,6 +178,19 @@ def test_grad_cam_and_faces(in_store, fer, tmp_path):
     assert heat.shape[2] == 3 and heat.std() > 5  # a real heatmap, not a flat overlay
 
 
+def test_a_photos_images_come_back_as_jpeg(client, fer, tmp_path):
+    """The "Faces found" image and the gallery are sent as JPEG, not Gradio's default WebP: encoding a
+    1024x768 photo as WebP took 78 ms on an AVX2-only CPU, as JPEG 2 ms (docs/demo.md)."""
+    from gradio_client import handle_file
+
+    face_collage(fer, (6, 9, 5), tmp_path / "photo.png")  # 1104x480, three faces
+    _, gallery, annotated, status = client.predict(handle_file(str(tmp_path / "photo.png")), True,
+                                                   api_name="/classify_fer2013")
+    assert "3 faces, largest first" in status
+    assert Path(annotated).suffix == ".jpeg" and Image.open(annotated).format == "JPEG"
+    assert len(gallery) == 6 and all(Path(item["image"]).suffix == ".jpeg" for item in gallery), gallery
+
+
 def test_model_card(in_store):
     from demo.serving import ServedModel, default_uri
 
