@@ -196,6 +196,36 @@ def test_tune_trials_train_on_two_processes(team, tmp_path):
     assert parent.info.status == "FINISHED"
 
 
+
+def test_a_budget_too_short_to_search_refits_on_two_processes(data_dir, tmp_path):
+    """``reslab tune --budget`` under ``--nproc 2`` with a budget far too short to search: no trial; the
+    base configuration is refit for the whole budget on both ranks, tested and registered once, by rank 0,
+    and the parent run and the version say the search was skipped (the one-process path is
+    test_make_run.py's)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    env.update(RESLAB_MLRUNS=str(tmp_path / "mlruns"), MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1", RESLAB_DATA=str(data_dir))
+    args = ["tune", "--dataset", "cifar10", "--budget", "30s", *TINY, "--study", "short",
+            "--no-progress", "--nproc", "2"]
+    proc = subprocess.run([*RESLAB, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert "launching 2 data-parallel processes" in proc.stdout
+    assert "too short to search" in proc.stdout and "; no trials (no search);" in proc.stdout
+    assert proc.stdout.count("registered cifar10-resnet version") == 1  # rank 1 registers nothing
+    client = MlflowClient(uri, uri)
+    (only,) = client.search_model_versions("name = 'cifar10-resnet'")
+    mv = client.get_model_version_by_alias("cifar10-resnet", "champion")
+    assert mv.version == only.version and mv.tags["search"] == "skipped" and "trial" not in mv.tags
+    run = client.get_run(mv.run_id)
+    assert run.info.run_name == "refit-base" and run.info.status == "FINISHED"
+    assert run.data.tags["world_size"] == "2"
+    assert run.data.params["subset"] == "None" and run.data.metrics["train_images"] == 50000  # all of them
+    assert float(run.data.params["time_budget"]) > 0 and run.data.metrics["budget_steps"] > 0
+    assert "test_acc" in run.data.metrics
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["search"] == "skipped" and parent.info.status == "FINISHED"
+    assert not client.search_runs([run.info.experiment_id], "tags.kind = 'trial'")  # no trial ran
+
 # --------------------------------------------------------------------------- one study, three workers
 
 
