@@ -90,8 +90,8 @@ def test_a_search_too_short_to_rank_anything_gives_its_time_to_the_refit():
     (["--min-search-trials", "2"], "--min-search-trials needs --budget"),
     (["--budget", "1m", "--min-search-trials", "-1"], "--min-search-trials must be 0 (always search) or more"),
     # a --subset the budget would silently ignore (trials sized from all images, the refit on all of them)
-    (["--budget", "1m", "--subset", "500"], "--budget sizes its trials' subsets and refits on every training image; "
-                                            "leave out --subset (point --data at a smaller copy to tune on less)"),
+    (["--budget", "1m", "--subset", "500"], "--budget sizes its trials' subsets and refits on every training image: give "
+     "no subset (here 500, from --subset or a recipe's or --config's `subset`); point --data at a smaller copy to tune on less"),
 ])
 def test_budget_bad_input_is_one_line(args, message, capsys, tmp_path, monkeypatch):
     from train.cli import main

@@ -145,8 +145,8 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
     if budget is not None and budget <= 0:
         fail("--budget must be above 0")
     if budget is not None and base.subset is not None:  # the plan would size trials from all images, the refit use all
-        fail("--budget sizes its trials' subsets and refits on every training image; leave out --subset "
-             "(point --data at a smaller copy to tune on less)")
+        fail(f"--budget sizes its trials' subsets and refits on every training image: give no subset (here {base.subset}, "
+             "from --subset or a recipe's or --config's `subset`); point --data at a smaller copy to tune on less")
     if args.min_search_trials is not None and (budget is None or args.min_search_trials < 0):
         fail("--min-search-trials needs --budget" if budget is None else "--min-search-trials must be 0 (always search) or more")
     if args.init_from:
