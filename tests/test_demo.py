@@ -179,8 +179,8 @@ def test_grad_cam_and_faces(in_store, fer, tmp_path):
 
 
 def test_a_photos_images_come_back_as_jpeg(client, fer, tmp_path):
-    """The "Faces found" image and the gallery are sent as JPEG, not Gradio's default WebP: encoding a
-    1024x768 photo as WebP took 78 ms on an AVX2-only CPU, as JPEG 2 ms (docs/demo.md)."""
+    """The "Faces found" image and the gallery are sent as JPEG, not Gradio's default WebP: Gradio encoded a
+    1024x768 photo as WebP in 57 ms on an AVX2-only CPU, as JPEG in 5 ms (docs/demo.md)."""
     from gradio_client import handle_file
 
     face_collage(fer, (6, 9, 5), tmp_path / "photo.png")  # 1104x480, three faces

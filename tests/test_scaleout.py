@@ -196,7 +196,6 @@ def test_tune_trials_train_on_two_processes(team, tmp_path):
     assert parent.info.status == "FINISHED"
 
 
-
 def test_a_budget_too_short_to_search_refits_on_two_processes(data_dir, tmp_path):
     """``reslab tune --budget`` under ``--nproc 2`` with a budget far too short to search: no trial; the
     base configuration is refit for the whole budget on both ranks, tested and registered once, by rank 0,
