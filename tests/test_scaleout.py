@@ -43,6 +43,13 @@ TINY = ["--config", str(Path(__file__).with_name("tiny-resnet9.yaml"))]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
+def child_env(**over: str) -> dict[str, str]:
+    """The environment of a ``reslab`` process a test starts: no inherited MLflow or torchrun settings, one
+    training thread, then ``over``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    return {**env, "OMP_NUM_THREADS": "1", **over}
+
+
 @pytest.fixture(scope="module")
 def team(tmp_path_factory, data_dir):
     """One PostgreSQL (databases ``mlflow`` and ``optuna``) and one MLflow server on it, for the module."""
@@ -52,9 +59,7 @@ def team(tmp_path_factory, data_dir):
     with postgres_cluster() as pg:
         backend, storage = pg.create_database("mlflow"), pg.create_database("optuna")
         with mlflow_server(backend, folder / "artifacts", folder / "mlflow-server.log") as server:
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-            env.update(MLFLOW_TRACKING_URI=server.uri, RESLAB_MLRUNS=str(folder / "mlruns"), OMP_NUM_THREADS="1",
-                       RESLAB_DATA=str(data_dir))
+            env = child_env(MLFLOW_TRACKING_URI=server.uri, RESLAB_MLRUNS=str(folder / "mlruns"), RESLAB_DATA=str(data_dir))
             yield SimpleNamespace(storage=storage, tracking_uri=server.uri, folder=folder, env=env,
                                   client=MlflowClient(server.uri, server.uri))
 
@@ -201,9 +206,8 @@ def test_a_budget_too_short_to_search_refits_on_two_processes(data_dir, tmp_path
     base configuration is refit for the whole budget on both ranks, tested and registered once, by rank 0,
     and the parent run and the version say the search was skipped (the one-process path is
     test_make_run.py's)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    env.update(RESLAB_MLRUNS=str(tmp_path / "mlruns"), MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1", RESLAB_DATA=str(data_dir))
+    env = child_env(MLFLOW_TRACKING_URI=uri, RESLAB_MLRUNS=str(tmp_path / "mlruns"), RESLAB_DATA=str(data_dir))
     args = ["tune", "--dataset", "cifar10", "--budget", "30s", *TINY, "--study", "short",
             "--no-progress", "--nproc", "2"]
     proc = subprocess.run([*RESLAB, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)

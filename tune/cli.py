@@ -144,7 +144,7 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
     budget = parse_duration(str(args.budget)) if args.budget else None
     if budget is not None and budget <= 0:
         fail("--budget must be above 0")
-    if budget is not None and base.subset is not None:  # the plan would size trials from all images, the refit use all
+    if budget is not None and base.subset is not None:
         fail(f"--budget sizes its trials' subsets and refits on every training image: give no subset (here {base.subset}, "
              "from --subset or a recipe's or --config's `subset`); point --data at a smaller copy to tune on less")
     if args.min_search_trials is not None and (budget is None or args.min_search_trials < 0):
