@@ -359,3 +359,41 @@ def test_workers_starting_together_join_one_live_parent_run(store):
     assert len({inv.parent_run_id for inv, _ in got}) == 1 and sum(created for _, created in got) == 1
     live = [r for r in parent_runs("together") if r.info.lifecycle_stage == "active"]
     assert [r.info.run_id for r in live] == [got[0][0].parent_run_id] and live[0].info.status == "RUNNING"
+
+
+def test_a_dataset_another_worker_logs_first_is_still_recorded(store, cifar):
+    """MLflow's SQL store looks a dataset up, then inserts it; a study's workers logging a new one at the
+    same moment can both miss it and all but one fail on the ``datasets`` primary key (a CI run of
+    test_scaleout.py: ``UniqueViolation ... "dataset_pk"``, the worker exited 2). Here the other worker's
+    insert lands, every time, between this run's lookup and its insert; the run must still get its inputs."""
+    from mlflow.entities import Dataset, DatasetInput
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    from train.config import TrainConfig
+    from train.lineage import log_datasets
+
+    client = MlflowClient()
+    exp = mlflow.get_experiment_by_name("cifar10") or mlflow.get_experiment(mlflow.create_experiment("cifar10"))
+    other = client.create_run(exp.experiment_id, run_name="other-worker")
+    raced: list[str] = []
+
+    def other_worker_first(session, flush_context, instances) -> None:
+        new = [o for o in session.new if getattr(o, "__tablename__", "") == "datasets"]
+        if new and not raced:  # the other worker's own flush comes through here too: once is enough
+            raced.append(new[0].name)
+            ds = Dataset(new[0].name, new[0].digest, new[0].dataset_source_type, new[0].dataset_source)
+            client.log_inputs(other.info.run_id, [DatasetInput(ds)])
+
+    event.listen(Session, "before_flush", other_worker_first)
+    try:
+        with mlflow.start_run(experiment_id=exp.experiment_id, run_name="this-worker") as run:
+            log_datasets(TrainConfig(dataset="cifar10", subset=600), cifar)
+    finally:
+        event.remove(Session, "before_flush", other_worker_first)
+    assert raced == ["cifar10-train"]  # the race happened, on the first split logged
+    got = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert sorted(d.dataset.name for d in got) == ["cifar10-test", "cifar10-train", "cifar10-validation"]
+    (shared,) = client.get_run(other.info.run_id).inputs.dataset_inputs  # one dataset row, both runs' input
+    assert (shared.dataset.name, shared.dataset.digest) == next((d.dataset.name, d.dataset.digest) for d in got
+                                                                if d.dataset.name == "cifar10-train")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .config import TTA_VIEWS
 from .data import ImageData, stratified_subset
 from .engine import tta_logits
+from .lineage import log_input
 from .report import classification_metrics, metrics_by_part, part_metrics, plot_confusion
 from .tracking import experiment_id
 from .usemodel import OpenedModel
@@ -119,7 +120,7 @@ def log_dataset(data: ImageData, context: str, x: np.ndarray, y: np.ndarray, mod
         warnings.simplefilter("ignore")
         ds = mlflow.data.from_numpy(x[:1], targets=y[:1], source=data.source or data.name, name=data.name,
                                     digest=(data.fingerprint or "unknown")[:36])
-    mlflow.log_input(ds, context=context, model=LoggedModelInput(model_id) if model_id else None)
+    log_input(ds, context=context, model=LoggedModelInput(model_id) if model_id else None)
 
 
 def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any], experiment: str | None = None) -> str:

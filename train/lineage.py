@@ -14,6 +14,7 @@ from .config import TrainConfig
 from .data import ImageData, split_indices
 
 CONTEXTS = ("train", "validation", "test")
+DUPLICATE_KEY = ("duplicate key", "UNIQUE constraint failed", "Duplicate entry")  # PostgreSQL, SQLite, MySQL
 CARD_PARAMS = ("model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "augment",
                "label_smoothing", "ema", "subset", "val_fraction", "pretrained", "seed")
 
@@ -42,8 +43,22 @@ def log_datasets(cfg: TrainConfig, data: ImageData, evaluated_test: bool = True)
         if not len(labels) or (split == "test" and not evaluated_test):
             continue
         out[split] = dataset(data, split, labels)
-        mlflow.log_input(out[split], context=split, tags={"images": str(len(labels))})
+        log_input(out[split], context=split, tags={"images": str(len(labels))})
     return out
+
+
+def log_input(ds: Any, **kwargs: Any) -> None:
+    """``mlflow.log_input`` that survives a race MLflow's SQL store loses: it looks the dataset up, then inserts
+    it, so workers of one study logging a new dataset at the same moment can both insert it and all but one
+    fail on the ``datasets`` primary key. That transaction was rolled back; a second try finds the row."""
+    for attempt in range(3):
+        try:
+            mlflow.log_input(ds, **kwargs)
+            return
+        except mlflow.exceptions.MlflowException as e:
+            if attempt == 2 or not any(s in str(e) for s in DUPLICATE_KEY):
+                raise
+
 
 
 def model_card(client: Any, name: str, version: str | int) -> str:
