@@ -60,7 +60,6 @@ def log_input(ds: Any, **kwargs: Any) -> None:
                 raise
 
 
-
 def model_card(client: Any, name: str, version: str | int) -> str:
     """A short markdown model card for a registry version, from its run: data, parameters, accuracy."""
     mv = client.get_model_version(name, str(version))
