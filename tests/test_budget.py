@@ -3,6 +3,7 @@ study splits its minutes as tune/budget.py says."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -13,7 +14,7 @@ from train.budget import (CALIBRATION_MIN_STEPS, CALIBRATION_SKIP, CALIBRATION_S
 from train.config import TrainConfig
 from train.engine import fit, measure_throughput
 from tune.budget import (FINISH_RESERVE, FULL_TRIALS, MIN_TRIAL_EPOCHS, MIN_TRIAL_IMAGES, SEARCH_SHARE, TRIAL_OVERHEAD,
-                         plan_budget)
+                         plan_budget, short_refit)
 
 # Runs here must end within their wall-clock budgets: `make test` runs this module alone, not beside another worker.
 pytestmark = pytest.mark.serial
@@ -84,6 +85,19 @@ def test_a_search_too_short_to_rank_anything_gives_its_time_to_the_refit():
         assert not plan_budget(enough - 60, rate, images, RECIPE, started=0).search
         assert plan_budget(seconds, rate, images, RECIPE, started=0, min_trials=2).search == (rate == 197)
     assert plan_budget(660, 930, 50000, RECIPE, started=0).search  # a bf16 CPU searches the same 11 minutes
+
+
+def test_a_refit_too_short_for_its_width_trains_a_narrower_net():
+    """`make run` on an AVX2-only CPU (2026-12-06): FER-2013's 507 s refit at 131 images/s is ~2.3 epochs of
+    ResNet-9 at width 32 (51.2% and 57.5% test for two seeds); width 16 trains ~4.9 epochs in the same time
+    (docs/tuning.md). Four epochs or more keep the recipe's width; widths halve, not below 16."""
+    fer = dataclasses.replace(RECIPE, dataset="fer2013", batch_size=256, lr=0.2)
+    narrow = short_refit(fer, 131, 507, 28709)
+    assert narrow == dataclasses.replace(fer, model_args={"width": 16}) and fer.model_args == {"width": 32}
+    assert short_refit(fer, 131, 4 * 28709 / 131 + 1, 28709) is None  # four epochs: kept
+    assert short_refit(narrow, 60, 507, 28709) is None  # already the narrowest
+    assert short_refit(dataclasses.replace(fer, model_args={}), 60, 507, 28709).model_args == {"width": 32}  # 64 -> 32
+    assert short_refit(dataclasses.replace(fer, model="resnet20", model_args={}), 60, 507, 28709) is None  # no width
 
 
 @pytest.mark.parametrize("args, message", [

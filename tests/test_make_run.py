@@ -21,6 +21,7 @@ from conftest import module_store
 from train.cli import main
 from train.data import stratified_subset
 from train.engine import cpu_supports_bf16
+from tune.budget import MIN_REFIT_EPOCHS
 
 # Minutes of servers, processes or budgets: run by CI (CI=true make test) and `make test-all`, not by a plain `make test`;
 # it holds a wall-clock budget, so `make test` runs it alone (serial), not beside another worker.
@@ -179,6 +180,10 @@ def test_a_budget_too_short_to_search_refits_the_recipe_instead(no_search):
     assert run.data.metrics["train_images"] == SIZES["fer2013"][0]
     assert (run.data.params["lr"], run.data.params["batch_size"], run.data.params["crop_size"]) == ("0.2", "256", "40")
     assert float(run.data.params["time_budget"]) >= 20 and run.data.metrics["budget_steps"] > 0
+    # the recipe's width 32 unless the refit's seconds buy it fewer than 4 epochs here (an AVX2-only CPU)
+    epochs = study.user_attrs["plan:1"]["images_per_sec"] * float(run.data.params["time_budget"]) / SIZES["fer2013"][0]
+    assert run.data.params["model_args.width"] == ("16" if epochs < MIN_REFIT_EPOCHS else "32"), epochs
+    assert ("the refit trains width 16 instead" in no_search["stdout"]) == (epochs < MIN_REFIT_EPOCHS)
     assert float(mv.tags["test_acc"]) == pytest.approx(run.data.metrics["test_acc"])
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["search"] == "skipped" and "too short to search" in parent.data.tags["budget_plan"]

@@ -52,6 +52,14 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, ensembl
     return nets[0] if ensemble == 1 else Ensemble(nets)
 
 
+def model_width(name: str, model_args: dict[str, Any]) -> int | None:
+    """The ``width`` a registered network would be built with, or None for one without that option."""
+    import inspect
+
+    param = inspect.signature(_REGISTRY[name]).parameters.get("width") if name in _REGISTRY else None
+    return None if param is None else int(model_args.get("width", param.default))
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
