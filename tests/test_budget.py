@@ -89,7 +89,7 @@ def test_a_search_too_short_to_rank_anything_gives_its_time_to_the_refit():
 
 def test_a_refit_too_short_for_its_width_trains_a_narrower_net():
     """`make run` on an AVX2-only CPU (2026-12-06): FER-2013's 507 s refit at 131 images/s is ~2.3 epochs of
-    ResNet-9 at width 32 (51.2% and 57.5% test for two seeds); width 16 trains ~4.9 epochs in the same time
+    ResNet-9 at width 32 (51.2% and 57.5% test for two seeds); width 16 trains ~5 epochs in the same time
     (docs/tuning.md). Four epochs or more keep the recipe's width; widths halve, not below 16."""
     fer = dataclasses.replace(RECIPE, dataset="fer2013", batch_size=256, lr=0.2)
     narrow = short_refit(fer, 131, 507, 28709)

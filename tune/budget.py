@@ -16,7 +16,7 @@
    training images (train + validation) under a time budget, so its one-cycle schedule ends on time,
    then evaluated once on the test split and registered. Without a search, a refit whose time buys fewer
    than ``MIN_REFIT_EPOCHS`` epochs of the base network trains it at half the width (``short_refit``):
-   on an AVX2-only CPU ResNet-9 at width 16 trained ~4.9 epochs of FER-2013 where width 32 trained ~2.2,
+   on an AVX2-only CPU ResNet-9 at width 16 trained ~5 epochs of FER-2013 where width 32 trained ~2.2,
    and scored 62.8-63.0% against 51.2-57.5%.
 
 On a fast machine the same rules give bigger subsets, more epochs per trial (up to the recipe's)
