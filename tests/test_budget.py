@@ -92,11 +92,12 @@ def test_a_refit_too_short_for_its_width_trains_a_narrower_net():
     ResNet-9 at width 32 (51.2% and 57.5% test for two seeds); width 16 trains ~5 epochs in the same time
     (docs/tuning.md). Four epochs or more keep the recipe's width; widths halve, not below 16."""
     fer = dataclasses.replace(RECIPE, dataset="fer2013", batch_size=256, lr=0.2)
-    narrow = short_refit(fer, 131, 507, 28709)
+    narrow, why = short_refit(fer, 131, 507, 28709)
     assert narrow == dataclasses.replace(fer, model_args={"width": 16}) and fer.model_args == {"width": 32}
+    assert why == "8:27 trains resnet9 at width 32 for ~2.3 epochs here (under 4): the refit trains width 16 instead"
     assert short_refit(fer, 131, 4 * 28709 / 131 + 1, 28709) is None  # four epochs: kept
     assert short_refit(narrow, 60, 507, 28709) is None  # already the narrowest
-    assert short_refit(dataclasses.replace(fer, model_args={}), 60, 507, 28709).model_args == {"width": 32}  # 64 -> 32
+    assert short_refit(dataclasses.replace(fer, model_args={}), 60, 507, 28709)[0].model_args == {"width": 32}  # 64 -> 32
     assert short_refit(dataclasses.replace(fer, model="resnet20", model_args={}), 60, 507, 28709) is None  # no width
 
 

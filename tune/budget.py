@@ -95,15 +95,19 @@ class BudgetPlan:
                 + "), then refit on all training images and test")
 
 
-def short_refit(base: TrainConfig, images_per_sec: float, seconds: float, train_images: int) -> TrainConfig | None:
-    """A narrower network for a no-search refit too short for ``MIN_REFIT_EPOCHS`` epochs of the base at the
-    speed measured for it (an AVX2-only CPU, a budget of minutes): half the width, down to ``NARROWEST``,
+def short_refit(base: TrainConfig, images_per_sec: float, seconds: float,
+                train_images: int) -> tuple[TrainConfig, str] | None:
+    """A narrower network, and why, for a no-search refit too short for ``MIN_REFIT_EPOCHS`` epochs of the base
+    at the speed measured for it (an AVX2-only CPU, a budget of minutes): half the width, down to ``NARROWEST``,
     costs about half the time per image, so it trains twice the epochs; None to keep the base."""
     width = model_width(base.model, base.model_args)
     epochs = images_per_sec * seconds / max(1, train_images)
     if width is None or width <= NARROWEST or epochs >= MIN_REFIT_EPOCHS:
         return None
-    return dataclasses.replace(base, model_args={**base.model_args, "width": max(NARROWEST, width // 2)})
+    narrow = max(NARROWEST, width // 2)
+    why = (f"{format_duration(seconds)} trains {base.model} at width {width} for ~{epochs:.1f} epochs here "
+           f"(under {MIN_REFIT_EPOCHS}): the refit trains width {narrow} instead")
+    return dataclasses.replace(base, model_args={**base.model_args, "width": narrow}), why
 
 
 def plan_budget(seconds: float, images_per_sec: float, train_images: int, base: TrainConfig,

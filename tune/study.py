@@ -21,18 +21,16 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, NopPruner, SuccessiveHalvingPruner
 from optuna.samplers import TPESampler
 
-from train.budget import format_duration
 from train.config import TrainConfig
 from train.data import load_dataset
 from train.distributed import is_main_process, shutdown
 from train.engine import measure_throughput
 from train.errors import ReslabWarning
 from train.interrupt import end_reason
-from train.models import model_width
 from train.tracking import experiment_id, first_line, flat_params, setup_tracking, tracking_gone
 
 from . import ddp, parent
-from .budget import FULL_TRIALS, MEASURE_SHARE, MIN_REFIT_EPOCHS, BudgetPlan, plan_budget, short_refit
+from .budget import FULL_TRIALS, MEASURE_SHARE, BudgetPlan, plan_budget, short_refit
 from .finalize import register_base, register_best
 from .objective import Objective, TrialFailed, worker_id
 from .progress import StudyProgress
@@ -266,12 +264,9 @@ def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneO
     registered, skipped = None, plan is not None and not plan.search
     if opts.register and skipped:
         base, seconds = trial_base(opts.base), plan.refit_seconds()
-        narrow = short_refit(base, plan.images_per_sec, seconds, len(data.train_y))
-        if narrow is not None:
-            print(f"{format_duration(seconds)} trains {base.model} at width {model_width(base.model, base.model_args)} "
-                  f"for ~{plan.images_per_sec * seconds / len(data.train_y):.1f} epochs here (under {MIN_REFIT_EPOCHS}): "
-                  f"the refit trains width {narrow.model_args['width']} instead", flush=True)
-            base = narrow
+        if (narrow := short_refit(base, plan.images_per_sec, seconds, len(data.train_y))) is not None:
+            base, why = narrow
+            print(why, flush=True)
         registered = register_base(study, base, opts.space.base_params(base), data, exp, inv.parent_run_id,
                                    seconds, opts.progress)
     elif opts.register and "best_trial" in summary:
