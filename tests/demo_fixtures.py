@@ -12,11 +12,13 @@ import pytest
 from conftest import free_port
 
 # Small enough for the test budget on 2 CPU cores, big enough to be well above chance.
-# FER-2013 learns slowly: plain flips instead of its default heavy albumentations, and its full test
-# evaluation is skipped to stay in budget (its model card then shows "n/a", which is tested too).
+# FER-2013 learns slowly: plain flips instead of its default heavy albumentations, 40x40 training crops as
+# its recipe uses (47 s instead of 76-81 s on one AVX2 thread; validation 40.1% against 43.6%, served 33.4%
+# on the balanced sample where the bar is 21.4%), and its full test evaluation is skipped to stay in budget
+# (its model card then shows "n/a", which is tested too).
 TRAIN = {
     "cifar10": dict(model="resnet9", model_args={"width": 16}, subset=2500, epochs=2),
-    "fer2013": dict(model="resnet9", model_args={"width": 16}, subset=4000, epochs=3, augment="flip",
+    "fer2013": dict(model="resnet9", model_args={"width": 16}, subset=4000, epochs=3, augment="flip", crop_size=40,
                     evaluate_test=False),
 }
 
