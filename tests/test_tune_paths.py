@@ -372,10 +372,10 @@ def test_a_dataset_another_worker_logs_first_is_still_recorded(store, cifar):
 
     from train.config import TrainConfig
     from train.lineage import log_datasets
+    from train.tracking import experiment_id
 
-    client = MlflowClient()
-    exp = mlflow.get_experiment_by_name("cifar10") or mlflow.get_experiment(mlflow.create_experiment("cifar10"))
-    other = client.create_run(exp.experiment_id, run_name="other-worker")
+    client, exp = MlflowClient(), experiment_id("cifar10")
+    other = client.create_run(exp, run_name="other-worker")
     raced: list[str] = []
 
     def other_worker_first(session, flush_context, instances) -> None:
@@ -387,7 +387,7 @@ def test_a_dataset_another_worker_logs_first_is_still_recorded(store, cifar):
 
     event.listen(Session, "before_flush", other_worker_first)
     try:
-        with mlflow.start_run(experiment_id=exp.experiment_id, run_name="this-worker") as run:
+        with mlflow.start_run(experiment_id=exp, run_name="this-worker") as run:
             log_datasets(TrainConfig(dataset="cifar10", subset=600), cifar)
     finally:
         event.remove(Session, "before_flush", other_worker_first)

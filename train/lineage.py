@@ -15,8 +15,8 @@ from .data import ImageData, split_indices
 
 CONTEXTS = ("train", "validation", "test")
 DUPLICATE_KEY = ("duplicate key", "UNIQUE constraint failed", "Duplicate entry")  # PostgreSQL, SQLite, MySQL
-CARD_PARAMS = ("model", "model_args.width", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule", "augment",
-               "label_smoothing", "ema", "subset", "val_fraction", "pretrained", "seed")
+CARD_PARAMS = ("model", "model_args.width", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
+               "augment", "label_smoothing", "ema", "subset", "val_fraction", "pretrained", "seed")
 
 
 def split_labels(cfg: TrainConfig, data: ImageData) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ Reads like the papers' tables:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -54,8 +55,6 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, ensembl
 
 def model_width(name: str, model_args: dict[str, Any]) -> int | None:
     """The ``width`` a registered network would be built with, or None for one without that option."""
-    import inspect
-
     param = inspect.signature(_REGISTRY[name]).parameters.get("width") if name in _REGISTRY else None
     return None if param is None else int(model_args.get("width", param.default))
 
