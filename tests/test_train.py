@@ -299,6 +299,23 @@ def test_cli_bad_input_is_one_clear_line_and_reslab_debug_shows_the_traceback(tm
     assert "DataError: " in debug.stderr and "no such file or folder" in debug.stderr
 
 
+@pytest.mark.parametrize("flag, value, shown", [
+    ("--epochs", "0", "0"), ("--epochs", "-2", "-2"), ("--batch-size", "0", "0"), ("--lr", "0", "0.0"),
+    ("--lr", "-1", "-1.0"), ("--lr", "nan", "nan"), ("--weight-decay", "-3", "-3.0"), ("--momentum", "2", "2.0"),
+    ("--label-smoothing", "1.5", "1.5"), ("--ema", "1.5", "1.5"), ("--warmup", "2", "2.0"),
+    ("--val-fraction", "-0.1", "-0.1"), ("--max-steps", "0", "0"), ("--workers", "0", "0"), ("--seed", "-1", "-1"),
+])
+def test_a_setting_out_of_range_is_one_line_before_anything_starts(capsys, mlflow_store, tmp_path, flag, value, shown):
+    """Each of these once trained anyway (a default in place of 0, a diverging or frozen run) or ended in a traceback.
+    The data is missing as well: the settings are checked first, so a missing check shows as the data's error."""
+    from train.config import BOUNDS
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", str(tmp_path / "missing.zip"), flag, value])
+    takes = BOUNDS[flag[2:].replace("-", "_")][1]
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [f"reslab: error: {flag} takes {takes}, not {shown}"]
+
+
 @pytest.mark.parametrize("command, flags", [
     ("train", ["--time-budget", "--recipe", "--resume", "--register", "--list-models", "--tta [LEVEL]", "--patience", "--restore-best", "--whiten", "--flip"]),
     ("tune", ["--budget", "--preset", "--pruner", "--space", "--storage", "--refit"]),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .allocator import keep_freed_memory
-from .config import AUGMENT_CHOICES, FLIP_CHOICES, TTA_VIEWS, TrainConfig, load_yaml, recipe
+from .config import AUGMENT_CHOICES, FLIP_CHOICES, TTA_VIEWS, TrainConfig, check_bound, load_yaml, recipe
 from .data import DATASETS
 from .interrupt import EXIT_SIGINT, EXIT_SIGTERM, Terminated, handled, terminate_like_ctrl_c
 from .redact import mask_secrets
@@ -160,6 +160,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for key, value in vars(args).items():
         if key in fields and value is not None:
             merged[key] = value
+    for key in ("epochs", "batch_size", "lr", "weight_decay"):  # 0 (weight decay: below 0) in a file means the
+        if getattr(args, key, None) is not None:  # dataset's default; given as a flag, it is a mistake
+            check_bound(key, getattr(args, key))
     if getattr(args, "time_budget", None) is None and (getattr(args, "epochs", None) or getattr(args, "max_steps", None)):
         merged.pop("time_budget", None)  # --epochs/--max-steps given: a recipe's time budget gives way
     if getattr(args, "pretrained", None) or getattr(args, "init_from", None):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,40 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "fer2013": {"model": "resnet9", "model_args": {"width": 32}, "lr": 0.1, "batch_size": 128, "weight_decay": 5e-4,
                 "epochs": 30},
 }
+
+
+# What each numeric setting takes, checked once the dataset's defaults are filled in, so that a bad value is one
+# line before any data is read or run started (it was silently a diverging run, a default, or a traceback).
+# NaN fails every test.
+BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda v: v >= 1, "a whole number of epochs, at least 1"),
+    "max_steps": (lambda v: v is None or v >= 1, "a whole number of steps, at least 1"),
+    "batch_size": (lambda v: v >= 1, "a whole number of images, at least 1"),
+    "lr": (lambda v: 0 < v < math.inf, "a learning rate above 0"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "0 or more"),
+    "momentum": (lambda v: 0 <= v < 1, "a value from 0 up to (not including) 1"),
+    "bn_bias_lr_scale": (lambda v: 0 < v < math.inf, "a multiple of the learning rate above 0"),
+    "warmup": (lambda v: 0 <= v <= 1, "a fraction of training from 0 to 1"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "a value from 0 (off) up to (not including) 1"),
+    "class_weights": (lambda v: 0 <= v <= 1, "a power from 0 (off) to 1 (inverse frequency)"),
+    "ema": (lambda v: 0 <= v < 1, "a decay from 0 (off) up to (not including) 1, e.g. 0.999"),
+    "sam": (lambda v: 0 <= v < math.inf, "a radius above 0 (e.g. 0.05), or 0 for off"),
+    "mixup": (lambda v: 0 <= v < math.inf, "an alpha above 0 (e.g. 0.2), or 0 for off"),
+    "val_fraction": (lambda v: 0 <= v < 1, "a share of the training images from 0 up to (not including) 1"),
+    "aug_strength": (lambda v: 0 <= v < math.inf, "a scale of 0 or more"),
+    "crop_pad": (lambda v: v >= 0, "0 or more pixels"),
+    "crop_size": (lambda v: v >= 0, "0 (whole images) or a side in pixels"),
+    "full_size_finish": (lambda v: 0 <= v <= 1, "a fraction of training from 0 to 1"),
+    "workers": (lambda v: v >= 1, "a whole number of threads, at least 1"),
+    "seed": (lambda v: v >= 0, "a whole number, 0 or more"),
+}
+
+
+def check_bound(name: str, value: Any) -> None:
+    """Raise the one-line error for a setting outside BOUNDS."""
+    ok, takes = BOUNDS[name]
+    if not ok(value):
+        raise ValueError(f"--{name.replace('_', '-')} takes {takes}, not {value}")
 
 
 CHAMPION = "champion"  # the alias the best registered version holds (the demo serves it)
@@ -116,18 +152,8 @@ class TrainConfig:
         c.tta = int(c.tta)  # recipes and older configs write true/false
         if c.tta not in TTA_VIEWS:
             raise ValueError(f"--tta takes a level in {sorted(TTA_VIEWS)}, not {c.tta}")
-        if not c.bn_bias_lr_scale > 0:
-            raise ValueError(f"--bn-bias-lr-scale must be above 0, not {c.bn_bias_lr_scale}")
-        if not c.mixup >= 0:
-            raise ValueError(f"--mixup takes an alpha above 0 (e.g. 0.2), or 0 for off, not {c.mixup}")
-        if not 0 <= c.class_weights <= 1:
-            raise ValueError(f"--class-weights takes a power from 0 (off) to 1 (inverse frequency), not {c.class_weights}")
-        if not c.sam >= 0:
-            raise ValueError(f"--sam takes a radius above 0 (e.g. 0.05), or 0 for off, not {c.sam}")
-        if c.crop_size < 0:
-            raise ValueError(f"--crop-size must be 0 (whole images) or a side in pixels, not {c.crop_size}")
-        if not 0 <= c.full_size_finish <= 1:
-            raise ValueError(f"--full-size-finish takes a fraction of training from 0 to 1, not {c.full_size_finish}")
+        for name in BOUNDS:
+            check_bound(name, getattr(c, name))
         if c.whiten and c.pretrained:
             raise ValueError("--whiten sets the first layer from the data, --pretrained/--init-from from weights: choose one")
         return c
