@@ -6,6 +6,7 @@ import argparse
 import errno
 import ipaddress
 import os
+import re
 import socket
 import sys
 
@@ -114,6 +115,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if args.threads is not None and args.threads < 1:
         fail(f"--threads {args.threads}: give 1 or more")
+    if args.batch_size < 1 or args.queue_size < 1:
+        fail(f"--batch-size and --queue-size take 1 or more (here {args.batch_size} and {args.queue_size})")
+    if not re.fullmatch(r"\s*[1-9]\d*\s*[kmgt]?b\s*", str(args.max_file_size), re.IGNORECASE):
+        fail(f"--max-file-size {args.max_file_size}: give a size above 0 with its unit, e.g. 500kb, 10mb or 1gb")
     args.threads = args.threads or serving_threads()  # resolved once: the server and --bench's record read it
     if args.bench:
         from .bench import cmd_bench

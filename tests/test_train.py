@@ -316,6 +316,26 @@ def test_a_setting_out_of_range_is_one_line_before_anything_starts(capsys, mlflo
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [f"reslab: error: {flag} takes {takes}, not {shown}"]
 
 
+@pytest.mark.parametrize("args, line", [
+    (["tune", "--storage", "bogus://x"], "--storage bogus://x cannot be opened (Can't load plugin: sqlalchemy.dialects:bogus)"),
+    (["tune", "--timeout", "0"], "--timeout must be above 0"),
+    (["train", "--nproc", "0"], "--nproc must be at least 1"),
+    (["bench", "--rounds", "0", "--pipelines", "bogus"], "--rounds takes 1 or more and --warmup-steps 0 or more (here 0 and 3)"),
+    (["demo", "--batch-size", "0", "--port", "99999"], "--batch-size and --queue-size take 1 or more (here 0 and 64)"),
+    (["demo", "--max-file-size", "0", "--port", "99999"],
+     "--max-file-size 0: give a size above 0 with its unit, e.g. 500kb, 10mb or 1gb"),
+])
+def test_other_commands_bad_values_are_one_line(capsys, mlflow_store, tmp_path, args, line):
+    """Once a traceback (an unknown storage scheme, zero rounds), a run or a server that started anyway, or a
+    study that ran to say no trial completed. Each case carries a second fault checked later (missing data, an
+    unknown pipeline, a bad port), so a check that is missing shows as that error instead of a hang."""
+    if args[0] in ("tune", "train"):
+        args = [*args, "--data", str(tmp_path / "missing.zip")]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [f"reslab: error: {line}"]
+
+
 @pytest.mark.parametrize("command, flags", [
     ("train", ["--time-budget", "--recipe", "--resume", "--register", "--list-models", "--tta [LEVEL]", "--patience", "--restore-best", "--whiten", "--flip"]),
     ("tune", ["--budget", "--preset", "--pruner", "--space", "--storage", "--refit"]),

@@ -515,6 +515,8 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    if args.rounds < 1 or args.warmup_steps < 0:
+        fail(f"--rounds takes 1 or more and --warmup-steps 0 or more (here {args.rounds} and {args.warmup_steps})")
     if args.steps < args.rounds:
         fail(f"--steps {args.steps} must be at least --rounds {args.rounds}")
     unknown = set(args.pipelines) - set(PIPELINES)

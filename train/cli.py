@@ -250,7 +250,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         run_name = args.run_name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
         cfg.checkpoint_dir = args.checkpoint_dir or str(Path("checkpoints") / run_name)
         run_id = None
-    if args.nproc and args.nproc > 1:
+    if args.nproc < 1:
+        fail("--nproc must be at least 1")
+    if args.nproc > 1:
         from .distributed import launch
         from .tracking import setup_tracking
 

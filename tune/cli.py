@@ -142,6 +142,9 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
     if args.budget and args.timeout:
         fail("--budget plans the whole invocation; leave out --timeout")
     budget = parse_duration(str(args.budget)) if args.budget else None
+    timeout = parse_duration(str(args.timeout)) if args.timeout else None
+    if timeout is not None and timeout <= 0:
+        fail("--timeout must be above 0")
     if budget is not None and budget <= 0:
         fail("--budget must be above 0")
     if budget is not None and base.subset is not None:
@@ -163,7 +166,7 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
     opts = TuneOptions(
         base=base, space=space, study=args.study or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}",
         storage=args.storage, trials=args.trials or (30 if budget else 20),
-        timeout=parse_duration(str(args.timeout)) if args.timeout else None,
+        timeout=timeout,
         pruner=args.pruner or ("asha" if budget else "median"), prune_after=3 if args.prune_after is None else args.prune_after,
         prune_warmup=args.prune_warmup, heartbeat=args.heartbeat, refit=args.refit or budget is not None,
         register=args.register, experiment=args.experiment, progress=base.progress, budget=budget, started=t0,

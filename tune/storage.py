@@ -22,7 +22,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 
 from train.redact import mask_secrets
 from train.tracking import mlruns_dir
@@ -83,6 +83,9 @@ def open_storage(url: str | None = None, heartbeat: int | None = None) -> optuna
                 return RetryingRDBStorage(url, **kwargs)
             except DBAPIError:
                 time.sleep(0.5 + attempt)
+            except (ArgumentError, ImportError) as e:  # a scheme SQLAlchemy does not know, a driver not installed
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                raise StorageError(f"--storage {describe(url)} cannot be opened ({first})") from None
         try:
             return RetryingRDBStorage(url, **kwargs)  # the last attempt: its error is the one reported
         except DBAPIError as e:
