@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import ipaddress
 import os
 import re
-import socket
 import sys
 
 from train.config import champion_uri
@@ -59,27 +57,6 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def port_problem(host: str, port: int) -> str | None:
-    """Why ``reslab demo`` cannot listen on host:port, or None. Checked before the models load, so a
-    port in use is a one-line error within a second, not after the start-up."""
-    if not 0 <= port <= 65535:
-        return f"--port {port} is not a port number (0-65535)"
-    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        family, kind, proto, _, addr = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)[0]
-    except (socket.gaierror, UnicodeError) as e:
-        return f"cannot resolve --host {host} ({e})"
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
-        try:
-            s.bind(addr)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                return f"port {port} on {host} is already in use; choose another --port, or stop what is serving there"
-            return f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port or --host"
-    return None
-
-
 def parse_auth(value: str | None) -> tuple[str, str] | None:
     """``USER:PASSWORD`` as Gradio's auth pair; raises ValueError when it is not that."""
     if value is None or value == "":
@@ -125,6 +102,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
         cmd_bench(args)
         return
+
+    from train.cli import port_problem
 
     problem = port_problem(args.host, args.port)
     if problem:

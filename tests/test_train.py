@@ -324,11 +324,15 @@ def test_a_setting_out_of_range_is_one_line_before_anything_starts(capsys, mlflo
     (["demo", "--batch-size", "0", "--port", "99999"], "--batch-size and --queue-size take 1 or more (here 0 and 64)"),
     (["demo", "--max-file-size", "0", "--port", "99999"],
      "--max-file-size 0: give a size above 0 with its unit, e.g. 500kb, 10mb or 1gb"),
+    (["ui", "--port", "70000"], "--port 70000 is not a port number (0-65535)"),
+    (["evaluate", "models:/nothing-here/1", "--batch-size", "0"], "--batch-size 0: give at least 1 image"),
 ])
 def test_other_commands_bad_values_are_one_line(capsys, mlflow_store, tmp_path, args, line):
-    """Once a traceback (an unknown storage scheme, zero rounds), a run or a server that started anyway, or a
-    study that ran to say no trial completed. Each case carries a second fault checked later (missing data, an
-    unknown pipeline, a bad port), so a check that is missing shows as that error instead of a hang."""
+    """Once a traceback (an unknown storage scheme, zero rounds, the UI's port out of range from the MLflow
+    server's process), a run or a server that started anyway, an unclear message, or a study that ran to say no
+    trial completed. Each case carries a second fault checked later (missing data, an unknown pipeline, a bad
+    port, a model not in the registry), so a check that is missing shows as that error instead of a hang; the
+    UI's is the exception: without its check the MLflow server's process fails on its own."""
     if args[0] in ("tune", "train"):
         args = [*args, "--data", str(tmp_path / "missing.zip")]
     with pytest.raises(SystemExit) as e:

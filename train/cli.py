@@ -4,8 +4,10 @@ so ``train`` never imports ``tune`` or ``demo``."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -290,7 +292,31 @@ def ui_command(host: str, port: int) -> tuple[list[str], dict[str, str]]:
             "--host", host, "--port", str(port), "--workers", "1"], server_environment()
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why a server (``reslab ui``, ``reslab demo``) cannot listen on host:port, or None. Checked before it
+    starts, so a port in use is a one-line error within a second, not a traceback after the start-up."""
+    if not 0 <= port <= 65535:
+        return f"--port {port} is not a port number (0-65535)"
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        return f"cannot resolve --host {host} ({e})"
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is already in use; choose another --port, or stop what is serving there"
+            return f"cannot serve on {host}:{port} ({e.strerror or e}); choose another --port or --host"
+    return None
+
+
 def cmd_ui(args: argparse.Namespace) -> None:
+    problem = port_problem(args.host, args.port)
+    if problem:
+        fail(problem)
     cmd, env = ui_command(args.host, args.port)
     print(f"MLflow UI on http://{args.host}:{args.port}  (store: {cmd[5]}); Ctrl+C to stop", flush=True)
     try:

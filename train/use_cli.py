@@ -99,6 +99,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     if args.limit is not None and args.limit < 1:
         fail(f"--limit {args.limit}: give at least 1 image")
+    if args.batch_size < 1:
+        fail(f"--batch-size {args.batch_size}: give at least 1 image")
     if args.log and len(args.model) > 1:
         fail("--log records an evaluation against one model; evaluate an ensemble without it")
     models = [_open(m) for m in args.model]
