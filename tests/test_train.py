@@ -316,6 +316,20 @@ def test_a_setting_out_of_range_is_one_line_before_anything_starts(capsys, mlflo
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [f"reslab: error: {flag} takes {takes}, not {shown}"]
 
 
+@pytest.mark.parametrize("text, line", [
+    ("lr: [1, 2\n", "not valid YAML (expected ',' or ']', but got '<stream end>' at line 2)"),
+    ("epochs: ten\n", None),
+])
+def test_a_config_file_that_is_not_valid_is_one_line(capsys, mlflow_store, tmp_path, text, line):
+    """Both were tracebacks (yaml's ParserError; a TypeError comparing 'ten' with 1)."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", str(cfg), "--data", str(tmp_path / "missing.zip")])
+    expected = f"{cfg}: {line}" if line else "--epochs takes a whole number of epochs, at least 1, not 'ten'"
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [f"reslab: error: {expected}"]
+
+
 @pytest.mark.parametrize("args, line", [
     (["tune", "--storage", "bogus://x"], "--storage bogus://x cannot be opened (Can't load plugin: sqlalchemy.dialects:bogus)"),
     (["tune", "--timeout", "0"], "--timeout must be above 0"),

@@ -64,8 +64,13 @@ BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 def check_bound(name: str, value: Any) -> None:
     """Raise the one-line error for a setting outside BOUNDS."""
     ok, takes = BOUNDS[name]
-    if not ok(value):
-        raise ValueError(f"--{name.replace('_', '-')} takes {takes}, not {value}")
+    try:
+        fits = ok(value)
+    except TypeError:  # a config file's `epochs: ten`
+        fits = False
+    if not fits:
+        shown = repr(value) if isinstance(value, str) else value
+        raise ValueError(f"--{name.replace('_', '-')} takes {takes}, not {shown}")
 
 
 CHAMPION = "champion"  # the alias the best registered version holds (the demo serves it)
@@ -181,7 +186,12 @@ def load_yaml(path: str | Path, what: str = "config file", keys: str = "config k
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: {what} not found")
-    d = yaml.safe_load(p.read_text()) or {}
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        raise ValueError(f"{p}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}"
+                         + (f" at line {where.line + 1})" if where else ")")) from None
     if not isinstance(d, dict):
         raise ValueError(f"{p}: expected a mapping of {keys}")
     return d
