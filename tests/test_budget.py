@@ -148,7 +148,10 @@ def test_budgeted_runs_end_on_time_and_scale_their_schedule(cifar):
         assert result.history[-1]["step"] == b["budget_steps"]  # it trained the horizon it planned
         assert result.config.epochs == len(result.history)
     short, long = runs[8.0][1].extra["budget"]["budget_steps"], runs[16.0][1].extra["budget"]["budget_steps"]
-    assert 1.5 * short < long < 3 * short, (short, long)
+    # Each budget also pays a fixed start (model build, calibration, validation): with o seconds of it the ratio
+    # is (16 - o) / (8 - o), 2.6 at o = 3 and 3.0 at o = 4, which a cold AVX2-only CPU reached (25 and 75 steps,
+    # 2026-12-07); a budget ignored gives ~1.
+    assert 1.5 * short < long < 4 * short, (short, long)
 
 
 def test_a_budget_outlasts_a_configured_length_shorter_than_its_calibration(cifar):
