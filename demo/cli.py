@@ -88,7 +88,7 @@ def exposure_warning(host: str, share: bool, auth: tuple[str, str] | None) -> st
 
 def cmd_demo(args: argparse.Namespace) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from train.cli import fail
+    from train.cli import fail, port_problem
 
     if args.threads is not None and args.threads < 1:
         fail(f"--threads {args.threads}: give 1 or more")
@@ -102,8 +102,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
         cmd_bench(args)
         return
-
-    from train.cli import port_problem
 
     problem = port_problem(args.host, args.port)
     if problem:

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 
 from train.redact import mask_secrets
-from train.tracking import mlruns_dir
+from train.tracking import first_line, mlruns_dir
 
 STALE_REASON = "its worker died (no heartbeat, or its process is gone)"
 
@@ -84,8 +84,7 @@ def open_storage(url: str | None = None, heartbeat: int | None = None) -> optuna
             except DBAPIError:
                 time.sleep(0.5 + attempt)
             except (ArgumentError, ImportError) as e:  # a scheme SQLAlchemy does not know, a driver not installed
-                first = (str(e).splitlines() or [type(e).__name__])[0]
-                raise StorageError(f"--storage {describe(url)} cannot be opened ({first})") from None
+                raise StorageError(f"--storage {describe(url)} cannot be opened ({first_line(e)})") from None
         try:
             return RetryingRDBStorage(url, **kwargs)  # the last attempt: its error is the one reported
         except DBAPIError as e:
