@@ -18,7 +18,7 @@ from gradio.processing_utils import save_base64_to_cache
 from gradio_client.utils import is_http_url_like
 
 from .faces import FaceFinder
-from .inputs import BadImage, decode_image
+from train.images import BadImage, decode_image
 from .serving import REGISTERED_NAMES, NoModel, Result, ServedModel, default_uri, seen_for_display
 from .settings import BATCH_SIZE, QUEUE_SIZE, UPLOAD_LIMIT
 

@@ -1,5 +1,5 @@
 """``reslab predict``: classify image files with a logged model, outside the browser. The same
-decoding (demo.inputs), preprocessing (the model's own metadata), face finding (FER-2013) and batched
+decoding (train.images), preprocessing (the model's own metadata), face finding (FER-2013) and batched
 forward pass (demo.serving.ServedModel.classify) as the demo. Registered through demo's own
 entry point, so ``train`` never imports ``demo``."""
 
@@ -87,7 +87,7 @@ def predict_paths(opened: Any, paths: list[str], top_k: int = 3, batch_size: int
     from tqdm import tqdm
 
     from .faces import FaceFinder, crop
-    from .inputs import BadImage, decode_image
+    from train.images import FILE_FORMATS, BadImage, decode_image
 
     finder = FaceFinder() if faces else None
     classes = list(opened.prep.classes)
@@ -107,7 +107,8 @@ def predict_paths(opened: Any, paths: list[str], top_k: int = 3, batch_size: int
     def add(name: str, decoded: Any) -> None:
         boxes = finder.detect(decoded.rgb) if finder else []
         notes = list(decoded.notes) + (["No face found: classified the whole image."] if finder and not boxes else [])
-        # large uploads are shrunk right after decoding (demo/inputs.py): boxes go back to the file's pixels
+        # large images are shrunk right after decoding (train/images.py): boxes go back to the file's pixels,
+        # in the picture as viewers show it (EXIF orientation applied)
         h, w = decoded.rgb.shape[:2]
         sx, sy = (decoded.source_size[0] / w, decoded.source_size[1] / h) if all(decoded.source_size) else (1.0, 1.0)
         for i, b in enumerate(boxes or [None]):
@@ -123,7 +124,7 @@ def predict_paths(opened: Any, paths: list[str], top_k: int = 3, batch_size: int
                 rows.append(Row(name, error=error))
                 continue
             try:
-                add(name, decode_image(file, opened.prep.channels))
+                add(name, decode_image(file, opened.prep.channels, FILE_FORMATS))
             except BadImage as e:
                 rows.append(Row(name, error=str(e)))
             if len(pending) >= batch_size:

@@ -31,13 +31,13 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from train.augment import normalize
-from train.config import CHAMPION, registered_name
+from train.config import CHAMPION, TTA_VIEWS, registered_name
 from train.data import DATASETS
+from train.images import Decoded
 from train.preprocess import to_model_input
 
 from .faces import MIN_BOX_SIDE, Box, FaceFinder, crop, draw_boxes
 from .gradcam import forward_with_cam, overlay
-from .inputs import Decoded
 
 # The registry names `reslab tune` / `reslab train --register` use, one per dataset.
 REGISTERED_NAMES = {d: registered_name(d) for d in DATASETS}
@@ -118,6 +118,16 @@ class ModelCard:
     experiment_id: str = ""
     params: dict[str, str] = field(default_factory=dict)
 
+    def tta_note(self) -> str:
+        """What the test accuracy was measured with, where that is not what the demo does: a run's
+        test-time augmentation averages several views of each image, the demo answers from one."""
+        try:
+            views = TTA_VIEWS.get(int(self.params.get("tta", 0)), 1)
+        except ValueError:
+            return ""
+        return f" (measured averaging {views} views of each image, test-time augmentation; the demo answers from one)" \
+            if views > 1 and self.test_acc is not None else ""
+
     def markdown(self, config: dict[str, Any], mlflow_ui: str | None) -> str:
         def pct(v: float | None) -> str:
             return "n/a" if v is None or not np.isfinite(v) else f"{v:.2%}"
@@ -129,7 +139,7 @@ class ModelCard:
                  f"| version | {self.version or '-'} |",
                  f"| alias | {', '.join(f'`{a}`' for a in self.aliases) or '-'} |",
                  f"| validation accuracy | {pct(self.val_acc)} |",
-                 f"| test accuracy | {pct(self.test_acc)} |",
+                 f"| test accuracy | {pct(self.test_acc)}{self.tta_note()} |",
                  f"| architecture | `{config.get('architecture', '?')}` {json.dumps(config.get('model_args') or {})} |",
                  f"| input | {config['image_size']}x{config['image_size']} px, {config['channels']} channel(s), "
                  f"{len(config['classes'])} classes |"]

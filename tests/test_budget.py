@@ -107,10 +107,14 @@ def test_a_refit_too_short_for_its_width_trains_a_narrower_net():
     # a --subset the budget would silently ignore (trials sized from all images, the refit on all of them)
     (["--budget", "1m", "--subset", "500"], "--budget sizes its trials' subsets and refits on every training image: give "
      "no subset (here 500, from --subset or a recipe's or --config's `subset`); point --data at a smaller copy to tune on less"),
+    # a --space file's fixed epochs replaced the plan's trial length: a 3-epoch plan ran 20-epoch trials
+    (["--budget", "1m", "--space", "{tmp}/space.yaml"], "--budget sizes its trials itself: leave epochs out of the --space file"),
 ])
 def test_budget_bad_input_is_one_line(args, message, capsys, tmp_path, monkeypatch):
     from train.cli import main
 
+    (tmp_path / "space.yaml").write_text("epochs: 20\nlr: [0.1, 0.2]\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     monkeypatch.chdir(tmp_path)  # had the check gone, the study would fail at once on the missing data, here
     monkeypatch.setenv("RESLAB_MLRUNS", str(tmp_path / "mlruns"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

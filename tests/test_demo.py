@@ -206,6 +206,19 @@ def test_model_card(in_store):
     assert "| test accuracy | n/a |" in fer and "MLflow" not in fer  # not evaluated on test; no UI to link
 
 
+def test_the_card_says_when_its_test_accuracy_averaged_views_that_the_demo_does_not():
+    """The recipes evaluate with TTA level 2 (six views of each test image); the demo, `reslab predict` and
+    REST answer from one view, so a card that showed the figure bare overstated what the demo delivers."""
+    from demo.serving import ModelCard
+
+    config = {"architecture": "resnet9", "image_size": 32, "channels": 3, "classes": list("abcdefghij")}
+    card = ModelCard("models:/x/1", test_acc=0.93, params={"tta": "2"}).markdown(config, None)
+    assert ("| test accuracy | 93.00% (measured averaging 6 views of each image, test-time augmentation; the demo "
+            "answers from one) |") in card
+    for params in ({"tta": "0"}, {}):
+        assert "| test accuracy | 93.00% |" in ModelCard("models:/x/1", test_acc=0.93, params=params).markdown(config, None)
+
+
 @pytest.mark.parametrize("spec, says", [
     ("models:/cifar10-resnet@no-such-alias", "--model models:/cifar10-resnet@no-such-alias: No model at"),
     ("mnist=models:/cifar10-resnet@champion", "unknown dataset 'mnist'"),

@@ -128,7 +128,7 @@ def test_only_upload_formats_are_decoded(client, tmp_path):
         for api in (CIFAR_API, FER_API):
             label, _, _, status = client.predict(handle_file(str(path)), False, api_name=api)
             assert not label and "Inference" not in status, (fmt, api, status)
-            assert "not an image the demo accepts: upload a PNG, JPEG, WebP, GIF, BMP or TIFF image" in status, (fmt, status)
+            assert "not an image reslab accepts: upload a PNG, JPEG, WebP, GIF, BMP or TIFF image" in status, (fmt, status)
     picture.save(tmp_path / "picture.tif")
     label, _, _, status = client.predict(handle_file(str(tmp_path / "picture.tif")), False, api_name=CIFAR_API)
     assert label and "Inference" in status, status
@@ -147,7 +147,7 @@ def test_decompression_bomb_and_data_url_caps(server, client, tmp_path):
     from gradio_client import handle_file
 
     from demo.app import DATA_URL_LIMIT
-    from demo.inputs import MAX_PIXELS
+    from train.images import MAX_PIXELS
 
     bomb = tmp_path / "bomb.png"
     Image.new("RGB", (6000, 6000), (90, 120, 60)).save(bomb, optimize=True)

@@ -144,9 +144,30 @@ def test_a_preprocessed_tensor_gets_the_networks_probabilities(served, cifar):
 def test_what_is_not_an_image_gets_a_400_that_says_why(served):
     url, _ = served
     status, body = post(url, {"dataframe_records": [{"image": base64.b64encode(b"hello, not a picture").decode()}]})
-    assert status == 400 and "row 0: not an image Pillow can read" in body["message"], body
+    assert status == 400 and "row 0: This file is not an image reslab accepts" in body["message"], body
     gray = [[[0.0] * 32] * 32]  # one channel: a grayscale model's input, not this one's
     status, body = post(url, {"dataframe_split": {"columns": ["tensor"], "data": [[gray]]}})
     assert status == 400 and "has shape (1, 32, 32); this model takes (3, 32, 32)" in body["message"], body
     status, body = post(url, {"dataframe_records": [{"picture": "abc"}]})
     assert status == 400 and "expected rows with a column 'image'" in body["message"], body
+
+
+def test_images_are_decoded_as_the_demo_and_reslab_predict_decode_them(served, pngs):
+    """The REST model decodes with the demo's decoder (train/images.py): a 16-bit PNG is scaled to 8 bits
+    (it was clipped to white) and answers as its 8-bit copy does; EPS, which Pillow hands to Ghostscript,
+    is refused."""
+    from PIL import Image
+
+    url, _ = served
+    rgb = np.asarray(Image.open(pngs[0][0]).convert("L"), dtype=np.uint16)
+    sixteen, eight = io.BytesIO(), io.BytesIO()
+    Image.fromarray(rgb * 257).save(sixteen, format="PNG")  # 16-bit: v * 257 >> 8 == v
+    Image.fromarray(rgb.astype(np.uint8)).save(eight, format="PNG")
+    status, body = post(url, {"dataframe_records": [{"image": base64.b64encode(b.getvalue()).decode()} for b in (sixteen, eight)]})
+    assert status == 200, body
+    a, b = body["predictions"]
+    assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6), (a, b)
+    eps = io.BytesIO()
+    Image.open(pngs[0][0]).convert("RGB").save(eps, format="EPS")
+    status, body = post(url, {"dataframe_records": [{"image": base64.b64encode(eps.getvalue()).decode()}]})
+    assert status == 400 and "not an image reslab accepts" in body["message"], body

@@ -202,6 +202,66 @@ def test_timeout_stops_starting_trials(store):
     assert sorted(r.info.status for r in children) == ["FINISHED"] * len(done)
 
 
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt, "KILLED"), (RuntimeError("the refit broke"), "FAILED")])
+def test_a_study_stopped_while_it_registers_ends_its_parent_and_the_same_command_finishes_it(store, error, status):
+    """Ctrl-C (or an error) in the final refit, test or registration used to leave the invocation's parent
+    run RUNNING with its finalisation already claimed: the same command then joined that dead invocation,
+    found nothing left to do, exited 0 and registered nothing, every time. Now the parent ends (KILLED or
+    FAILED) and the same command runs the study's next invocation through to a registered model."""
+    import tune.study
+
+    name = f"stopped-{status.lower()}"
+    args = ["tune", "--data", store["data"], "--study", name, "--trials", "1", "--pruner", "none", *COMMON]
+
+    def stopped(*_args, **_kwargs):
+        raise error
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tune.study, "register_best", stopped)
+        with pytest.raises(SystemExit if error is KeyboardInterrupt else RuntimeError):
+            main(args)
+    (first,) = parent_runs(name)
+    assert first.info.status == status and not versions_of(name)
+    main(args)
+    first, second = parent_runs(name)
+    assert first.info.status == status and (second.info.status, second.data.tags["invocation"]) == ("FINISHED", "2")
+    (version,) = versions_of(name)
+    assert second.data.tags["registered.version"] == str(version.version)
+
+
+def test_a_changed_space_or_a_bad_space_value_is_one_line_before_anything_runs(store, tmp_path, capsys):
+    """Resuming a study with other batch-size choices (another --batch-size, recipe or model moves them)
+    used to fail its invocation at the first trial, where Optuna refuses changed choices; a --space value
+    outside a setting's bounds stopped the study at the first trial that drew it. Both are now one line
+    before any data is searched, with no parent run and no trial."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    study = study_of(store, "choices")
+    study.add_trial(optuna.trial.create_trial(
+        params={**GOOD}, value=0.5,
+        distributions={"lr": FloatDistribution(0.01, 0.25, log=True), "batch_size": CategoricalDistribution([32, 64, 128]),
+                       "weight_decay": FloatDistribution(5e-5, 2.5e-3, log=True)}))
+    space = tmp_path / "space.yaml"
+    cases = {
+        "choices": (["--batch-size", "256"], "study 'choices' searched batch_size over [32, 64, 128], this command over "
+                                            "[64, 128, 256]: resume it with the settings it began with, or name a new --study"),
+        "range": (["--space", str(space)], "search space: label_smoothing = 1.5: --label-smoothing takes a value from 0 "
+                                          "(off) up to (not including) 1, not 1.5"),
+    }
+    space.write_text("label_smoothing: {low: 0.0, high: 1.5}\n")
+    for name, (extra, message) in cases.items():
+        with pytest.raises(SystemExit) as e:
+            main(["tune", "--data", store["data"], "--study", name, "--trials", "1", *extra, *COMMON])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"reslab: error: {message}" in err, err
+        assert not parent_runs(name)
+    assert len(study_of(store, "choices").trials) == 1
+    space.write_text("lr: 1e-3\n")  # YAML 1.1 reads this as text: a fixed value is checked too
+    with pytest.raises(SystemExit):
+        main(["tune", "--data", store["data"], "--study", "fixed", "--trials", "1", "--space", str(space), *COMMON])
+    assert "search space: its fixed values: --lr takes a learning rate above 0, not '1e-3'" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- processes: kill -9, out of memory
 
 

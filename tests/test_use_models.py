@@ -272,6 +272,20 @@ def test_predict_faces_gives_one_row_per_face_with_its_box(imported, store, fer)
     for r6, r1 in zip(large, rows):
         centre6, centre1 = r6["box"][0] + r6["box"][2] / 2, r1["box"][0] + r1["box"][2] / 2
         assert abs(centre6 - 6 * centre1) < 0.1 * 6 * 432 and 0.75 < r6["box"][2] / (6 * r1["box"][2]) < 1.33, (r6, r1)
+    # the same 6x photo as a phone stores a portrait: pixels turned, EXIF orientation 6 (turn to show). The
+    # boxes are in the picture as shown, where they were above (the axes' scales were mixed before)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(cv2.resize(canvas, None, fx=6, fy=6))).save(store / "turned.jpg", exif=exif, quality=95)
+    cli(["predict", imported, str(store / "turned.jpg"), "--faces", "--out", "turned.json", "--no-progress"])
+    turned = json.loads(Path("turned.json").read_text())
+    assert [r["face"] for r in turned] == [1, 2], turned
+    for rt, r6 in zip(turned, large):
+        assert all(abs(a - b) < 0.1 * r6["box"][2] for a, b in zip(rt["box"], r6["box"])), (rt, r6)
+    # a PGM file, as training reads them, is classified too
+    Image.fromarray(canvas).save(store / "two-faces.pgm")
+    cli(["predict", imported, str(store / "two-faces.pgm"), "--faces", "--out", "pgm.json", "--no-progress"])
+    assert [r["box"] for r in json.loads(Path("pgm.json").read_text())] == [r["box"] for r in rows]
 
 
 def test_export_onnx_agrees_with_pytorch_on_real_images(imported, cifar, capsys):

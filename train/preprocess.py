@@ -1,12 +1,11 @@
 """The preprocessing a logged model expects, read from its own metadata (``model_config.json`` /
 MLmodel metadata): class names, input size, channels, mean/std. One implementation for the demo,
-``reslab predict``/``evaluate``/``export`` and the REST model, so they all see what training saw.
+``reslab predict``/``evaluate``/``export`` and the REST model, so they all see what training saw
+(and one decoder before it: train/images.py).
 """
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,6 @@ import torch
 from .augment import normalize
 
 REQUIRED = ("classes", "image_size", "channels", "mean", "std")
-MAX_PIXELS = 40_000_000  # the demo's limit: a 10000x10000 image would need 300 MB just to be shrunk
 
 
 def to_model_input(rgb: np.ndarray, size: int, channels: int) -> np.ndarray:
@@ -30,31 +28,6 @@ def to_model_input(rgb: np.ndarray, size: int, channels: int) -> np.ndarray:
     if channels == 1:
         return cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)[..., None]
     return out
-
-
-def decode_bytes(data: bytes) -> np.ndarray:
-    """Image bytes -> (H, W, 3) uint8 RGB (first frame, EXIF-rotated, transparency on white);
-    ValueError with a one-line reason otherwise."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise ValueError("empty image (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            if im.size[0] * im.size[1] > MAX_PIXELS:
-                raise ValueError(f"image of {im.size[0]}x{im.size[1]} pixels is over the {MAX_PIXELS / 1e6:.0f} MP limit")
-            im.load()
-        im = ImageOps.exif_transpose(im)
-    except UnidentifiedImageError:
-        raise ValueError("not an image Pillow can read") from None
-    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise ValueError(f"truncated or corrupt image ({str(e).splitlines()[0][:80]})") from None
-    if im.mode in ("RGBA", "LA", "PA", "P"):
-        rgba = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ class ImageClassifier:
 
     def _row_input(self, i: int, image: Any, tensor: Any) -> np.ndarray:
         """One request row -> one normalised (C, S, S) float32 array; ValueError says why not."""
-        from .preprocess import decode_bytes
+        from .images import decode_image
 
         c, s = self.prep.channels, self.prep.image_size
         if _present(image):
@@ -57,7 +57,7 @@ class ImageClassifier:
             if not isinstance(image, bytes | bytearray):
                 raise ValueError(f"row {i}: '{IMAGE}' must be image bytes (base64 in JSON), got {type(image).__name__}")
             try:
-                seen = self.prep.to_model_input(decode_bytes(bytes(image)))
+                seen = self.prep.to_model_input(decode_image(bytes(image), self.prep.channels).rgb)
             except ValueError as e:
                 raise ValueError(f"row {i}: {e}") from None
             return self.prep.tensor(seen[None])[0].numpy()

@@ -158,6 +158,8 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
         setup_tracking()
         base.pretrained = str(model_files(args.init_from)[1])
     space = SearchSpace.build(base, args.space)
+    if budget is not None and (sized := sorted({"epochs", "subset", "max_steps", "time_budget"} & space.from_file)):
+        fail(f"--budget sizes its trials itself: leave {', '.join(sized)} out of the --space file")
     if args.nproc < 1:
         fail("--nproc must be at least 1")
     if args.nproc > 1:

@@ -101,7 +101,22 @@ class SearchSpace:
         space.check_models()
         if not {"lr", "batch_size"} <= set(space.distributions):
             space.lr_batch = None  # coupling only when both are searched
+        space.check_values(base)
         return space
+
+    def check_values(self, base: TrainConfig) -> None:
+        """Every value the space can give (its fixed values, each choice, each range's ends) makes a valid
+        configuration: a bad one is one error line before anything runs, not a study stopped at the first
+        trial that draws it."""
+        tried: list[tuple[str, dict[str, Any]]] = [("its fixed values", {})]
+        for name, d in self.distributions.items():
+            tried += [(f"{name} = {v!r}", {name: v})
+                      for v in (d.choices if isinstance(d, CategoricalDistribution) else (d.low, d.high))]
+        for what, params in tried:
+            try:
+                self.config(base, params)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"search space: {what}: {str(e).splitlines()[0]}") from None
 
     def check_models(self) -> None:
         dist = self.distributions.get("model")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+from optuna.distributions import CategoricalDistribution, check_distribution_compatibility
 from optuna.exceptions import ExperimentalWarning
 from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, NopPruner, SuccessiveHalvingPruner
 from optuna.samplers import TPESampler
@@ -102,6 +103,7 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
         raise ValueError(f"study {opts.study!r} tunes {known}, not {base.dataset}")
     if not known:
         study.set_user_attr("dataset", base.dataset)
+    check_resumed_space(study, opts.space)
     exp = experiment_id(opts.experiment or base.dataset)
     worker = f"{worker_id()}:{uuid.uuid4().hex[:6]}"
     params = {
@@ -111,71 +113,99 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
         **{f"base.{k}": v for k, v in flat_params(base).items()},
     }
     inv, created = parent.join_or_start(study, exp, opts.trials, params, {"dataset": base.dataset, "model": base.model})
-    # The creator's sampler is seeded (a resume continues the stream reproducibly); workers that join
-    # draw their own seeds, else they would all propose the same first trials.
-    seed = base.seed + inv.finished_before if created else None
-    startup = 4 if opts.budget else max(3, min(10, opts.trials // 3))
-    study = SlotStudy(opts.study, storage, TPESampler(seed=seed, n_startup_trials=startup), study.pruner, inv.number)
-    fail_stale(study, opts.heartbeat)  # a dead worker's trial is failed (and queued again) before slots are counted
-    plan, pinned = None, {}
-    if created:
-        if opts.budget:  # measure this machine, size the trials; stored for the workers that join
-            plan = make_plan(opts, data)
-            study.set_user_attr(plan_key(inv.number), plan.to_dict())
-        # a new study's first trial is the base recipe itself: the search starts from what is known to work
-        first = opts.space.base_params(base) if inv.finished_before == 0 and not study.trials else None
-        pinned = opts.space.pins(base, plan.batch_size_searched) if plan and plan.search else {}
-        slots = inv.target - inv.finished_before if plan is None or plan.search else 0  # no search: no trials
-        adopted = study.provide(slots, first, pinned)
-        if adopted:
-            print(f"{adopted} trial(s) queued before this invocation run first", flush=True)
-    elif not study.wait_for_slots():
-        print("the invocation's creator never queued its trials; nothing to run here", flush=True)
-    if not created and plan_key(inv.number) in study.user_attrs:
-        plan = BudgetPlan(**study.user_attrs[plan_key(inv.number)])
-        if not plan.search:
-            print(f"invocation {inv.number} of study {opts.study} runs no search (its budget is too short); "
-                  "its creator refits the base configuration: nothing to run here", flush=True)
-            return {"study": opts.study, "finalized_by": None}
-    searching = plan is None or plan.search
-    print(f"study {opts.study} ({describe(opts.storage)}), invocation {inv.number}: "
-          f"{'started' if created else 'joined'} parent run {inv.parent_run_id}; "
-          + (f"budget {inv.target - inv.finished_before} trials" if searching else "no trials (no search)")
-          + (f", timeout {opts.timeout:.0f} s" if opts.timeout else "") + f"; worker {worker}", flush=True)
-    if plan:
-        print(plan.describe(), flush=True)
-        if created:
-            note_plan(inv, plan)
-    if pinned:
-        note_pinned(inv, pinned)
-
-    trial_cfg = plan.trial_config(trial_base(base)) if plan else trial_base(base)
-    if plan:
-        timeout = plan.search_timeout()
-    else:
-        timeout = None if opts.timeout is None else max(0.0, inv.started + opts.timeout - time.time())
-    progress = StudyProgress(inv, study, opts.progress and searching, plan, trial_cfg.epochs)
+    progress: StudyProgress | None = None
+    # From here on the invocation's parent run is RUNNING: whatever ends this worker early (Ctrl-C, SIGTERM,
+    # an error) while measuring, searching, refitting, testing or registering ends it too, else the next
+    # `reslab tune --study` would join a dead invocation and find nothing left to do in it.
     try:
-        if searching and (timeout is None or timeout > 0):
-            # no n_trials: ask() raises BudgetSpent once the invocation's queued trials are all taken
-            study.optimize(Objective(trial_cfg, opts.space, data, exp, inv.parent_run_id, progress.epoch),
-                           timeout=timeout, catch=(TrialFailed,), gc_after_trial=True, callbacks=[progress])
-    except BudgetSpent:
-        pass
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (train/interrupt.py)
+        # The creator's sampler is seeded (a resume continues the stream reproducibly); workers that join
+        # draw their own seeds, else they would all propose the same first trials.
+        seed = base.seed + inv.finished_before if created else None
+        startup = 4 if opts.budget else max(3, min(10, opts.trials // 3))
+        study = SlotStudy(opts.study, storage, TPESampler(seed=seed, n_startup_trials=startup), study.pruner, inv.number)
+        fail_stale(study, opts.heartbeat)  # a dead worker's trial is failed (and queued again) before slots are counted
+        plan, pinned = None, {}
+        if created:
+            if opts.budget:  # measure this machine, size the trials; stored for the workers that join
+                plan = make_plan(opts, data)
+                study.set_user_attr(plan_key(inv.number), plan.to_dict())
+            # a new study's first trial is the base recipe itself: the search starts from what is known to work
+            first = opts.space.base_params(base) if inv.finished_before == 0 and not study.trials else None
+            pinned = opts.space.pins(base, plan.batch_size_searched) if plan and plan.search else {}
+            slots = inv.target - inv.finished_before if plan is None or plan.search else 0  # no search: no trials
+            adopted = study.provide(slots, first, pinned)
+            if adopted:
+                print(f"{adopted} trial(s) queued before this invocation run first", flush=True)
+        elif not study.wait_for_slots():
+            print("the invocation's creator never queued its trials; nothing to run here", flush=True)
+            return {"study": opts.study, "finalized_by": None}
+        if not created and plan_key(inv.number) in study.user_attrs:
+            plan = BudgetPlan(**study.user_attrs[plan_key(inv.number)])
+            if not plan.search:
+                print(f"invocation {inv.number} of study {opts.study} runs no search (its budget is too short); "
+                      "its creator refits the base configuration: nothing to run here", flush=True)
+                return {"study": opts.study, "finalized_by": None}
+        searching = plan is None or plan.search
+        print(f"study {opts.study} ({describe(opts.storage)}), invocation {inv.number}: "
+              f"{'started' if created else 'joined'} parent run {inv.parent_run_id}; "
+              + (f"budget {inv.target - inv.finished_before} trials" if searching else "no trials (no search)")
+              + (f", timeout {opts.timeout:.0f} s" if opts.timeout else "") + f"; worker {worker}", flush=True)
+        if plan:
+            print(plan.describe(), flush=True)
+            if created:
+                note_plan(inv, plan)
+        if pinned:
+            note_pinned(inv, pinned)
+
+        trial_cfg = plan.trial_config(trial_base(base)) if plan else trial_base(base)
+        if plan:
+            timeout = plan.search_timeout()
+        else:
+            timeout = None if opts.timeout is None else max(0.0, inv.started + opts.timeout - time.time())
+        progress = StudyProgress(inv, study, opts.progress and searching, plan, trial_cfg.epochs)
+        try:
+            if searching and (timeout is None or timeout > 0):
+                # no n_trials: ask() raises BudgetSpent once the invocation's queued trials are all taken
+                study.optimize(Objective(trial_cfg, opts.space, data, exp, inv.parent_run_id, progress.epoch),
+                               timeout=timeout, catch=(TrialFailed,), gc_after_trial=True, callbacks=[progress])
+        except BudgetSpent:
+            pass
         progress.close()
+        return finish(study, inv, worker, opts, data, exp, plan)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (train/interrupt.py)
+        if progress is not None:
+            progress.close()
         end_after_error(study, inv, e, "KILLED", end_reason(e))
         print(f"\ninterrupted; resume with: reslab tune --study {opts.study} ...")
         raise
     except Exception as e:  # a bug or a broken store: do not leave the parent RUNNING for the next invocation to join
-        progress.close()
+        if progress is not None:
+            progress.close()
         first = storage_gone()  # Optuna's own cleanup can bury it (an UnboundLocalError when its tell fails)
         end_after_error(study, inv, first or e, "FAILED")
         if first is not None and first is not e:
             raise first.with_traceback(first.__traceback__) from None
         raise
-    progress.close()
-    return finish(study, inv, worker, opts, data, exp, plan)
+
+
+def check_resumed_space(study: optuna.Study, space: SearchSpace) -> None:
+    """A resumed study searches what it searched before: Optuna refuses a trial whose choices for a parameter
+    differ from the study's earlier trials' (batch sizes follow the base's, so another --batch-size, recipe or
+    model changes them). Said at once, in one line, instead of failing the invocation at its first trial."""
+    seen: set[str] = set()
+    for trial in study.get_trials(deepcopy=False):
+        for name, old in trial.distributions.items():
+            new = space.distributions.get(name)
+            if name in seen or new is None:
+                continue
+            seen.add(name)
+            try:
+                check_distribution_compatibility(old, new)
+            except ValueError:
+                was = list(old.choices) if isinstance(old, CategoricalDistribution) else type(old).__name__
+                now = list(new.choices) if isinstance(new, CategoricalDistribution) else type(new).__name__
+                raise ValueError(f"study {study.study_name!r} searched {name} over {was}, this command over {now}: "
+                                 "resume it with the settings it began with, or name a new --study") from None
 
 
 def end_after_error(study: optuna.Study, inv: parent.Invocation, error: BaseException, status: str,

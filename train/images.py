@@ -1,6 +1,7 @@
-"""Turn whatever a user uploads into an 8-bit RGB array, or a one-line reason why not.
+"""Turn whatever a user gives a served model into an 8-bit RGB array, or a one-line reason why not.
 
-Uploads are untrusted: empty, truncated, not images at all, enormous, tiny, 16-bit, palette,
+One decoder for every way in: the demo's uploads, `reslab predict`'s files and the REST model's image
+bytes (train/pyfunc.py), so all three see the same pixels, limits and formats. Inputs are untrusted: empty, truncated, not images at all, enormous, tiny, 16-bit, palette,
 transparent or animated. Each case gets a message the UI can show instead of a traceback, and the
 conversions that change the picture (first frame of a GIF, transparency flattened, 16-bit scaled, palette
 or grayscale made RGB for a colour model, colour made grayscale for a grayscale model) are named.
@@ -8,6 +9,7 @@ or grayscale made RGB for a colour model, colour made grayscale for a grayscale 
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Refuse to decode more than this: 16 MP takes a 12 MP phone photo (4032x3024) with room to spare, and
 # decodes to at most 48 MB of RGB; a tiny file of one colour can claim any size (a 126 KB PNG of
-# 40 MP would decode to 120 MB), so the limit is on pixels, not bytes.
+# 40 MP would decode to 120 MB), so the limit is on pixels, not bytes. A JPEG counts at the scale it is
+# decoded at (1/2, 1/4 or 1/8 when that still gives MAX_SIDE): a 24 MP camera photo decodes as 1.5 MP.
 MAX_PIXELS = 16_000_000
 # Decoded images are shrunk to this longest side at once: the models see 32-48 pixels and faces are
 # looked for at 1024 px, so nothing is lost, and a batch of 16 holds 16 small images, not 16 photos.
@@ -25,7 +28,9 @@ MAX_SIDE = 1024
 # Only the formats a browser upload, paste or webcam photo can be. Pillow knows many more (EPS is
 # handed to Ghostscript, others have had decoder bugs): none of them is opened.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-FORMAT_NAMES = "PNG, JPEG, WebP, GIF, BMP or TIFF"
+# `reslab predict` reads what training reads (train/data.py): also PPM/PGM files.
+FILE_FORMATS = (*FORMATS, "PPM")
+_NAMES = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "GIF": "GIF", "BMP": "BMP", "TIFF": "TIFF", "PPM": "PPM/PGM"}
 # Smaller than this and there is nothing to classify (the models see 32x32 or 48x48 pixels).
 MIN_SIDE = 8
 
@@ -41,7 +46,7 @@ class BadImage(ValueError):
 class Decoded:
     rgb: np.ndarray  # (H, W, 3) uint8
     notes: list[str] = field(default_factory=list)  # conversions the user should know about
-    source_size: tuple[int, int] = (0, 0)  # (width, height) as uploaded
+    source_size: tuple[int, int] = (0, 0)  # (width, height) as uploaded, upright (EXIF orientation applied)
     mode: str = ""
 
 
@@ -55,7 +60,9 @@ def _to_8bit(im: Image.Image) -> Image.Image:
         lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
         arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
         arr = np.nan_to_num(arr).round().astype(np.uint8)
-    return Image.fromarray(arr)
+    out = Image.fromarray(arr)
+    out.info = dict(im.info)  # an EXIF orientation stays with the picture
+    return out
 
 
 def _shrink(im: Image.Image) -> Image.Image:
@@ -90,25 +97,39 @@ def channel_note(mode: str, channels: int | None) -> str | None:
     return None
 
 
-def decode_image(path: str | Path | None, channels: int | None = None) -> Decoded:
-    """Open ``path`` defensively; raise :class:`BadImage` with a user-facing reason on failure.
-    With ``channels`` (the model's: 3 or 1) the notes also name the colour conversion it needs."""
-    if path is None:
+def format_names(formats: tuple[str, ...]) -> str:
+    """"PNG, JPEG, ... or TIFF": the formats as a user knows them."""
+    names = [_NAMES.get(f, f) for f in formats]
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
+def decode_image(source: str | Path | bytes | None, channels: int | None = None,
+                 formats: tuple[str, ...] = FORMATS) -> Decoded:
+    """Open ``source`` (a file, or an image's bytes) defensively; raise :class:`BadImage` with a
+    user-facing reason on failure. With ``channels`` (the model's: 3 or 1) the notes also name the
+    colour conversion it needs. Only ``formats`` are decoded."""
+    if source is None:
         raise BadImage("No image given: upload a photo, paste one, or click an example.")
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-    except OSError:
-        raise BadImage("The upload did not arrive; please try again.") from None
+    names = format_names(formats)
+    if isinstance(source, bytes | bytearray):
+        size, opened = len(source), io.BytesIO(source)
+    else:
+        opened = Path(source)
+        try:
+            size = opened.stat().st_size
+        except OSError:
+            raise BadImage("The upload did not arrive; please try again.") from None
     if size == 0:
-        raise BadImage(f"The file is empty (0 bytes); upload a {FORMAT_NAMES} image.")
+        raise BadImage(f"The file is empty (0 bytes); upload a {names} image.")
     notes: list[str] = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # own limit below
-            im = Image.open(p, formats=FORMATS)
+            im = Image.open(opened, formats=formats)
             w, h = im.size
-            if w * h > MAX_PIXELS:
+            if im.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale straight away when that is enough
+                im.draft(im.mode, (MAX_SIDE, MAX_SIDE))
+            if im.size[0] * im.size[1] > MAX_PIXELS:
                 raise BadImage(
                     f"The image is {w}x{h} pixels ({w * h / 1e6:.0f} MP); the limit is {MAX_PIXELS / 1e6:.0f} MP. "
                     "Please upload a smaller image."
@@ -119,29 +140,33 @@ def decode_image(path: str | Path | None, channels: int | None = None) -> Decode
             if frames > 1:
                 im.seek(0)
                 notes.append(f"Animated image with {frames} frames: classified the first frame.")
-            if im.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale straight away when that is enough
-                im.draft(im.mode, (MAX_SIDE, MAX_SIDE))
             im.load()
     except BadImage:
         raise
     except UnidentifiedImageError:
-        raise BadImage(f"This file is not an image the demo accepts: upload a {FORMAT_NAMES} image.") from None
+        raise BadImage(f"This file is not an image reslab accepts: upload a {names} image.") from None
     except Image.DecompressionBombError:
         raise BadImage(f"The image is too large to decode safely (limit {MAX_PIXELS / 1e6:.0f} MP).") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError):  # the reason goes to no one: it may name paths
         raise BadImage("The image file is truncated or corrupt.") from None
     mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # before shrinking: Pillow resamples few of these modes
+        notes.append(f"{'16' if mode.startswith('I;16') else '32'}-bit image scaled to 8 bits.")
+        im = _to_8bit(im)
     if max(im.size) > MAX_SIDE:  # before any conversion copies the full-size picture
         im = _shrink(im)
+        if min(im.size) < MIN_SIDE:
+            raise BadImage(f"The image is {w}x{h} pixels: too narrow to classify once fitted into "
+                           f"{MAX_SIDE}x{MAX_SIDE} (at most {MAX_SIDE // MIN_SIDE}:1).")
+    stored = im.size
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # broken EXIF must not stop a readable image
         pass
+    if im.size != stored and im.size == stored[::-1]:  # turned a quarter by its EXIF orientation
+        w, h = h, w  # sizes are the picture's as a viewer shows it, like the boxes found in it
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        notes.append(f"{'16' if im.mode.startswith('I;16') else '32'}-bit image scaled to 8 bits.")
-        im = _to_8bit(im)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "RGBa"):
         rgba = im.convert("RGBA")
         if rgba.getextrema()[3][0] < 255:
