@@ -262,6 +262,33 @@ def test_a_changed_space_or_a_bad_space_value_is_one_line_before_anything_runs(s
     assert "search space: its fixed values: --lr takes a learning rate above 0, not '1e-3'" in capsys.readouterr().err
 
 
+def test_a_search_whose_first_trial_learns_nothing_stops_and_the_refit_gets_its_time(store, capsys):
+    """A budgeted search whose recipe trial ends at the majority class's share (here a learning rate of 1e-7)
+    ranks noise: it stops after that trial, in every worker, and the refit trains for the time the search
+    would have spent (on a slower bf16 CPU make run's FER-2013 trials sat at 0.23-0.25 where 'happy' is 0.25)."""
+    from tune.budget import CHANCE_MARGIN, learnt_nothing
+
+    assert learnt_nothing(0.249, 0.251) and learnt_nothing(0.25 + CHANCE_MARGIN, 0.25)
+    assert not learnt_nothing(0.323, 0.251)  # make run's FER-2013 recipe trial on the Intel Xeon: ranks
+    tiny = str(Path(__file__).with_name("tiny-resnet9.yaml"))
+    main(["tune", "--data", store["data"], "--study", "chance", "--budget", "48s", "--min-search-trials", "1",
+          "--lr", "1e-7", "--config", tiny, "--no-progress"])
+    out = capsys.readouterr().out
+    assert "no better than always answering" in out and "the search stops and the refit gets its time" in out, out
+    assert "queued slots not started: the search was stopped" in out, out
+    study = study_of(store, "chance")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert [t.number for t in finished] == [0] and study.trials[0].value <= 0.1 + CHANCE_MARGIN, study.trials
+    assert any(t.state == TrialState.WAITING for t in study.trials)  # the rest of the search never started
+    (parent,) = parent_runs("chance")
+    assert parent.data.tags["search_stopped"].startswith("trial 0 reached val_acc")
+    plan, started = study.user_attrs["plan:1"], study.user_attrs["invocation"]["started"]
+    assert plan["search_seconds"] >= 2 * plan["trial_seconds"], plan  # room for more trials: the stop made the difference
+    refit = MlflowClient().get_run(versions_of("chance")[0].run_id)
+    # the refit began before the search's share of the budget was over, and trains for what is left
+    assert refit.info.start_time / 1000 - started < plan["search_seconds"], (refit.info.start_time / 1000 - started, plan)
+
+
 # --------------------------------------------------------------------------- processes: kill -9, out of memory
 
 

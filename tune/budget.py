@@ -11,7 +11,10 @@
    epochs of ``MIN_TRIAL_IMAGES``: an AVX2-only CPU, a budget of a few minutes) is not run at all:
    its trials would rank configurations on noise, so the refit of the base configuration gets the
    whole budget instead (``min_trials`` lowers that bar; below one trial's length, trials get fewer
-   epochs, down to one, rather than eat the refit's time).
+   epochs, down to one, rather than eat the refit's time). A search whose first complete trial (a new
+   study's is the recipe itself) ends no better than always answering the majority class
+   (``CHANCE_MARGIN``) is stopped there in every worker, and the refit gets its time: at that fidelity
+   the trials learn nothing, so they could only rank noise (``--min-search-trials 0`` keeps searching).
 3. **Refit** (what is left, less ``FINISH_RESERVE``). The best configuration is retrained on all
    training images (train + validation) under a time budget, so its one-cycle schedule ends on time,
    then evaluated once on the test split and registered. Without a search, a refit whose time buys fewer
@@ -46,6 +49,9 @@ FINISH_RESERVE = 15.0  # seconds kept for exporting and registering the champion
 MIN_REFIT = 20.0  # a refit always gets at least this long, even when the search ran late
 MIN_REFIT_EPOCHS = 4  # a no-search refit that buys fewer epochs at the base's width trains at half of it
 NARROWEST = 16  # ... down to this width (docs/tuning.md: ResNet-9 on FER-2013 and CIFAR-10, AVX2-only CPU)
+# A trial of the recipe itself that ends within this of the majority class's share learnt nothing at the
+# search's fidelity (~3 standard errors of a 1,500-image validation at 25%): its trials would rank noise.
+CHANCE_MARGIN = 0.03
 
 
 @dataclass
@@ -141,3 +147,17 @@ def plan_budget(seconds: float, images_per_sec: float, train_images: int, base: 
                       math.ceil(trial_seconds), batch_size_searched=full_fidelity,
                       search=min_trials * smallest <= search, search_needs=round(min_trials * smallest, 1),
                       min_trials=min_trials)
+
+
+def majority_share(labels: Any) -> tuple[int, float]:
+    """(class, share) of the most frequent label: the accuracy of always answering it, which a stratified
+    validation split shares."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(labels))
+    return int(counts.argmax()), float(counts.max() / counts.sum())
+
+
+def learnt_nothing(val_acc: float, majority: float) -> bool:
+    """Whether a trial's validation accuracy is no better than always answering the majority class."""
+    return val_acc <= majority + CHANCE_MARGIN
