@@ -212,9 +212,10 @@ class StopAtChance:
                    f"'{self.majority_name}' ({self.majority:.3f}): trials this short learn nothing to rank")
             study.set_user_attr(self.key, why)
             from mlflow.tracking import MlflowClient
+            from tqdm.auto import tqdm
 
             MlflowClient().set_tag(self.inv.parent_run_id, "search_stopped", why)
-            print(f"{why}; the search stops and the refit gets its time", flush=True)
+            tqdm.write(f"{why}; the search stops and the refit gets its time")  # below the search's bar, not on it
         study.stop()
 
 
