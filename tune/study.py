@@ -23,7 +23,7 @@ from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, NopPruner,
 from optuna.samplers import TPESampler
 
 from train.config import TrainConfig
-from train.data import load_dataset
+from train.data import ImageData, load_dataset
 from train.distributed import is_main_process, shutdown
 from train.engine import measure_throughput
 from train.errors import ReslabWarning
@@ -197,7 +197,7 @@ class StopAtChance:
     rank, so the search stops in every worker and the refit gets its time (docs/tuning.md: FER-2013 on a slower
     bf16 CPU, trials at 0.23-0.25 where 'happy' is 0.25)."""
 
-    def __init__(self, inv: parent.Invocation, data) -> None:
+    def __init__(self, inv: parent.Invocation, data: ImageData) -> None:
         self.inv, self.key = inv, f"search_stopped:{inv.number}"
         k, self.majority = majority_share(data.train_y)
         self.majority_name = data.classes[k]
