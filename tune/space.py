@@ -116,7 +116,9 @@ class SearchSpace:
             try:
                 self.config(base, params)
             except (ValueError, TypeError) as e:
-                raise ValueError(f"search space: {what}: {str(e).splitlines()[0]}") from None
+                from train.tracking import first_line  # only on this error: mlflow stays out of start-up
+
+                raise ValueError(f"search space: {what}: {first_line(e)}") from None
 
     def check_models(self) -> None:
         dist = self.distributions.get("model")
