@@ -229,6 +229,28 @@ def test_a_study_stopped_while_it_registers_ends_its_parent_and_the_same_command
     assert second.data.tags["registered.version"] == str(version.version)
 
 
+def test_a_refit_trains_as_long_as_its_command_says_whichever_invocation_the_best_trial_came_from(store, capsys):
+    """The best trial can come from an earlier, shorter invocation (a --budget search trains on a subset for a
+    few epochs). A later plain --refit used to retrain that trial's own length, a low-fidelity model it then
+    tested and registered; it now trains the best configuration as long as its own command says."""
+    study = study_of(store, "lengths")
+    study.enqueue_trial(GOOD)
+    main(["tune", "--data", store["data"], "--study", "lengths", "--trials", "1", "--subset", "500", "--pruner", "none",
+          "--no-register", *COMMON])
+    study.enqueue_trial(SLOW)  # this invocation's one trial loses: the best is still the short one
+    main(["tune", "--data", store["data"], "--study", "lengths", "--trials", "1", "--pruner", "none", "--refit",
+          *COMMON, "--epochs", "2"])
+    out = capsys.readouterr().out
+    best, slow = study_of(store, "lengths").trials
+    assert best.value > slow.value and best.user_attrs["config"]["subset"] == 500, (best.value, slow.value)
+    (version,) = versions_of("lengths")
+    refit = MlflowClient().get_run(version.run_id)
+    assert refit.data.tags["kind"] == "refit" and refit.data.tags["optuna.trial"] == "0"
+    assert (refit.data.params["subset"], refit.data.params["epochs"]) == ("None", "2"), refit.data.params
+    assert "[refit] trial 0's configuration on train+val (600 images, 2 epochs)" in out, out
+    assert refit.data.params["lr"] == str(best.user_attrs["config"]["lr"])  # the searched values are the trial's own
+
+
 def test_a_changed_space_or_a_bad_space_value_is_one_line_before_anything_runs(store, tmp_path, capsys):
     """Resuming a study with other batch-size choices (another --batch-size, recipe or model moves them)
     used to fail its invocation at the first trial, where Optuna refuses changed choices; a --space value

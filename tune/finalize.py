@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,23 +56,31 @@ def _log_trial_model(best: optuna.trial.FrozenTrial, cfg: TrainConfig, data: Ima
     return run_id, logged
 
 
-def refit_config(cfg: TrainConfig, seconds: float | None = None, progress: bool = True) -> TrainConfig:
+LENGTH = ("subset", "epochs", "max_steps")  # how much a trial trains: a budgeted search's trials train less
+
+
+def refit_config(cfg: TrainConfig, seconds: float | None = None, progress: bool = True,
+                 length: TrainConfig | None = None, searched: Iterable[str] = ()) -> TrainConfig:
     """The best trial's configuration for its refit: train + validation, tested once at the end. With
-    ``seconds`` (a budgeted study) on every training image, for as long as the budget leaves. Without a
-    validation split there is nothing to stop early on or to pick a best epoch by: the refit trains its length."""
+    ``seconds`` (a budgeted study) on every training image, for as long as the budget leaves; else as long
+    as ``length`` (this command's trials) says, whatever the trial itself trained: the best trial may come
+    from an earlier invocation's low-fidelity search (a subset, a few epochs). Without a validation split
+    there is nothing to stop early on or to pick a best epoch by: the refit trains its length."""
     cfg = dataclasses.replace(cfg, val_fraction=0.0, evaluate_test=True, progress=progress, patience=None,
                               restore_best=False)
     if seconds is not None:
         cfg = dataclasses.replace(cfg, subset=None, time_budget=seconds, max_steps=None)
+    elif length is not None:
+        cfg = dataclasses.replace(cfg, **{k: getattr(length, k) for k in LENGTH if k not in searched})
     return cfg
 
 
 def _refit(study: optuna.Study, best: optuna.trial.FrozenTrial | None, cfg: TrainConfig, data: ImageData,
            experiment_id: str, parent_run_id: str, seconds: float | None = None,
-           progress: bool = True) -> tuple[str, dict[str, Any]]:
+           progress: bool = True, length: TrainConfig | None = None) -> tuple[str, dict[str, Any]]:
     """Retrain the best trial's configuration (or, with no trial, the base one) on train+val, then
     evaluate once on test."""
-    cfg = refit_config(cfg, seconds, progress)
+    cfg = refit_config(cfg, seconds, progress, length, () if best is None else best.params)
     device = select_device(cfg.device)
     what = "the base" if best is None else f"trial {best.number}'s"
     tags = {"optuna.study": study.study_name, "optuna.trial": "none" if best is None else str(best.number),
@@ -113,8 +122,10 @@ def register_base(study: optuna.Study, base: TrainConfig, params: dict[str, Any]
 
 
 def register_best(study: optuna.Study, data: ImageData, experiment_id: str, parent_run_id: str,
-                  refit: bool = False, refit_seconds: float | None = None, progress: bool = True) -> dict[str, Any] | None:
-    """Test-evaluate and register the study's best trial; returns what was registered (or None)."""
+                  refit: bool = False, refit_seconds: float | None = None, progress: bool = True,
+                  length: TrainConfig | None = None) -> dict[str, Any] | None:
+    """Test-evaluate and register the study's best trial; returns what was registered (or None). A refit
+    without ``refit_seconds`` trains as long as ``length`` (this command's trial configuration) says."""
     try:
         best = study.best_trial
     except ValueError:
@@ -127,7 +138,7 @@ def register_best(study: optuna.Study, data: ImageData, experiment_id: str, pare
         return {"name": name, "version": v, "trial": best.number, "already": True}
     cfg = TrainConfig.from_dict(best.user_attrs["config"])
     if refit:
-        run_id, logged = _refit(study, best, cfg, data, experiment_id, parent_run_id, refit_seconds, progress)
+        run_id, logged = _refit(study, best, cfg, data, experiment_id, parent_run_id, refit_seconds, progress, length)
     else:
         run_id, logged = _log_trial_model(best, cfg, data)
     tags = {"study": study.study_name, "trial": best.number, "params": json.dumps(best.params, sort_keys=True),

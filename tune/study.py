@@ -336,7 +336,7 @@ def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneO
         print(f"best trial {summary['best_trial']}: val_acc {summary['best_value']:.4f} {summary['best_params']}")
         refit_budget = plan.refit_seconds() if plan else None
         registered = register_best(study, data, exp, inv.parent_run_id, opts.refit or plan is not None,
-                                   refit_budget, opts.progress)
+                                   refit_budget, opts.progress, trial_base(opts.base))
     if registered and not registered.get("already"):
         from mlflow.tracking import MlflowClient
 
