@@ -251,6 +251,42 @@ def test_a_refit_trains_as_long_as_its_command_says_whichever_invocation_the_bes
     assert refit.data.params["lr"] == str(best.user_attrs["config"]["lr"])  # the searched values are the trial's own
 
 
+def test_studies_finishing_together_leave_the_best_version_champion(store):
+    """MLflow sets an alias unconditionally: two studies that read the champion before either moved it each
+    took it, and the last to write won, the worse one included. Here four versions are promoted at once, the
+    worse a version the later it writes (so without the store's lock the worst would end up champion)."""
+    import threading
+
+    from train.tracking import promote
+
+    client, name = MlflowClient(), "race-resnet"
+    client.create_registered_model(name)
+    accs = [0.6, 0.9, 0.7, 0.8]
+    versions = [str(client.create_model_version(name, f"file:///nowhere/{i}", tags={"test_acc": str(a)}).version)
+                for i, a in enumerate(accs)]
+    write = MlflowClient.set_registered_model_alias
+
+    def slow_write(self, model, alias, version):
+        time.sleep(0.15 * (1 - accs[versions.index(str(version))]) * 10)  # 0.9 writes first, 0.6 last
+        return write(self, model, alias, version)
+
+    barrier, said = threading.Barrier(len(accs)), {}
+
+    def finish(version: str, acc: float) -> None:
+        barrier.wait()
+        said[version] = promote(name, version, acc)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MlflowClient, "set_registered_model_alias", slow_write)
+        threads = [threading.Thread(target=finish, args=(v, a)) for v, a in zip(versions, accs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert str(client.get_model_version_by_alias(name, "champion").version) == versions[1], said
+    assert said[versions[1]] == "champion" and len(said) == len(accs), said
+
+
 def test_a_changed_space_or_a_bad_space_value_is_one_line_before_anything_runs(store, tmp_path, capsys):
     """Resuming a study with other batch-size choices (another --batch-size, recipe or model moves them)
     used to fail its invocation at the first trial, where Optuna refuses changed choices; a --space value

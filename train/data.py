@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .errors import DataError, ReslabWarning
+from .locks import file_lock
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 # The format a suffix names, tried first: Pillow otherwise tries up to seven formats per image before WebP
@@ -484,24 +485,15 @@ def _read_cache(cache_file: Path, name: str, path: Path, fp: str) -> ImageData |
 def _decoding_lock(cache_file: Path) -> Iterator[None]:
     """An exclusive lock on ``cache_file``'s lock file while it is decoded and written. Without it, every
     process that starts on a cold cache (tune workers, torchrun ranks, a test suite's workers) decodes the
-    whole dataset at once (CIFAR-10: ~7 s of CPU each). The kernel drops the lock of a killed process. Where
-    no lock can be taken (no fcntl, a read-only cache folder), the process decodes on its own, as before."""
-    fh = None
+    whole dataset at once (CIFAR-10: ~7 s of CPU each). Where no lock can be taken (a read-only cache folder),
+    the process decodes on its own, as before."""
     try:
-        import fcntl
-
         _make_cache_folder(cache_file.parent)
-        fh = open(cache_file.with_suffix(".lock"), "a")
-        fcntl.flock(fh, fcntl.LOCK_EX)  # a file system without locks raises here
-    except (ImportError, OSError):
-        if fh is not None:
-            fh.close()
-        fh = None
-    try:
+    except OSError:
         yield
-    finally:
-        if fh is not None:
-            fh.close()  # releases the lock
+        return
+    with file_lock(cache_file.with_suffix(".lock")):
+        yield
 
 
 def _decode_source(name: str, info: DatasetInfo, kind: str, path: Path, fp: str, progress: bool,

@@ -31,6 +31,7 @@ from .errors import TrackingError
 from .distributed import env_context
 from .engine import FitResult
 from .lineage import log_datasets, model_card
+from .locks import file_lock
 from .machine import machine_tags
 from .pyfunc import log_model as log_pytorch_with_serving
 from .report import classification_metrics, metrics_by_part, part_metrics, plot_confusion, plot_curves
@@ -330,15 +331,39 @@ def rebuild_module(uri: str) -> tuple[nn.Module, dict[str, Any]]:
     return load_weights(model, weights).eval(), cfg
 
 
+def alias_lock(registry_uri: str) -> Path | None:
+    """The lock file beside a store on this host's disk (SQLite, a folder), which every process promoting a
+    version into it takes; None for a server or a database elsewhere, which no file can lock."""
+    if registry_uri.startswith("sqlite:///"):
+        db = Path(registry_uri.removeprefix("sqlite:///"))
+        return db.with_name(db.name + ".aliases.lock")
+    if "://" not in registry_uri or registry_uri.startswith("file:"):
+        folder = Path(registry_uri.removeprefix("file://").removeprefix("file:"))
+        return folder / ".aliases.lock" if folder.is_dir() else None
+    return None
+
+
 def promote(name: str, version: str | int, test_acc: float) -> str:
     """The alias rule: ``champion`` moves to this version only if its test accuracy beats the current
-    champion's (or there is none); otherwise the version becomes ``challenger``."""
-    client = MlflowClient()
-    try:
-        champ = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        champ = None
-    current = float(champ.tags.get("test_acc", "nan")) if champ is not None else float("nan")
-    alias = CHAMPION if champ is None or not np.isfinite(current) or test_acc > current else "challenger"
-    client.set_registered_model_alias(name, alias, str(version))
-    return alias
+    champion's (or there is none); otherwise the version becomes ``challenger``.
+
+    MLflow sets an alias unconditionally, so two studies finishing together could each read the old champion
+    and the last to write would win, the worse one included. On a local store they take turns under a lock
+    file; on a tracking server, which no file locks, the alias is read again after it is written and written
+    again while a worse version holds it, which leaves a race only as long as one read and one write."""
+    client, version = MlflowClient(), str(version)
+    with file_lock(alias_lock(mlflow.get_registry_uri())):
+        alias = CHAMPION
+        for _ in range(3):
+            try:
+                champ = client.get_model_version_by_alias(name, CHAMPION)
+            except mlflow.exceptions.MlflowException:
+                champ = None
+            if champ is not None and str(champ.version) == version:
+                return alias
+            current = float(champ.tags.get("test_acc", "nan")) if champ is not None else float("nan")
+            alias = CHAMPION if champ is None or not np.isfinite(current) or test_acc > current else "challenger"
+            client.set_registered_model_alias(name, alias, version)
+            if alias != CHAMPION:
+                break
+        return alias
