@@ -148,6 +148,8 @@ def test_adamw_and_cosine(cifar):
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     f = [lr_factor("cosine", s, 1000, 0.1, [], 0.1) for s in (0, 50, 100, 325, 550, 775, 1000)]
     assert f == pytest.approx([0.0, 0.5, 1.0, 0.5 * (1 + 2**-0.5), 0.5, 0.5 * (1 - 2**-0.5), 0.0], abs=1e-9)
+    # --warmup 1 (all warm-up) is allowed: the scheduler's step after the last update divided 0 by 0
+    assert [lr_factor("onecycle", s, 1000, 1.0, [], 0.1) for s in (500, 1000)] == [0.5, 0.0]
     result = fit(cfg, cifar)
     assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # decayed to zero at the last step
     assert result.val.accuracy > 0.2, result.val.accuracy

@@ -159,7 +159,7 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float, milestones: S
     t = step / max(1, total)
     if schedule == "onecycle":  # linear warm-up, then linear decay to zero
         w = max(warmup, 1e-8)
-        return t / w if t < w else max(0.0, (1 - t) / (1 - w))
+        return t / w if t < w else max(0.0, (1 - t) / max(1e-8, 1 - w))  # --warmup 1: all warm-up, no 0/0
     if schedule == "cosine":
         if warmup and t < warmup:
             return t / warmup
