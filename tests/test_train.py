@@ -155,6 +155,21 @@ def test_adamw_and_cosine(cifar):
     assert result.val.accuracy > 0.2, result.val.accuracy
 
 
+def test_max_steps_caps_a_time_budget_and_gives_way_to_epochs(cifar):
+    """--max-steps with --time-budget is the most the budget plans: the run used to stop only between epochs,
+    past the cap, with its schedule unfinished. --epochs replaces a recipe's step count as it replaces its budget."""
+    from train.cli import build_parser, config_from_args
+
+    cfg = TrainConfig(dataset="cifar10", model="resnet9", model_args={"width": 8}, subset=600, batch_size=32,
+                      time_budget=300.0, max_steps=25, evaluate_test=False, progress=False, val_fraction=0.1)
+    result = fit(cfg, cifar)  # 17 steps an epoch: the cap falls inside the second
+    assert result.history[-1]["step"] == 25 and result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9), result.history
+    paper = build_parser().parse_args(["train", "--recipe", "degradation-paper", "--epochs", "10"])
+    assert (config_from_args(paper).max_steps, config_from_args(paper).epochs) == (None, 10)
+    steps = build_parser().parse_args(["train", "--recipe", "degradation-paper", "--epochs", "10", "--max-steps", "99"])
+    assert config_from_args(steps).max_steps == 99
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_optimizer_is_fused_on_the_cpu_and_updates_as_the_per_tensor_one(optimizer, monkeypatch):
     """make_optimizer's fused kernel (one pass over all parameters) makes the same update as PyTorch's

@@ -56,6 +56,7 @@ class TimeBudget:
     val_images: int  # evaluated after every epoch
     final_images: int  # evaluated once at the end (validation and/or test)
     eval_views: int = 1  # forward passes per evaluated image (test-time augmentation: config.TTA_VIEWS)
+    max_steps: int | None = None  # --max-steps as well: the budget plans at most this many steps
 
     def eval_seconds(self, images: int, seconds_per_step: float) -> float:
         """An estimate of evaluating ``images`` from the training step time (until one is measured)."""
@@ -69,4 +70,5 @@ class TimeBudget:
         final = self.eval_seconds(self.final_images, seconds_per_step)
         per_step = seconds_per_step + val / max(1, self.steps_per_epoch)
         left = self.seconds - wall_seconds - final
-        return max(step, 1, step + int(left / max(per_step, 1e-9)))
+        total = max(step, 1, step + int(left / max(per_step, 1e-9)))
+        return total if self.max_steps is None else max(step, min(total, self.max_steps))

@@ -167,6 +167,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             check_bound(key, getattr(args, key))
     if getattr(args, "time_budget", None) is None and (getattr(args, "epochs", None) or getattr(args, "max_steps", None)):
         merged.pop("time_budget", None)  # --epochs/--max-steps given: a recipe's time budget gives way
+    if getattr(args, "epochs", None) and getattr(args, "max_steps", None) is None:
+        merged.pop("max_steps", None)  # --epochs given: a recipe's step count gives way too (degradation-paper's 64k)
     if getattr(args, "pretrained", None) or getattr(args, "init_from", None):
         if getattr(args, "whiten", None):
             fail("--whiten sets the first layer from the data, --pretrained/--init-from from weights: choose one")

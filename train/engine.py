@@ -689,11 +689,13 @@ def fit(
     budget = None
     if cfg.time_budget:  # the horizon is planned from the measured step time (train/budget.py)
         budget = TimeBudget(cfg.time_budget, steps_per_epoch, cfg.batch_size, len(x_val),
-                            len(x_val) + (len(data.test_y) if cfg.evaluate_test else 0), TTA_VIEWS[cfg.tta])
+                            len(x_val) + (len(data.test_y) if cfg.evaluate_test else 0), TTA_VIEWS[cfg.tta],
+                            cfg.max_steps)
         # until the first plan the epochs' horizon is a placeholder; it must outlast the calibration, else a run of
         # one or two short epochs (a refit configured from a tuning trial, on a small dataset) ends at the placeholder
-        # with most of its budget unspent (seen: 5 steps in 12 s of a 45 s budget)
-        horizon.total = max(horizon.total, CALIBRATION_SKIP + CALIBRATION_STEPS + 1)
+        # with most of its budget unspent (seen: 5 steps in 12 s of a 45 s budget); --max-steps stays the most
+        if not cfg.max_steps:
+            horizon.total = max(horizon.total, CALIBRATION_SKIP + CALIBRATION_STEPS + 1)
     train_module = distributed.wrap(model, dctx, device)  # DDP over several ranks, else the model itself
     stepper = make_stepper(cfg, model, horizon, device, precision, train_module,
                            class_weights(y_train, data.num_classes, cfg.class_weights))
