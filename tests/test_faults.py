@@ -203,6 +203,16 @@ def test_corrupt_checkpoint_resume_is_a_one_line_error(tmp_path, in_process):
     assert_one_line_error(proc, "last.pt: not a readable checkpoint")
 
 
+def test_resume_refuses_flags_it_would_drop(tmp_path, in_process):
+    """--resume trains what its checkpoint holds: --epochs, --lr, --run-name and the like were accepted and
+    silently dropped (a user asking for 60 epochs got the old length). They are one line now, before anything
+    is read; where it runs may change (--device, --data, --no-progress, also given here)."""
+    proc = in_process(["train", "--resume", str(tmp_path / "ck"), "--epochs", "60", "--lr", "0.1", "--run-name", "x",
+                       "--device", "cpu", "--no-progress"], tmp_path / "mlruns")
+    assert_one_line_error(proc, "--resume continues the run exactly as its checkpoint holds it: leave out --epochs, --lr, "
+                                "--run-name (only --device, --data and --no-progress may change")
+
+
 def test_checkpoints_are_fsynced_and_concurrent_writers_do_not_share_a_temp_file(tmp_path, monkeypatch):
     """Two writers of one checkpoint meet between writing and renaming their temp files (a barrier in
     fsync): with a shared temp name the second truncates the first's file and one rename fails."""
@@ -358,7 +368,7 @@ def test_sigterm_ends_train_like_ctrl_c_and_a_resume_continues_past_a_corrupt_la
 
     raw = (ck / "last.pt").read_bytes()
     (ck / "last.pt").write_bytes(raw[:1000])
-    resumed = in_process(["train", "--resume", str(ck)], tmp_path / "mlruns")
+    resumed = in_process(["train", "--resume", str(ck), "--device", "cpu", "--no-progress"], tmp_path / "mlruns")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     warned = [ln for ln in resumed.stderr.splitlines() if "previous.pt" in ln]
     assert len(warned) == 1 and warned[0].startswith("reslab: warning: ") and "(epoch 1) instead" in warned[0], resumed.stderr

@@ -229,6 +229,22 @@ def command_tags(args: argparse.Namespace) -> dict[str, str]:
     return tags
 
 
+RESUME_OVERRIDES = ("device", "data", "download", "progress")  # may change on --resume (a GPU gone, a moved dataset)
+RESUME_IGNORES = ("recipe", "config", "shortcut", "ensemble", "init_from", "experiment", "run_name", "checkpoint_dir")
+
+
+def check_resume_flags(args: argparse.Namespace) -> None:
+    """--resume continues the run as its checkpoint holds it (that is what makes it exact): a flag that would
+    change what it trains, or where it logs, is one line instead of being accepted and silently dropped."""
+    given = [k for k, v in vars(args).items() if v is not None and k not in RESUME_OVERRIDES
+             and (k in TrainConfig.__dataclass_fields__ or k in RESUME_IGNORES)]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        fail(f"--resume continues the run exactly as its checkpoint holds it: leave out {flags} "
+             "(only --device, --data and --no-progress may change; to train longer, start a new run from its logged model "
+             "with --init-from runs:/<run id>/model)")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     if args.list_models:
         from .models import list_models
@@ -243,8 +259,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         from .engine import load_checkpoint
 
+        check_resume_flags(args)
         ck = load_checkpoint(args.resume)
         cfg = TrainConfig.from_dict(ck["config"])
+        for key in RESUME_OVERRIDES:  # where it runs and what it shows may change; what it trains may not
+            if getattr(args, key, None) is not None:
+                setattr(cfg, key, getattr(args, key))
         ckdir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
         cfg.checkpoint_dir = str(ckdir)
         run_name = ck.get("meta", {}).get("run_name")
