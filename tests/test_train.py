@@ -68,6 +68,23 @@ def test_resume_ends_with_the_same_metrics(cifar, tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_a_resume_does_not_read_the_pretrained_file_again(cifar, tmp_path):
+    """A run started from --pretrained/--init-from (whose file is an MLflow download in a temp folder) resumed
+    after that file was gone: the resume failed reading weights its checkpoint replaces anyway."""
+    weights = tmp_path / "start.pt"
+    torch.save(create_model("resnet9", 10, 3, width=8).state_dict(), weights)
+    cfg = TrainConfig(dataset="cifar10", model="resnet9", model_args={"width": 8}, subset=400, batch_size=64, epochs=2,
+                      pretrained=str(weights), evaluate_test=False, progress=False, checkpoint_dir=str(tmp_path / "ck"))
+
+    def stop(epoch, metrics):
+        raise StopAfter
+
+    with pytest.raises(StopAfter):
+        fit(cfg, cifar, callbacks=[stop])
+    weights.unlink()
+    assert len(fit(cfg, cifar, resume=tmp_path / "ck").history) == 2
+
+
 def test_ema_and_tta_are_what_is_evaluated(cifar):
     """With ``ema`` the weights evaluated and returned are the average, not the last step's: the
     same run without EMA trains identically (EMA does not feed back) but returns other weights.
