@@ -402,3 +402,18 @@ def test_every_command_explains_itself(capsys, command, flags):
     out = capsys.readouterr().out
     assert e.value.code == 0 and out.startswith(f"usage: reslab {command}")
     assert all(f in out for f in flags), [f for f in flags if f not in out]
+
+
+@pytest.mark.parametrize("capability, precision", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_on_a_gpu_is_bf16_only_where_its_tensor_cores_run_it(monkeypatch, capability, precision):
+    """--precision auto on CUDA: torch.cuda.is_bf16_supported() also says yes on a T4 or V100, which emulate
+    bf16 slowly; those get fp16 and its gradient scaler. The device's capability is what decides (a GPU
+    machine runs this for real in the CUDA tests; here the capability is given)."""
+    from train.engine import resolve_precision
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert resolve_precision("auto", torch.device("cuda:1")) == precision
+    assert asked == [torch.device("cuda:1")]  # the chosen device's, not the current one's
+    assert resolve_precision("fp32", torch.device("cuda:1")) == "fp32"

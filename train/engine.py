@@ -69,8 +69,9 @@ def select_device(name: str = "auto") -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cuda":  # bf16 on tensor cores from Ampere (8.x) on; before it torch emulates bf16 slowly,
+        # so a V100 or T4 gets fp16 with its gradient scaler (is_bf16_supported() counts the emulation as support)
+        return "bf16" if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
