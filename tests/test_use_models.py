@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import zipfile
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -112,6 +113,40 @@ def test_published_resnet20_imports_and_evaluates_near_its_stated_accuracy(impor
     run = mlflow.get_run(next(m.run_id for m in lm.metrics if m.key == "test_acc"))
     test_inputs = [d for d in run.inputs.dataset_inputs if any(t.value == "test" for t in d.tags)]
     assert test_inputs and test_inputs[0].dataset.name == "cifar10"
+
+
+def test_evaluate_reads_a_folder_of_the_users_own_labelled_images(imported, cifar_files, store, capsys):
+    """`reslab evaluate --data FOLDER` with <class>/<image> (or test/<class>/<image>) and no train/: the help
+    and docs promised any labelled folder, but only a whole dataset (train/ and test/) was read. The report is
+    the model's own predictions on those files; a folder of some classes is fine; --log leaves the registry
+    version's test accuracy alone (these images are not the test split)."""
+    from PIL import Image
+
+    from train.evaluate import predict_arrays
+    from train.usemodel import open_model
+
+    folder, picked = cifar_files
+    classes = list(open_model(imported).prep.classes)
+    x = np.stack([np.asarray(Image.open(f).convert("RGB")) for f, _ in picked])
+    want = (predict_arrays(open_model(imported), x, progress=False).argmax(1) == [classes.index(c) for _, c in picked]).mean()
+    tags = dict(mlflow.MlflowClient().get_model_version("cifar10-resnet20-published", "1").tags)
+    capsys.readouterr()
+    cli(["evaluate", imported, "--data", str(folder), "--log", "--no-progress", "--out", "mine.json"])
+    report = json.loads(Path("mine.json").read_text())
+    assert report["images"] == 20 and report["accuracy"] == pytest.approx(want), (report["accuracy"], want)
+    assert [int(v["support"]) for v in report["per_class"].values()] == [2] * 10
+    assert f"on the labelled images in {folder} (20 images" in capsys.readouterr().out
+    assert dict(mlflow.MlflowClient().get_model_version("cifar10-resnet20-published", "1").tags) == tags
+
+    some = store / "some" / "test"
+    for cls in ("cat", "dog"):
+        shutil.copytree(folder / cls, some / cls)
+    (some / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(match="skipped 1 unreadable image"):
+        cli(["evaluate", imported, "--data", str(some.parent), "--no-progress", "--out", "some.json"])
+    report = json.loads(Path("some.json").read_text())
+    supports = {c: int(v["support"]) for c, v in report["per_class"].items()}
+    assert report["images"] == 4 and supports["cat"] == supports["dog"] == 2 and sum(supports.values()) == 4
 
 
 def test_an_ensemble_is_the_mean_of_its_models_probabilities(imported, capsys):

@@ -281,37 +281,86 @@ def _read_image_tree(info: DatasetInfo, path: Path, progress: bool) -> tuple:
             raise DataError(f"{path}: not a readable zip archive ({e})") from None
         names = zf.namelist()
         read = lambda n: _read_member(zf, n, path)  # noqa: E731
-    tree = _split_members(names, path)
-    classes = sorted(tree["train"])
-    out, skipped, first_bad, parts = [], 0, "", []
-    total = sum(len(m) for split in tree.values() for m in split.values())
-    bar = tqdm(total=total, desc=f"decoding {path.name}", unit="img", disable=not progress, file=sys.stderr)
-    for split in ("train", "test"):
-        xs, ys = [], []
-        for label, cls in enumerate(classes):
-            for member in tree[split][cls]:
-                bar.update()
-                try:
-                    xs.append(_decode(read(member), info, Path(member).suffix))
-                    ys.append(label)
-                    if split == "test":
-                        parts.append(part_of(Path(member).name.split("_", 1)[0], info))
-                except DataError:
-                    raise
-                except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zipfile.BadZipFile,
-                        Image.DecompressionBombError) as e:
-                    skipped += 1
-                    why = f"{type(e).__name__}: {e}" if isinstance(e, (ImageTooLarge, Image.DecompressionBombError)) else type(e).__name__
-                    first_bad = first_bad or f"{member} ({why})"
-        if not xs:
-            raise DataError(f"{path}: none of the {split} images could be decoded (first failure: {first_bad})")
-        out += [np.stack(xs), np.asarray(ys, dtype=np.int64)]
-    bar.close()
-    if zf is not None:
-        zf.close()
+    try:
+        tree = _split_members(names, path)
+        classes = sorted(tree["train"])
+        total = sum(len(m) for split in tree.values() for m in split.values())
+        bar = tqdm(total=total, desc=f"decoding {path.name}", unit="img", disable=not progress, file=sys.stderr)
+        out, skipped, parts, first_bad = [], 0, None, ""
+        for split in ("train", "test"):
+            x, y, parts, bad, first = _decode_members(info, read, [tree[split][c] for c in classes], bar)
+            if not len(x):
+                raise DataError(f"{path}: none of the {split} images could be decoded (first failure: {first})")
+            out += [x, y]
+            skipped, first_bad = skipped + bad, first_bad or first
+        bar.close()
+    finally:
+        if zf is not None:
+            zf.close()
+    _warn_skipped(path, skipped, first_bad)
+    return (*out, classes, skipped, parts)
+
+
+def _warn_skipped(path: Path, skipped: int, first_bad: str) -> None:
     if skipped:
-        warnings.warn(f"{path}: skipped {skipped} unreadable image(s), first: {first_bad}", ReslabWarning, stacklevel=2)
-    return (*out, classes, skipped, np.asarray(parts, np.int8))
+        warnings.warn(f"{path}: skipped {skipped} unreadable image(s), first: {first_bad}", ReslabWarning, stacklevel=3)
+
+
+def _decode_members(info: DatasetInfo, read, members: list[list[str]], bar) -> tuple:
+    """Decode each class's members (label = position in ``members``): (x, y, test parts, skipped, first
+    failure). An unreadable image is skipped (the caller warns once); a refused file stops the load."""
+    xs, ys, parts, skipped, first_bad = [], [], [], 0, ""
+    for label, names in enumerate(members):
+        for member in names:
+            bar.update()
+            try:
+                xs.append(_decode(read(member), info, Path(member).suffix))
+                ys.append(label)
+                parts.append(part_of(Path(member).name.split("_", 1)[0], info))
+            except DataError:
+                raise
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, zipfile.BadZipFile,
+                    Image.DecompressionBombError) as e:
+                skipped += 1
+                why = f"{type(e).__name__}: {e}" if isinstance(e, (ImageTooLarge, Image.DecompressionBombError)) else type(e).__name__
+                first_bad = first_bad or f"{member} ({why})"
+    shape = (0, info.image_size, info.image_size, info.channels)
+    x = np.stack(xs) if xs else np.zeros(shape, np.uint8)
+    return x, np.asarray(ys, dtype=np.int64), np.asarray(parts, np.int8), skipped, first_bad
+
+
+def labelled_folder(path: str | Path | None, classes: list[str]) -> Path | None:
+    """The folder of labelled images ``path`` names, if it is one on its own: ``<class>/<image>`` or
+    ``test/<class>/<image>`` with no train/, each class one of ``classes``; None for a dataset source."""
+    if path is None or not Path(path).expanduser().is_dir():
+        return None
+    root = Path(path).expanduser()
+    if (root / "train").is_dir():
+        return None
+    root = root / "test" if (root / "test").is_dir() else root
+    found = [c.name for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    return root if found and set(found) <= set(classes) else None
+
+
+def read_labelled_folder(name: str, root: Path, classes: list[str], progress: bool = True) -> ImageData:
+    """The images of ``root/<class>/`` as the test split of ``name`` with ``classes``' labels (a model's own
+    list; a folder may hold some of them): what ``reslab evaluate --data`` reads from a user's own labelled
+    images. There is no training split, so no mean or std: an evaluation uses the model's own."""
+    info = DATASETS[name]
+    members = [sorted(q.relative_to(root).as_posix() for q in (root / c).rglob("*")
+                      if q.suffix.lower() in IMAGE_SUFFIXES) if (root / c).is_dir() else [] for c in classes]
+    if not any(members):
+        raise DataError(f"{root}: no images in its class folders ({', '.join(c for c in classes if (root / c).is_dir())})")
+    bar = tqdm(total=sum(map(len, members)), desc=f"decoding {root.name}", unit="img", disable=not progress, file=sys.stderr)
+    x, y, parts, skipped, first_bad = _decode_members(info, lambda n: _read_file(root / n), members, bar)
+    bar.close()
+    if not len(x):
+        raise DataError(f"{root}: none of the images could be decoded (first failure: {first_bad})")
+    _warn_skipped(root, skipped, first_bad)
+    empty = np.zeros((0, *x.shape[1:]), np.uint8)
+    return ImageData(name, list(classes), empty, np.zeros(0, np.int64), x, y, [0.0] * info.channels,
+                     [1.0] * info.channels, str(root), fingerprint(root), skipped, extra={"labelled_folder": True},
+                     test_part=parts)
 
 
 def _read_file(f: Path) -> bytes:

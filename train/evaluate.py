@@ -85,7 +85,8 @@ def evaluate(models: OpenedModel | Sequence[OpenedModel], data: ImageData, limit
     report["parts"] = metrics_by_part(y, probs.argmax(1), list(models[0].prep.classes), parts)
     report.update(images=int(len(y)), seconds=seconds, images_per_sec=len(y) / max(seconds, 1e-9),
                   model_uri=" + ".join(m.uri for m in models), models=[m.uri for m in models], tta=tta,
-                  dataset=data.name, data_source=data.source, data_fingerprint=data.fingerprint)
+                  dataset=data.name, data_source=data.source, data_fingerprint=data.fingerprint,
+                  labelled_folder=bool(data.extra.get("labelled_folder")))
     return report
 
 
@@ -95,7 +96,8 @@ def format_report(report: dict[str, Any]) -> str:
     n, tta = len(report["models"]), report["tta"]
     what = report["model_uri"] if n == 1 else f"ensemble of {n} (mean softmax): {report['model_uri']}"
     views = f", TTA level {tta}: {TTA_VIEWS[tta]} views per image" if tta else ""
-    lines = [f"{what} on {report['dataset']} test split ({report['images']} images{views}, "
+    where = f"the labelled images in {report['data_source']}" if report.get("labelled_folder") else f"{report['dataset']} test split"
+    lines = [f"{what} on {where} ({report['images']} images{views}, "
              f"{report['images_per_sec']:.0f} img/s)",
              f"accuracy {report['accuracy']:.4f}   macro precision {report['precision_macro']:.4f}   "
              f"macro recall {report['recall_macro']:.4f}   macro F1 {report['f1_macro']:.4f}",
@@ -143,7 +145,7 @@ def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any],
             mlflow.log_artifact(str(t / "test_report.json"))
             mlflow.log_artifact(str(plot_confusion(report["confusion_matrix"], list(opened.prep.classes),
                                                    t / "confusion_matrix.png")), "plots")
-    if opened.name:
+    if opened.name and not data.extra.get("labelled_folder"):  # a user's own images say nothing of the test split
         client = mlflow.MlflowClient()
         mv = client.get_model_version(opened.name, opened.version)
         client.set_model_version_tag(opened.name, opened.version, "evaluated_test_acc", f"{report['accuracy']:.6f}")

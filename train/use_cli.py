@@ -17,8 +17,9 @@ MODEL_HELP = ("a logged model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/R
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=sorted(DATASETS), help="dataset (default: the one the model was trained on)")
-    p.add_argument("--data", metavar="PATH", help="zip, image folder (one sub-folder per class), cifar-10-batches-py/, "
-                   "fer2013.csv, or a folder holding them (default: $RESLAB_DATA, else ../shared/datasets)")
+    p.add_argument("--data", metavar="PATH", help="the dataset (zip, image folder with train/ and test/, cifar-10-batches-py/, "
+                   "fer2013.csv, or a folder holding them; default: $RESLAB_DATA, else ../shared/datasets), or a folder of "
+                   "your own labelled images, one sub-folder per class named as the model's classes")
 
 
 def _open(model: str):
@@ -30,11 +31,15 @@ def _open(model: str):
 
 
 def _load_data(opened, args: argparse.Namespace):
-    from .data import load_dataset
+    """The dataset's test split, or a folder of the user's own labelled images (<class>/<image>)."""
+    from .data import labelled_folder, load_dataset, read_labelled_folder
 
     name = args.dataset or opened.prep.dataset
     if name not in DATASETS:
         fail(f"{opened.uri} does not say which dataset it was trained on; give --dataset")
+    classes = list(opened.prep.classes)
+    if (root := labelled_folder(args.data, classes)) is not None:
+        return read_labelled_folder(name, root, classes, progress=not args.no_progress)
     return load_dataset(name, args.data, progress=not args.no_progress)
 
 
