@@ -600,9 +600,7 @@ def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATI
     cfg = dataclasses.replace(cfg.resolved(), compile=False, pretrained=None)
     rt = Runtime.create(cfg, data)
     device = rt.device
-    # a resumed run's weights are its checkpoint's: the --pretrained/--init-from file it began from (an MLflow
-    # download in a temp folder) is not read again, and may be gone
-    model = rt.place(build_model(dataclasses.replace(cfg, pretrained=None) if resume else cfg, data))
+    model = rt.place(build_model(cfg, data))
     stepper = make_stepper(cfg, model, 10 * (CALIBRATION_SKIP + steps), device, rt.precision)
     n = min(len(data.train_y), cfg.batch_size * (CALIBRATION_SKIP + steps + 1))
     loader = make_loader(cfg, data.train_x[:n], data.train_y[:n], device)
