@@ -95,6 +95,14 @@ def test_passwords_are_masked_in_errors_and_the_torchrun_line(cli, monkeypatch):
     assert "torchrun --standalone --nproc-per-node=2 -m tune" in out and "reslab:***@127.0.0.1" in out
     assert SECRET not in out  # ... the console does not
 
+    # `reslab ui` over a database store printed its URL, password and all (the server itself is not started here)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", storage)
+    started = []
+    monkeypatch.setattr("train.cli.subprocess.call", lambda cmd, env: started.append(cmd) or 0)
+    code, out = cli(["ui", "--port", str(port)])
+    assert code == 0 and started and storage in started[0] and "(store: postgresql+psycopg://reslab:***@" in out, out
+    assert SECRET not in out
+
 
 # --------------------------------------------------------------------------- no network calls at import
 

@@ -340,7 +340,7 @@ def cmd_ui(args: argparse.Namespace) -> None:
     if problem:
         fail(problem)
     cmd, env = ui_command(args.host, args.port)
-    print(f"MLflow UI on http://{args.host}:{args.port}  (store: {cmd[5]}); Ctrl+C to stop", flush=True)
+    print(f"MLflow UI on http://{args.host}:{args.port}  (store: {mask_secrets(cmd[5])}); Ctrl+C to stop", flush=True)
     try:
         raise SystemExit(subprocess.call(cmd, env=env))
     except KeyboardInterrupt:

@@ -72,7 +72,8 @@ def evaluate(models: OpenedModel | Sequence[OpenedModel], data: ImageData, limit
     for opened in models:
         check_compatible(opened, data)
     x, y, parts = data.test_x, data.test_y, data.test_parts()
-    if limit and limit < len(y):  # a stratified subset (the splits are sorted by class)
+    subset = bool(limit and limit < len(y))
+    if subset:  # a stratified subset (the splits are sorted by class)
         keep = np.sort(stratified_subset(y, limit))
         x, y = x[keep], y[keep]
         parts = {name: np.flatnonzero(np.isin(keep, idx)) for name, idx in parts.items()}  # positions in the subset
@@ -86,7 +87,7 @@ def evaluate(models: OpenedModel | Sequence[OpenedModel], data: ImageData, limit
     report.update(images=int(len(y)), seconds=seconds, images_per_sec=len(y) / max(seconds, 1e-9),
                   model_uri=" + ".join(m.uri for m in models), models=[m.uri for m in models], tta=tta,
                   dataset=data.name, data_source=data.source, data_fingerprint=data.fingerprint,
-                  labelled_folder=bool(data.extra.get("labelled_folder")))
+                  labelled_folder=bool(data.extra.get("labelled_folder")), subset=subset)
     return report
 
 
@@ -145,7 +146,9 @@ def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any],
             mlflow.log_artifact(str(t / "test_report.json"))
             mlflow.log_artifact(str(plot_confusion(report["confusion_matrix"], list(opened.prep.classes),
                                                    t / "confusion_matrix.png")), "plots")
-    if opened.name and not data.extra.get("labelled_folder"):  # a user's own images say nothing of the test split
+        mlflow.log_params({"images": report["images"], "subset": report.get("subset", False)})
+    # the registry version's test accuracy is the whole test split's: not a --limit subset's, nor a user's own images'
+    if opened.name and not data.extra.get("labelled_folder") and not report.get("subset"):
         client = mlflow.MlflowClient()
         mv = client.get_model_version(opened.name, opened.version)
         client.set_model_version_tag(opened.name, opened.version, "evaluated_test_acc", f"{report['accuracy']:.6f}")

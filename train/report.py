@@ -27,7 +27,10 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, classes: list[
     from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
     idx = list(range(len(classes)))
-    p, r, f1, _ = precision_recall_fscore_support(labels, preds, labels=idx, average="macro", zero_division=0)
+    # macro averages over the classes the images have or were given (sklearn's own default): a class absent from
+    # a --limit subset or a folder of some classes would otherwise count as a zero
+    present = sorted(set(np.asarray(labels).tolist()) | set(np.asarray(preds).tolist()))
+    p, r, f1, _ = precision_recall_fscore_support(labels, preds, labels=present or idx, average="macro", zero_division=0)
     report = classification_report(labels, preds, labels=idx, target_names=classes, output_dict=True, zero_division=0)
     return {
         "accuracy": float((labels == preds).mean()) if len(labels) else float("nan"),
@@ -45,6 +48,8 @@ def metrics_by_part(labels: np.ndarray, preds: np.ndarray, classes: list[str],
     PrivateTest and PublicTest), the numbers published results quote; empty without parts."""
     out = {}
     for part, idx in parts.items():
+        if not len(idx):  # a --limit subset too small to hold any of this part
+            continue
         m = classification_metrics(labels[idx], preds[idx], classes)
         out[part] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"], "images": int(len(idx))}
     return out

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
+
+import numpy as np
 
 from .cli import fail
 from .config import TTA_VIEWS
@@ -150,19 +153,29 @@ def cmd_export(args: argparse.Namespace) -> None:
     opened = _open(args.model)
     stem = opened.name or opened.config.get("architecture") or "model"
     out = Path(args.out or f"{stem}.{args.format}")
-    export_model(opened, args.format, out)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {sidecar_path(out)}")
-    if args.verify:
-        data = _load_data(opened, args)
-        from .evaluate import check_compatible, model_inputs
+    # written under a temporary name and moved into place once verified: an export that disagrees with PyTorch
+    # (or a check stopped half way) leaves no file that looks like a good one
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        export_model(opened, args.format, partial)
+        side = {**json.loads(sidecar_path(partial).read_text()), "file": out.name}
+        if args.verify:
+            data = _load_data(opened, args)
+            from .evaluate import check_compatible, model_inputs
 
-        check_compatible(opened, data)
-        check = verify(opened, out, args.format, model_inputs(opened, data.test_x[: args.verify]))
-        side = json.loads(sidecar_path(out).read_text())
-        side["verification"] = {**check, "dataset": data.name, "runtime": "onnxruntime" if args.format == "onnx" else "torch.export"}
+            check_compatible(opened, data)
+            # a seeded sample across the split: its first images are all of its first class (sorted by class)
+            keep = np.sort(np.random.default_rng(0).permutation(len(data.test_y))[: args.verify])
+            check = verify(opened, partial, args.format, model_inputs(opened, data.test_x[keep]))
+            side["verification"] = {**check, "dataset": data.name, "runtime": "onnxruntime" if args.format == "onnx" else "torch.export"}
+            print(f"verified on {check['images']} {data.name} test images: max abs logit diff {check['max_abs_diff']:.2e}, "
+                  f"top-1 identical on {check['top1_agree']}/{check['images']}")
+            if check["max_abs_diff"] > args.tolerance or not check["top1_identical"]:
+                raise ValueError(f"the {args.format} export disagrees with PyTorch (max abs diff {check['max_abs_diff']:.2e}, "
+                                 f"top-1 {check['top1_agree']}/{check['images']}); nothing was written")
+        os.replace(partial, out)
         sidecar_path(out).write_text(json.dumps(side, indent=2))
-        print(f"verified on {check['images']} {data.name} test images: max abs logit diff {check['max_abs_diff']:.2e}, "
-              f"top-1 identical on {check['top1_agree']}/{check['images']}")
-        if check["max_abs_diff"] > args.tolerance or not check["top1_identical"]:
-            raise ValueError(f"the {args.format} export disagrees with PyTorch (max abs diff {check['max_abs_diff']:.2e}, "
-                             f"top-1 {check['top1_agree']}/{check['images']})")
+    finally:
+        partial.unlink(missing_ok=True)
+        sidecar_path(partial).unlink(missing_ok=True)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB) and {sidecar_path(out)}")
