@@ -81,6 +81,27 @@ def test_bench_table_and_json(bench_run, capsys):
     assert res["machine"]["cores"] >= 1 and res["machine"]["torch_threads"] >= 1
 
 
+def test_bench_compiles_as_a_run_on_its_subset_would(monkeypatch, data_dir):
+    """--subset N was accepted and ignored: the compile decision counted the whole split's steps, so a short
+    run's bench measured a compiled step that run would not take. (Stopped right after that decision.)"""
+    import train.bench
+
+    class Decided(Exception):
+        pass
+
+    steps = []
+
+    def decide(cfg, device, precision, train_steps):
+        steps.append(train_steps)
+        raise Decided
+
+    monkeypatch.setattr(train.bench, "compile_decision", decide)
+    with pytest.raises(Decided):
+        main(["bench", "--dataset", "cifar10", "--data", str(data_dir), "--subset", "5000", "--epochs", "3",
+              "--batch-size", "100", "--val-fraction", "0.1", "--no-progress"])
+    assert steps == [3 * (4500 // 100)]
+
+
 def test_bench_rejects_bad_options(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--steps", "1", "--rounds", "3"])

@@ -162,6 +162,25 @@ def test_evaluate_reads_a_folder_of_the_users_own_labelled_images(imported, cifa
     assert report["f1_macro"] == pytest.approx(f1_score(truth, said, average="macro")), report["f1_macro"]
 
 
+def test_bench_serves_a_given_model_with_its_own_preprocessing(imported, cifar):
+    """`reslab bench --model-uri` fed a given model the benchmark dataset's normalisation (the published
+    ResNet-20 was trained with ImageNet's) and compared its answers with the benchmark's own fresh network.
+    Its served accuracy is now what `reslab evaluate` computes on the same images, and there is no agreement."""
+    from train.bench import serving_metrics
+    from train.config import TrainConfig
+    from train.engine import Runtime
+    from train.evaluate import predict_arrays
+    from train.usemodel import open_model
+
+    cfg = TrainConfig(dataset="cifar10", model="resnet20", precision="fp32")
+    opened = open_model(imported)
+    s = serving_metrics(opened.module, cifar, cfg, Runtime.create(cfg, cifar), imported, 1000, 2)
+    pick = np.sort(np.random.default_rng(0).permutation(len(cifar.test_y))[:1000])  # the bench's sample
+    want = (predict_arrays(opened, cifar.test_x[pick], progress=False).argmax(1) == cifar.test_y[pick]).mean()
+    assert s["model_store"] == "given" and s["served_eval_accuracy"] == pytest.approx(want, abs=1e-9), (s, want)
+    assert "served_top1_agreement" not in s
+
+
 def test_an_ensemble_is_the_mean_of_its_models_probabilities(imported, capsys):
     """The published ResNet-20 and ResNet-32 as one ensemble at TTA level 1 on 300 real test images: its
     confusion matrix is that of the argmax of the two models' mean probabilities, each the softmax of the

@@ -48,7 +48,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocator import keep_freed_memory
-from .augment import normalize
 from .cli import add_train_args, config_from_args, fail
 from .config import TrainConfig
 from .data import ImageData, load_dataset, resolve_source, split_validation
@@ -363,10 +362,16 @@ def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, rt: Run
         t0 = time.perf_counter()
         served = load_model(model_uri)
         out["load_model_seconds"] = time.perf_counter() - t0
-        cpu_mean, cpu_std = rt.mean.cpu(), rt.std.cpu()
+        # what the logged model takes, from its own metadata (a given model may be an imported one with ImageNet
+        # statistics, or of another input size): float32 NCHW at its size, normalised as it was trained
+        from .evaluate import check_compatible, model_inputs
+        from .usemodel import open_model
 
-        def prep(images: np.ndarray) -> torch.Tensor:  # what the logged model takes: float32 NCHW, normalised
-            return normalize(torch.from_numpy(images), cpu_mean, cpu_std, channels_last=False)
+        opened = open_model(model_uri)
+        check_compatible(opened, data)
+
+        def prep(images: np.ndarray) -> torch.Tensor:
+            return opened.prep.tensor(model_inputs(opened, images))
 
         with torch.inference_mode():
             served(prep(x[:2]))
@@ -374,9 +379,9 @@ def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, rt: Run
             preds = torch.cat([served(prep(x[i : i + 500])).argmax(1) for i in range(0, n, 500)])
             out["served_eval_images_per_sec"] = n / (time.perf_counter() - t0)
             out["served_eval_accuracy"] = float((preds.numpy() == y).mean())
-            # the logged model is the trained one with its own preprocessing: same top-1 as the engine
-            # (up to near-ties between the engine's bf16 and the served fp32)
-            out["served_top1_agreement"] = float((preds.numpy() == engine_eval.preds).mean())
+            if out["model_store"] == "temporary":  # the logged model is the benchmark's own: same top-1 as the
+                # engine (up to near-ties between the engine's bf16 and the served fp32); a given one is another network
+                out["served_top1_agreement"] = float((preds.numpy() == engine_eval.preds).mean())
             lat = []
             for i in range(latency_calls + 5):
                 img = x[i % n : i % n + 1]
@@ -417,10 +422,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     progress = args.progress is not False  # `--no-progress` turns the bars off
-    data = load_dataset(cfg.dataset, cfg.data, progress=progress)
+    data = load_dataset(cfg.dataset, cfg.data, cfg.download, progress=progress)
     rt = Runtime.create(cfg, data)
     # compile as a training run with this configuration would (auto: by the length of that run)
-    train_steps = cfg.max_steps or cfg.epochs * (round(len(data.train_y) * (1 - cfg.val_fraction)) // cfg.batch_size)
+    # (its images: --subset's, else the whole training split; the benchmark's batches come from all of it)
+    images = min(cfg.subset or len(data.train_y), len(data.train_y))
+    train_steps = cfg.max_steps or cfg.epochs * (round(images * (1 - cfg.val_fraction)) // cfg.batch_size)
     compiled, compile_reason = compile_decision(cfg, device, precision, train_steps)
     cfg = dataclasses.replace(cfg, compile=compiled)
     if compiled:
@@ -431,7 +438,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     depths = queue_depths(cfg, args.loader_workers)
     settle = args.settle if args.settle is not None else max(depths[p] for p in selected) + 1
     total = args.warmup_steps + args.rounds * (settle + max(1, args.steps // args.rounds))  # sizes the lr schedules
-    kind, src = resolve_source(cfg.dataset, cfg.data)
+    kind, src = ("cifar-batches", data.source) if cfg.download and cfg.data is None else resolve_source(cfg.dataset, cfg.data)
     if "conventional" in selected and kind != "zip":
         raise ValueError(f"the conventional pipeline reads image files from the dataset zip; {src} is a {kind}")
     pipes: list[Pipeline] = []
