@@ -154,9 +154,15 @@ def test_compare_reports_every_selected_run_with_its_logged_numbers(degradation,
 
 
 def test_compare_by_tag_and_experiment(degradation, capsys):
+    # a `reslab evaluate --log` run lands in the dataset's experiment with test metrics but no training: not a row
+    exp = MlflowClient().get_experiment_by_name("degradation-cifar10").experiment_id
+    with mlflow.start_run(experiment_id=exp, run_name="evaluate-somemodel",
+                          tags={"evaluated_model": "models:/x/1", "family": "residual"}):
+        mlflow.log_metric("test_acc", 0.5)
     main(["compare", "--experiment", "degradation-cifar10", "--tag", "family=residual"])
     md = capsys.readouterr().out
     assert "| resnet20 (" in md and "| plain20 (" not in md and "no plain net of this depth" in md
+    assert "evaluate-somemodel" not in md and md.count("| resnet20 (") == 1, md
 
 
 def test_compare_needs_a_selection(store, capsys):

@@ -64,7 +64,10 @@ def parse_tags(pairs: list[str] | None) -> dict[str, str]:
 
 
 def _has_test_metrics(run: Any) -> bool:
-    return "test_acc" in run.data.metrics and run.data.tags.get(COMPARE_TAG) is None
+    """A trained run with its test evaluation: not a comparison's own run, nor a `reslab evaluate --log` run
+    (a measurement of some model, with no training of its own to compare, logged into the dataset's experiment)."""
+    tags = run.data.tags
+    return "test_acc" in run.data.metrics and tags.get(COMPARE_TAG) is None and tags.get("evaluated_model") is None
 
 
 def select_runs(client: Any, experiments: list[str] | None, tags: dict[str, str], run_ids: list[str] | None,
