@@ -210,7 +210,7 @@ def test_resume_refuses_flags_it_would_drop(tmp_path, in_process):
     proc = in_process(["train", "--resume", str(tmp_path / "ck"), "--epochs", "60", "--lr", "0.1", "--run-name", "x",
                        "--device", "cpu", "--no-progress"], tmp_path / "mlruns")
     assert_one_line_error(proc, "--resume continues the run exactly as its checkpoint holds it: leave out --epochs, --lr, "
-                                "--run-name (only --device, --data and --no-progress may change")
+                                "--run-name (only --device, --data, --download and --no-progress may change")
 
 
 def test_checkpoints_are_fsynced_and_concurrent_writers_do_not_share_a_temp_file(tmp_path, monkeypatch):

@@ -229,17 +229,20 @@ def test_a_study_stopped_while_it_registers_ends_its_parent_and_the_same_command
     assert second.data.tags["registered.version"] == str(version.version)
 
 
-def test_a_refit_trains_as_long_as_its_command_says_whichever_invocation_the_best_trial_came_from(store, capsys):
+def test_a_refit_trains_as_long_as_its_command_says_whichever_invocation_the_best_trial_came_from(store, capsys, tmp_path):
     """The best trial can come from an earlier, shorter invocation (a --budget search trains on a subset for a
     few epochs). A later plain --refit used to retrain that trial's own length, a low-fidelity model it then
-    tested and registered; it now trains the best configuration as long as its own command says."""
+    tested and registered; it now trains the best configuration as long as its own command's trials do (here
+    the length its --space file fixes, over the --epochs flag)."""
     study = study_of(store, "lengths")
     study.enqueue_trial(GOOD)
     main(["tune", "--data", store["data"], "--study", "lengths", "--trials", "1", "--subset", "500", "--pruner", "none",
           "--no-register", *COMMON])
     study.enqueue_trial(SLOW)  # this invocation's one trial loses: the best is still the short one
+    space = tmp_path / "space.yaml"
+    space.write_text("epochs: 2\n")  # fixed, not searched: never among a trial's params
     main(["tune", "--data", store["data"], "--study", "lengths", "--trials", "1", "--pruner", "none", "--refit",
-          *COMMON, "--epochs", "2"])
+          "--space", str(space), *COMMON])
     out = capsys.readouterr().out
     best, slow = study_of(store, "lengths").trials
     assert best.value > slow.value and best.user_attrs["config"]["subset"] == 500, (best.value, slow.value)

@@ -141,13 +141,21 @@ def test_evaluate_reads_a_folder_of_the_users_own_labelled_images(imported, cifa
     report = json.loads(Path("mine.json").read_text())
     assert report["images"] == 20 and report["accuracy"] == pytest.approx(want), (report["accuracy"], want)
     assert [int(v["support"]) for v in report["per_class"].values()] == [2] * 10
-    assert f"on the labelled images in {folder} (20 images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"on the labelled images in {folder} (20 images" in out
     assert dict(mlflow.MlflowClient().get_model_version("cifar10-resnet20-published", "1").tags) == tags
+    # nor are its metrics linked to the logged model, whose page shows test-split metrics
+    run_id = out.split("logged to MLflow run ")[1].split()[0]
+    assert mlflow.get_run(run_id).data.metrics["test_acc"] == pytest.approx(want)
+    model = mlflow.get_logged_model(open_model(imported).model_id)
+    assert all(m.run_id != run_id for m in model.metrics or []), model.metrics
 
     some = store / "some" / "test"
     for cls in ("cat", "dog"):
         shutil.copytree(folder / cls, some / cls)
     (some / "cat" / "broken.png").write_bytes(b"not a png")
+    (some / "cat" / ".ipynb_checkpoints").mkdir()  # a notebook's copies: not images of the folder
+    shutil.copy(next((some / "cat").glob("*.png")), some / "cat" / ".ipynb_checkpoints" / "copy-checkpoint.png")
     with pytest.warns(match="skipped 1 unreadable image"):
         cli(["evaluate", imported, "--data", str(some.parent), "--no-progress", "--out", "some.json"])
     report = json.loads(Path("some.json").read_text())
@@ -160,6 +168,11 @@ def test_evaluate_reads_a_folder_of_the_users_own_labelled_images(imported, cifa
     truth, said = np.nonzero(cm)
     truth, said = np.repeat(truth, cm[truth, said]), np.repeat(said, cm[truth, said])
     assert report["f1_macro"] == pytest.approx(f1_score(truth, said, average="macro")), report["f1_macro"]
+
+    (some / "kitten").mkdir()  # not one of the model's classes: said, not read as a dataset source
+    with pytest.raises(SystemExit):
+        cli(["evaluate", imported, "--data", str(some.parent), "--no-progress"])
+    assert "sub-folder(s) kitten are not classes of this model (airplane, automobile" in capsys.readouterr().err
 
 
 def test_bench_serves_a_given_model_with_its_own_preprocessing(imported, cifar):

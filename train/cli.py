@@ -241,7 +241,7 @@ def check_resume_flags(args: argparse.Namespace) -> None:
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         fail(f"--resume continues the run exactly as its checkpoint holds it: leave out {flags} "
-             "(only --device, --data and --no-progress may change; to train longer, start a new run from its logged model "
+             "(only --device, --data, --download and --no-progress may change; to train longer, start a new run from its logged model "
              "with --init-from runs:/<run id>/model)")
 
 

@@ -338,8 +338,13 @@ def labelled_folder(path: str | Path | None, classes: list[str]) -> Path | None:
     if (root / "train").is_dir():
         return None
     root = root / "test" if (root / "test").is_dir() else root
-    found = [c.name for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")]
-    return root if found and set(found) <= set(classes) else None
+    found = {c.name for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")}
+    if not found & set(classes):
+        return None
+    if unknown := sorted(found - set(classes)):
+        raise DataError(f"{root}: sub-folder(s) {', '.join(unknown)} are not classes of this model "
+                        f"({', '.join(classes)}): rename or move them")
+    return root
 
 
 def read_labelled_folder(name: str, root: Path, classes: list[str], progress: bool = True) -> ImageData:
@@ -347,8 +352,11 @@ def read_labelled_folder(name: str, root: Path, classes: list[str], progress: bo
     list; a folder may hold some of them): what ``reslab evaluate --data`` reads from a user's own labelled
     images. There is no training split, so no mean or std: an evaluation uses the model's own."""
     info = DATASETS[name]
-    members = [sorted(q.relative_to(root).as_posix() for q in (root / c).rglob("*")
-                      if q.suffix.lower() in IMAGE_SUFFIXES) if (root / c).is_dir() else [] for c in classes]
+    def images(folder: Path) -> list[str]:  # not .ipynb_checkpoints/ and the like
+        names = (q.relative_to(root).as_posix() for q in folder.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(n for n in names if not any(part.startswith(".") for part in n.split("/")))
+
+    members = [images(root / c) if (root / c).is_dir() else [] for c in classes]
     if not any(members):
         raise DataError(f"{root}: no images in its class folders ({', '.join(c for c in classes if (root / c).is_dir())})")
     bar = tqdm(total=sum(map(len, members)), desc=f"decoding {root.name}", unit="img", disable=not progress, file=sys.stderr)

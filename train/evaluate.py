@@ -132,14 +132,16 @@ def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any],
     exp = experiment or data.name
     metrics = {"test_acc": report["accuracy"], "test_precision_macro": report["precision_macro"],
                "test_recall_macro": report["recall_macro"], "test_f1_macro": report["f1_macro"]}
-    metrics.update({f"test_f1_{c}": v["f1-score"] for c, v in report["per_class"].items()})
+    metrics.update({f"test_f1_{c}": v["f1-score"] for c, v in report["per_class"].items() if v["support"]})
     metrics.update(part_metrics(report.get("parts", {})))
+    # the logged model's page shows its test metrics: linked only from the whole test split
+    whole = not data.extra.get("labelled_folder") and not report.get("subset")
+    model_id = opened.model_id if whole else None
     with mlflow.start_run(experiment_id=experiment_id(exp), run_name=f"evaluate-{opened.name or 'model'}") as run:
         mlflow.set_tags({"evaluated_model": opened.uri, "dataset": data.name, "dataset_hash": data.fingerprint,
-                         "tta": str(report["tta"]),
-                         **({"model_id": opened.model_id} if opened.model_id else {})})
-        log_dataset(data, "test", data.test_x, data.test_y, opened.model_id)
-        mlflow.log_metrics(metrics, model_id=opened.model_id)
+                         "tta": str(report["tta"]), **({"model_id": model_id} if model_id else {})})
+        log_dataset(data, "test", data.test_x, data.test_y, model_id)
+        mlflow.log_metrics(metrics, model_id=model_id)
         with tempfile.TemporaryDirectory() as tmp:
             t = Path(tmp)
             (t / "test_report.json").write_text(json.dumps(report, indent=2))
@@ -148,7 +150,7 @@ def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any],
                                                    t / "confusion_matrix.png")), "plots")
         mlflow.log_params({"images": report["images"], "subset": report.get("subset", False)})
     # the registry version's test accuracy is the whole test split's: not a --limit subset's, nor a user's own images'
-    if opened.name and not data.extra.get("labelled_folder") and not report.get("subset"):
+    if opened.name and whole:
         client = mlflow.MlflowClient()
         mv = client.get_model_version(opened.name, opened.version)
         client.set_model_version_tag(opened.name, opened.version, "evaluated_test_acc", f"{report['accuracy']:.6f}")

@@ -349,8 +349,8 @@ def promote(name: str, version: str | int, test_acc: float) -> str:
 
     MLflow sets an alias unconditionally, so two studies finishing together could each read the old champion
     and the last to write would win, the worse one included. On a local store they take turns under a lock
-    file; on a tracking server, which no file locks, the alias is read again after it is written and written
-    again while a worse version holds it, which leaves a race only as long as one read and one write."""
+    file. A tracking server has no lock: the alias is read again after it is written and written again if a
+    worse version took it in between, which narrows the race but does not close it (docs/tuning-reference.md)."""
     client, version = MlflowClient(), str(version)
     with file_lock(alias_lock(mlflow.get_registry_uri())):
         alias = CHAMPION

@@ -155,7 +155,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out or f"{stem}.{args.format}")
     # written under a temporary name and moved into place once verified: an export that disagrees with PyTorch
     # (or a check stopped half way) leaves no file that looks like a good one
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    partial = out.with_name(f".{out.stem}.{os.getpid()}.partial{out.suffix}")  # torch.export wants its .pt2
     try:
         export_model(opened, args.format, partial)
         side = {**json.loads(sidecar_path(partial).read_text()), "file": out.name}

@@ -32,7 +32,7 @@ from train.tracking import experiment_id, first_line, flat_params, setup_trackin
 
 from . import ddp, parent
 from .budget import FULL_TRIALS, MEASURE_SHARE, BudgetPlan, learnt_nothing, majority_share, plan_budget, short_refit
-from .finalize import register_base, register_best
+from .finalize import LENGTH, register_base, register_best
 from .objective import Objective, TrialFailed, worker_id
 from .progress import StudyProgress
 from .slots import BudgetSpent, SlotStudy
@@ -306,6 +306,11 @@ def trial_base(base: TrainConfig) -> TrainConfig:
     return dataclasses.replace(base, evaluate_test=False, progress=False, checkpoint_dir=None, time_budget=None)
 
 
+def trial_length(opts: TuneOptions) -> TrainConfig:
+    """How long this command's trials train: the base, then what its --space file fixes (e.g. ``epochs: 5``)."""
+    return dataclasses.replace(trial_base(opts.base), **{k: v for k, v in opts.space.fixed.items() if k in LENGTH})
+
+
 def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneOptions, data, exp: str,
            plan: BudgetPlan | None = None) -> dict[str, Any]:
     """Summary and registration, by the last worker of the invocation only."""
@@ -336,7 +341,7 @@ def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneO
         print(f"best trial {summary['best_trial']}: val_acc {summary['best_value']:.4f} {summary['best_params']}")
         refit_budget = plan.refit_seconds() if plan else None
         registered = register_best(study, data, exp, inv.parent_run_id, opts.refit or plan is not None,
-                                   refit_budget, opts.progress, trial_base(opts.base))
+                                   refit_budget, opts.progress, trial_length(opts))
     if registered and not registered.get("already"):
         from mlflow.tracking import MlflowClient
 
