@@ -181,3 +181,18 @@ def test_cpu_flags_are_whole_words(tmp_path, monkeypatch):
     assert machine.cpu_has_flag("avx512_bf16") and machine.machine_tags(3)["cpu_avx512_bf16"] == "yes"
     info.unlink()  # no /proc/cpuinfo (macOS): the platform's name, no flags
     assert machine.cpu_model() and not machine.cpu_has_flag("avx512_bf16")
+
+
+def test_a_write_that_fails_leaves_the_old_page_whole(tmp_path):
+    """docs/performance.md, result files and `bench --out` are replaced whole or not at all: a write that
+    fails half way (here text that cannot be encoded, as a lone surrogate from a JSON "\\ud800" would be; a full
+    disk, a Ctrl-C) used to leave the page empty, which the next `reslab results docs` could not regenerate."""
+    from train.files import write_text_atomic
+
+    page = tmp_path / "performance.md"
+    page.write_text("the old page\n" * 100)
+    with pytest.raises(UnicodeEncodeError):
+        write_text_atomic(page, "the new page\n" * 100 + "\ud800")
+    assert page.read_text() == "the old page\n" * 100 and list(tmp_path.iterdir()) == [page]  # no temp file left
+    write_text_atomic(page, "the new page\n")
+    assert page.read_text() == "the new page\n"

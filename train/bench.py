@@ -65,6 +65,7 @@ from .engine import (
     select_device,
     training_loss,
 )
+from .files import write_text_atomic
 from .loader import PREFETCH as BATCHLOADER_PREFETCH
 from .machine import cpu_has_flag, cpu_model
 
@@ -540,7 +541,7 @@ def show_and_save(table: str, res: dict[str, Any], out: str | None) -> None:
     if out:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=2) + "\n")
+        write_text_atomic(path, json.dumps(res, indent=2) + "\n")
         print(f"wrote {path}")
 
 

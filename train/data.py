@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .errors import DataError, ReslabWarning
-from .locks import file_lock
+from .files import file_lock
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 # The format a suffix names, tried first: Pillow otherwise tries up to seven formats per image before WebP

@@ -21,6 +21,7 @@ from typing import Any
 
 from .data import project_root
 from .errors import DataError
+from .files import write_text_atomic
 from .tables import markdown_table
 
 SCHEMA = 1
@@ -256,7 +257,7 @@ def write_docs(page: Path, folder: Path, check: bool = False) -> tuple[bool, int
     old = page.read_text()
     new, tables = regenerate(old, results, str(page))
     if new != old and not check:
-        page.write_text(new)
+        write_text_atomic(page, new)
     return new != old, tables, len(results)
 
 
@@ -372,7 +373,7 @@ def export_run(out: Path, run_id: str | None = None, run_name: str | None = None
     client = MlflowClient()
     result = result_from_run(client, find_run(client, run_id, run_name, experiment), note)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(dump(result))
+    write_text_atomic(out, dump(result))
     return result
 
 

@@ -31,7 +31,7 @@ from .errors import TrackingError
 from .distributed import env_context
 from .engine import FitResult
 from .lineage import log_datasets, model_card
-from .locks import file_lock
+from .files import file_lock
 from .machine import machine_tags
 from .pyfunc import log_model as log_pytorch_with_serving
 from .report import classification_metrics, metrics_by_part, part_metrics, plot_confusion, plot_curves

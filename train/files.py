@@ -1,4 +1,5 @@
-"""An exclusive lock file shared by processes on one host (tune workers, torchrun ranks, two studies).
+"""Files that other processes or a later command read: a lock file shared by processes on one host (tune
+workers, torchrun ranks, two studies), and a text file replaced whole or not at all.
 
 The kernel drops a killed process's lock, so nothing is left to clean up. Where no lock can be taken (no
 ``fcntl``, a read-only folder, a file system without locks) the block runs unlocked, as it would without
@@ -8,6 +9,8 @@ this module: a lock here narrows a race, it never stops the work.
 from __future__ import annotations
 
 import contextlib
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,3 +34,17 @@ def file_lock(path: Path | None) -> Iterator[bool]:
     finally:
         if fh is not None:
             fh.close()  # releases the lock
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file of this writer's own, renamed over it: a Ctrl-C or a full
+    disk leaves the old file (a results file, docs/performance.md), never a truncated one that the next
+    ``reslab results docs`` cannot parse."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
