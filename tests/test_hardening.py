@@ -109,12 +109,15 @@ def test_passwords_are_masked_in_errors_and_the_torchrun_line(cli, monkeypatch):
 
 def test_importing_the_cli_makes_no_network_request():
     """albumentations checks PyPI for updates at import; reslab turns that off (offline machines warned,
-    every CLI start and worker process paid for a request). An audit hook sees any urllib request."""
+    every CLI start and worker process paid for a request). An audit hook sees any urllib request, from the
+    CLI's import through albumentations' own (made where its pipeline is built)."""
     code = (
         "import sys\n"
         "seen = []\n"
         "sys.addaudithook(lambda event, args: seen.append(args[0]) if event == 'urllib.Request' else None)\n"
         "import train.cli, train.augment\n"
+        "train.augment.album_pipeline(1)\n"  # where albumentations loads (FER-2013's augmentation), not at import
+        "assert 'albumentations' in sys.modules\n"
         "print(len(seen), seen)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
