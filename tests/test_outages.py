@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
-from conftest import free_port, wait_for_server
+from conftest import free_port, missing, wait_for_server
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from pgcluster import _as_owner, pg_bin, postgres_cluster
@@ -83,7 +83,7 @@ class Database:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, data_dir):
     if pg_bin() is None:
-        pytest.skip("PostgreSQL server binaries not installed (make test installs the postgresql package)")
+        missing("PostgreSQL server binaries not installed (make test installs the postgresql package)")
     folder = tmp_path_factory.mktemp("outages")
     with postgres_cluster() as pg:
         storage = pg.create_database("optuna")

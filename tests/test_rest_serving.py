@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, free_port, module_store, wait_for_server
+from tests.conftest import ROOT, free_port, missing, module_store, wait_for_server
 from tests.test_use_models import R20, cli
 
 NAME = "cifar10-resnet"
@@ -36,7 +36,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 def served(tmp_path_factory, data_dir):
     """(base URL, store folder): the published ResNet-20 as version 1 @champion, and its server."""
     if not R20.exists():
-        pytest.skip(f"published weights not found in {R20.parent}")
+        missing(f"published weights not found in {R20.parent}")
     folder = tmp_path_factory.mktemp("rest")
     with module_store(folder, RESLAB_DATA=str(data_dir)):
         from train.published import import_published

@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
+from conftest import missing
 from pgcluster import mlflow_server, pg_bin, postgres_cluster
 
 # Minutes of servers, processes or budgets: run by CI (CI=true make test) and `make test-all`, not by a plain `make test`.
@@ -54,7 +55,7 @@ def child_env(**over: str) -> dict[str, str]:
 def team(tmp_path_factory, data_dir):
     """One PostgreSQL (databases ``mlflow`` and ``optuna``) and one MLflow server on it, for the module."""
     if pg_bin() is None:
-        pytest.skip("PostgreSQL server binaries not installed (make test installs the postgresql package)")
+        missing("PostgreSQL server binaries not installed (make test installs the postgresql package)")
     folder = tmp_path_factory.mktemp("team")
     with postgres_cluster() as pg:
         backend, storage = pg.create_database("mlflow"), pg.create_database("optuna")

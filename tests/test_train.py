@@ -13,6 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from conftest import missing
 from train.cli import main
 from train.config import TrainConfig
 from train.engine import DivergedError, Runtime, fit, load_pretrained, predict
@@ -129,7 +130,7 @@ def test_tta_level_2_adds_the_image_shifted_a_pixel_each_way(cifar):
 
     published = Path(__file__).resolve().parents[2] / "shared" / "pretrained" / "resnet20-12fca82f.th"
     if not published.exists():
-        pytest.skip(f"published weights not found: {published}")
+        missing(f"published weights not found: {published}")
     model = load_published(create_model("resnet20"), published)  # trained weights: logits worth comparing
     x = cifar.test_x[:64]
     rt = Runtime(torch.device("cpu"), "fp32", True, torch.tensor(cifar.mean), torch.tensor(cifar.std))

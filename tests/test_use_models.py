@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, module_store
+from tests.conftest import ROOT, missing, module_store
 
 PRETRAINED = Path(ROOT.parent / "shared" / "pretrained")
 R20 = PRETRAINED / "resnet20-12fca82f.th"
@@ -48,7 +48,7 @@ def cli(argv: list[str]) -> None:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, data_dir):
     if not R20.exists():
-        pytest.skip(f"published weights not found in {PRETRAINED}")
+        missing(f"published weights not found in {PRETRAINED}")
     folder = tmp_path_factory.mktemp("use-models")
     with module_store(folder, RESLAB_DATA=str(data_dir)):
         from train.tracking import setup_tracking
