@@ -254,15 +254,18 @@ def test_a_refit_trains_as_long_as_its_command_says_whichever_invocation_the_bes
     assert refit.data.params["lr"] == str(best.user_attrs["config"]["lr"])  # the searched values are the trial's own
 
 
-def test_studies_finishing_together_leave_the_best_version_champion(store):
+@pytest.mark.parametrize("locked", [True, False], ids=["local store, locked", "as on a server, no lock"])
+def test_studies_finishing_together_leave_the_best_version_champion(store, locked):
     """MLflow sets an alias unconditionally: two studies that read the champion before either moved it each
     took it, and the last to write won, the worse one included. Here four versions are promoted at once, the
-    worse a version the later it writes (so without the store's lock the worst would end up champion)."""
+    worse a version the later it writes (so the worst ended up champion). A local store's lock makes them take
+    turns; without one (a tracking server) each writes the best of the versions registered together."""
     import threading
 
+    import train.tracking
     from train.tracking import promote
 
-    client, name = MlflowClient(), "race-resnet"
+    client, name = MlflowClient(), f"race-resnet-{'locked' if locked else 'unlocked'}"
     client.create_registered_model(name)
     accs = [0.6, 0.9, 0.7, 0.8]
     versions = [str(client.create_model_version(name, f"file:///nowhere/{i}", tags={"test_acc": str(a)}).version)
@@ -281,6 +284,8 @@ def test_studies_finishing_together_leave_the_best_version_champion(store):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(MlflowClient, "set_registered_model_alias", slow_write)
+        if not locked:
+            mp.setattr(train.tracking, "alias_lock", lambda uri: None)
         threads = [threading.Thread(target=finish, args=(v, a)) for v, a in zip(versions, accs)]
         for t in threads:
             t.start()
