@@ -343,52 +343,40 @@ def alias_lock(registry_uri: str) -> Path | None:
     return None
 
 
-RACE_WINDOW_MS = 60_000  # versions registered this close to one another may be promoting at the same time
+NO_SUCH_ALIAS = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")  # what MLflow raises for a missing alias
 
 
-def _tagged_acc(v: Any) -> float:
-    acc = float(v.tags.get("test_acc", "nan"))
-    return acc if np.isfinite(acc) else -np.inf
-
-
-def rightful_champion(client: MlflowClient, name: str, version: str, test_acc: float, champ: Any) -> str:
-    """The version that holds ``champion`` once this one is promoted: the best of the current champion (if its
-    accuracy is known) and the versions registered within ``RACE_WINDOW_MS`` of this one (which may be being
-    promoted right now, by another study or host); this version wins only by beating the champion, as the
-    alias rule says. Ties keep the champion, then the earlier version."""
-    mine = client.get_model_version(name, version)
-    contenders = {version: (test_acc if np.isfinite(test_acc) else -np.inf, False)}
-    for v in client.search_model_versions(f"name='{name}'"):
-        if abs(int(v.creation_timestamp) - int(mine.creation_timestamp)) <= RACE_WINDOW_MS and str(v.version) != version:
-            contenders[str(v.version)] = (_tagged_acc(v), False)
-    if champ is not None and np.isfinite(_tagged_acc(champ)):
-        contenders[str(champ.version)] = (_tagged_acc(champ), True)
-    return max(contenders, key=lambda v: (contenders[v][0], contenders[v][1], -int(v)))
+def tagged_accuracy(version: Any) -> float:
+    """A registry version's ``test_acc`` tag; NaN when it is missing or not a number (edited by hand)."""
+    try:
+        return float(version.tags.get("test_acc", "nan"))
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def promote(name: str, version: str | int, test_acc: float) -> str:
     """The alias rule: ``champion`` moves to this version only if its test accuracy beats the current
-    champion's (or there is none, or the champion's accuracy is unknown); otherwise the version becomes
-    ``challenger``.
+    champion's (or there is none); otherwise the version becomes ``challenger``.
 
     MLflow sets an alias unconditionally, so two studies finishing together could each read the old champion
     and the last to write would win, the worse one included. On a local store they take turns under a lock
-    file. A tracking server has no lock, so every promotion writes the best of the champion and the versions
-    registered around its own (:func:`rightful_champion`), then reads the alias again and repeats until it
-    holds that version: whichever writes last, it writes the same answer."""
+    file. A tracking server has no lock: the alias is read again after it is written and written again if a
+    worse version took it in between, which narrows the race but does not close it (docs/tuning-reference.md)."""
     client, version = MlflowClient(), str(version)
     with file_lock(alias_lock(mlflow.get_registry_uri())):
-        best = version
-        for _ in range(5):
+        alias = CHAMPION
+        for _ in range(3):
             try:
                 champ = client.get_model_version_by_alias(name, CHAMPION)
-            except mlflow.exceptions.MlflowException:
+            except mlflow.exceptions.MlflowException as e:
+                if e.error_code not in NO_SUCH_ALIAS:  # a server error is not "no champion": a worse version
+                    raise  # would take the alias from a better one
                 champ = None
-            best = rightful_champion(client, name, version, test_acc, champ)
-            if champ is not None and str(champ.version) == best:
+            if champ is not None and str(champ.version) == version:
+                return alias
+            current = tagged_accuracy(champ) if champ is not None else float("nan")
+            alias = CHAMPION if champ is None or not np.isfinite(current) or test_acc > current else "challenger"
+            client.set_registered_model_alias(name, alias, version)
+            if alias != CHAMPION:
                 break
-            client.set_registered_model_alias(name, CHAMPION, best)
-        if best != version:
-            client.set_registered_model_alias(name, "challenger", version)
-            return "challenger"
-        return CHAMPION
+        return alias
