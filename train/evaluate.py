@@ -25,7 +25,7 @@ from .data import ImageData, stratified_subset
 from .engine import tta_logits
 from .lineage import log_input
 from .report import classification_metrics, metrics_by_part, part_metrics, plot_confusion
-from .tracking import experiment_id
+from .tracking import experiment_id, tagged_accuracy
 from .usemodel import OpenedModel
 
 
@@ -154,6 +154,6 @@ def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any],
         client = mlflow.MlflowClient()
         mv = client.get_model_version(opened.name, opened.version)
         client.set_model_version_tag(opened.name, opened.version, "evaluated_test_acc", f"{report['accuracy']:.6f}")
-        if "test_acc" not in mv.tags:
+        if not np.isfinite(tagged_accuracy(mv)):  # none yet, or "nan" (a run registered without testing)
             client.set_model_version_tag(opened.name, opened.version, "test_acc", str(report["accuracy"]))
     return run.info.run_id
