@@ -258,8 +258,8 @@ def test_memory_under_50_concurrent_large_images(in_store, tmp_path):
 
 
 def test_one_bad_upload_does_not_fail_the_batch(server, fer, tmp_path, monkeypatch):
-    """Concurrent requests merged into batches, some of them bad: a panorama with a face, wider than
-    WebP's 16383 px (its 'Faces found' picture could not be encoded), a face box of zero area (the
+    """Concurrent requests merged into batches, some of them bad: a panorama with faces, wider than
+    WebP's 16383 px (its 'Faces found' picture could not be encoded while outputs were WebP), a face box of zero area (the
     detector is made to return one for 77-pixel-high images), a request naming a server file with
     Gradio's file metadata (Gradio refuses it while preparing the batch). Each bad one gets its own
     message; every good one its answer."""
@@ -308,14 +308,15 @@ def test_one_bad_upload_does_not_fail_the_batch(server, fer, tmp_path, monkeypat
         assert "Inference" in first.result(), first.result()
     print("\n" + "\n".join(f"{Path(k).name}: {v.splitlines()[0][:100]}" for k, v in out.items()))
     assert all("Inference" in out[g] for g in good), {g: out[g][:200] for g in good}
-    def batch(k: str) -> int:
-        return int(out[k].split("forward pass over ")[1].split()[0])
-
-    # bad requests really went in batches with others: each was answered alone within a shared batch
-    assert max(batch(g) for g in good) > 1 and max(batch(k) for k in ("panorama", "zero", "panorama2")) > 1, out
     assert "Inference" in out["panorama"] and "Inference" in out["panorama2"], out["panorama"]
     assert "Inference" in out["zero"] and "No face found" in out["zero"], out["zero"]
     assert "did not arrive as an upload" in out["server-file"], out["server-file"]
+
+    def batch(k: str) -> int:
+        return int(out[k].split("forward pass over ")[1].split()[0])
+
+    # the zero-area face box went in a batch with others, which were answered all the same
+    assert max(batch(g) for g in good) > 1 and batch("zero") > 1, {k: batch(k) for k in ("zero", *good)}
 
 
 # --------------------------------------------------------------------------- 5. errors

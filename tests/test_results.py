@@ -196,3 +196,7 @@ def test_a_write_that_fails_leaves_the_old_page_whole(tmp_path):
     assert page.read_text() == "the old page\n" * 100 and list(tmp_path.iterdir()) == [page]  # no temp file left
     write_text_atomic(page, "the new page\n")
     assert page.read_text() == "the new page\n"
+    link = tmp_path / "link.md"  # a page reached through a link: its target is replaced, the link stays
+    link.symlink_to(page)
+    write_text_atomic(link, "through the link\n")
+    assert link.is_symlink() and page.read_text() == "through the link\n"

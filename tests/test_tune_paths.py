@@ -290,7 +290,9 @@ def test_studies_finishing_together_leave_the_best_version_champion(store):
     assert said[versions[1]] == "champion" and len(said) == len(accs), said
     # a registry error while the champion is read is not "no champion" (the worst version would take it)
     def unavailable(self, model, alias):
-        raise mlflow.exceptions.MlflowException("503 Service Unavailable", error_code="TEMPORARILY_UNAVAILABLE")
+        from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+        raise mlflow.exceptions.MlflowException("503 Service Unavailable", error_code=TEMPORARILY_UNAVAILABLE)
 
     worst = str(client.create_model_version(name, "file:///nowhere/x", tags={"test_acc": "0.1"}).version)
     with pytest.MonkeyPatch.context() as mp, pytest.raises(mlflow.exceptions.MlflowException, match="503"):

@@ -128,7 +128,8 @@ def log_dataset(data: ImageData, context: str, x: np.ndarray, y: np.ndarray, mod
 
 def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any], experiment: str | None = None) -> str:
     """An ``evaluate`` run holding the metrics (linked to the model's ``model_id``), the report and the
-    confusion matrix; the registry version gets ``test_acc`` if it had none. Returns the run id."""
+    confusion matrix; the registry version gets ``test_acc`` if it had none that is a number (only from the whole test
+    split). Returns the run id."""
     exp = experiment or data.name
     metrics = {"test_acc": report["accuracy"], "test_precision_macro": report["precision_macro"],
                "test_recall_macro": report["recall_macro"], "test_f1_macro": report["f1_macro"]}

@@ -40,7 +40,10 @@ def write_text_atomic(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temp file of this writer's own, renamed over it: a Ctrl-C or a full
     disk leaves the old file (a results file, docs/performance.md), never a truncated one that the next
     ``reslab results docs`` cannot parse."""
-    path = Path(path)
+    path = Path(path).resolve()  # a symlinked page stays a link: its target is replaced
+    if path.exists() and not path.is_file():  # /dev/stdout, a FIFO: nothing to replace, write through
+        path.write_text(text)
+        return path
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         tmp.write_text(text)
