@@ -87,7 +87,7 @@ def test_bench_compiles_as_a_run_on_its_subset_would(monkeypatch, data_dir):
     import train.bench
 
     class Decided(Exception):
-        pass
+        """Raised by the stand-in decision: the benchmark stops there."""
 
     steps = []
 

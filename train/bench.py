@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from .allocator import keep_freed_memory
 from .cli import add_train_args, config_from_args, fail
 from .config import TrainConfig
-from .data import ImageData, load_dataset, resolve_source, split_validation
+from .data import ImageData, load_dataset, resolve_source, split_validation, spread_sample
 from .engine import (
     Runtime,
     batch_augment,
@@ -336,7 +336,7 @@ def serving_metrics(model: nn.Module, data: ImageData, cfg: TrainConfig, rt: Run
     from .tracking import load_model, log_model, setup_tracking
 
     n = min(eval_images, len(data.test_y))
-    pick = np.sort(np.random.default_rng(0).permutation(len(data.test_y))[:n])  # the split is sorted by class
+    pick = spread_sample(len(data.test_y), n)
     x, y = data.test_x[pick], data.test_y[pick]
     evaluate(model, x[:64], y[:64], rt)  # warm-up
     engine_eval = evaluate(model, x, y, rt)

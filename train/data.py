@@ -638,6 +638,12 @@ def split_validation(y: np.ndarray, fraction: float = 0.1, seed: int = 0) -> tup
     return stratified_indices(y, fraction, seed)
 
 
+def spread_sample(count: int, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded random ``n`` of ``count`` items: a sample across a split that is sorted by
+    class (its first images are all of its first class), the same every time."""
+    return np.sort(np.random.default_rng(seed).permutation(count)[:n])
+
+
 def stratified_subset(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Indices of a class-balanced subset of about ``n`` items (for quick runs and tests)."""
     if n >= len(y):

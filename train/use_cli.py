@@ -8,11 +8,9 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-
 from .cli import fail
 from .config import TTA_VIEWS
-from .data import DATASETS
+from .data import DATASETS, spread_sample
 
 MODEL_HELP = ("a logged model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a run id, "
               "or a downloaded model folder")
@@ -164,8 +162,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             from .evaluate import check_compatible, model_inputs
 
             check_compatible(opened, data)
-            # a seeded sample across the split: its first images are all of its first class (sorted by class)
-            keep = np.sort(np.random.default_rng(0).permutation(len(data.test_y))[: args.verify])
+            keep = spread_sample(len(data.test_y), args.verify)
             check = verify(opened, partial, args.format, model_inputs(opened, data.test_x[keep]))
             side["verification"] = {**check, "dataset": data.name, "runtime": "onnxruntime" if args.format == "onnx" else "torch.export"}
             print(f"verified on {check['images']} {data.name} test images: max abs logit diff {check['max_abs_diff']:.2e}, "
