@@ -9,9 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from train.config import TrainConfig
+from train.data import split_indices
 from train.engine import fit
 from train.models import create_model
 from train.whitening import first_conv, whiten_first_conv
+
+
+def training_images(cfg: TrainConfig, data) -> np.ndarray:
+    """The images a run of ``cfg`` trains on: its subset of the training split less its validation part."""
+    train_idx, val_idx = split_indices(data.train_y, cfg.subset, cfg.val_fraction, cfg.seed)
+    assert len(val_idx) > 0 and len(train_idx) < len(data.train_y)
+    return data.train_x[train_idx]
 
 
 def test_whitened_filters_decorrelate_unseen_patches(cifar):
@@ -40,11 +48,12 @@ def test_whiten_with_pretrained_weights_is_refused():
 
 def test_training_with_whiten_keeps_the_first_layer_fixed_and_learns(fer):
     """FER-2013 (grayscale: 9-pixel patches; ResNet-9 at width 16 has 16 stem filters, +/- the 8 strongest
-    directions): a short run trains every layer but the whitened one, and learns."""
+    directions): a short run trains every layer but the whitened one, and learns. The whitening is fitted to
+    the run's own training images: not its validation images, nor the rest of the split outside --subset."""
     cfg = TrainConfig(dataset="fer2013", model="resnet9", model_args={"width": 16}, subset=1500, epochs=2,
                       batch_size=64, lr=0.05, whiten=True, evaluate_test=False, progress=False, seed=3)
     start = create_model("resnet9", 7, 1, width=16)
-    assert whiten_first_conv(start, fer.train_x, fer.mean, fer.std, cfg.seed) == 16
+    assert whiten_first_conv(start, training_images(cfg, fer), fer.mean, fer.std, cfg.seed) == 16
     result = fit(cfg, fer)
     trained = result.model.state_dict()
     assert torch.equal(trained["stem.0.weight"].float(), start.stem[0].weight.float())
@@ -78,7 +87,7 @@ def test_airbench_trains_its_bn_shifts_faster_with_the_scales_and_whitened_stem_
                       batch_size=128, lr=0.2, bn_bias_lr_scale=64, whiten=True, evaluate_test=False, progress=False,
                       seed=1).resolved()
     start = create_model("airbench", 10, 3, width=16)
-    assert whiten_first_conv(start, cifar.train_x, cifar.mean, cifar.std, cfg.seed) == 24
+    assert whiten_first_conv(start, training_images(cfg, cifar), cifar.mean, cifar.std, cfg.seed) == 24
     groups = make_optimizer(start, cfg).param_groups
     shifts = [m.bias for m in start.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert [g["lr"] for g in groups] == [0.2, 0.2, 0.2 * 64] and len(shifts) == 6

@@ -113,7 +113,9 @@ def load_pretrained(model: nn.Module, source: str) -> tuple[int, list[str]]:
     return len(loaded), skipped
 
 
-def build_model(cfg: TrainConfig, data: ImageData) -> nn.Module:
+def build_model(cfg: TrainConfig, data: ImageData, train_x: np.ndarray | None = None) -> nn.Module:
+    """The configured network; ``--whiten`` fits its first layer to ``train_x`` (the run's training images, so
+    neither its validation images nor, under ``--subset``, images outside the subset; default: the whole split)."""
     model = create_model(cfg.model, data.num_classes, data.channels, **cfg.model_args)
     members = list(getattr(model, "members", [model]))
     if cfg.pretrained:
@@ -124,7 +126,7 @@ def build_model(cfg: TrainConfig, data: ImageData) -> nn.Module:
         print(f"initialised {n} tensors from {cfg.pretrained}" + (f"; kept fresh: {', '.join(skipped)}" if skipped else ""))
     elif cfg.whiten:  # a resumed run then loads its checkpoint over it; the layer stays frozen
         for member in members:
-            whiten_first_conv(member, data.train_x, data.mean, data.std, cfg.seed)
+            whiten_first_conv(member, data.train_x if train_x is None else train_x, data.mean, data.std, cfg.seed)
     return model
 
 
@@ -684,7 +686,7 @@ def fit(
     # ---- model, optimiser, schedule
     # a resumed run's weights are its checkpoint's: the --pretrained/--init-from file it began from (an MLflow
     # download in a temp folder) is not read again, and may be gone
-    model = rt.place(build_model(dataclasses.replace(cfg, pretrained=None) if resume else cfg, data))
+    model = rt.place(build_model(dataclasses.replace(cfg, pretrained=None) if resume else cfg, data, x_train))
     steps_per_epoch = max(1, len(loader))
     horizon = Horizon(cfg.epochs * steps_per_epoch)
     if cfg.max_steps:
