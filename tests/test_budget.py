@@ -7,6 +7,7 @@ import dataclasses
 import math
 import time
 
+import numpy as np
 import pytest
 
 from train.budget import (CALIBRATION_MIN_STEPS, CALIBRATION_SKIP, CALIBRATION_STEPS, Horizon, TimeBudget, format_duration,
@@ -275,24 +276,57 @@ def test_a_run_that_slows_down_mid_epoch_still_ends_on_time(cifar, monkeypatch):
     assert b["budget_wall_seconds"] <= 10.0 * 1.15 + 1.0, b
 
 
-def test_a_schedule_that_reached_its_end_is_not_reopened(cifar, monkeypatch):
+@pytest.mark.parametrize("end", [20, 30])
+def test_a_schedule_that_reached_its_end_is_not_reopened(cifar, monkeypatch, end):
     """The run ends where its plan ended the schedule, mid-epoch or not: an epoch-end plan that finds time
     left does not start another epoch of a few steps at a learning rate climbing again from zero (seen once
     in the suite: a 10 s run planned to step 151 ended its epoch there, then trained one more step as
-    "epoch 2"). The plans here are scripted: the first ends the schedule at step 20, every later one asks
-    for 10 steps more, up to 40."""
+    "epoch 2"), nor does an in-epoch plan due at the very step the schedule ends (step 30: the first plan's
+    step 10 plus the 20 steps between plans). The plans here are scripted: the first ends the schedule at
+    ``end``, every later one asks for 10 steps more, up to ``end`` + 20."""
     from train import engine
 
     plans = []
 
     def scripted(budget, horizon, step, *a, **k):
-        horizon.total = 20 if not plans else max(horizon.total, min(step + 10, 40))
+        horizon.total = end if not plans else max(horizon.total, min(step + 10, end + 20))
         plans.append((step, horizon.total))
 
     monkeypatch.setattr(engine, "plan_horizon", scripted)
     cfg = TrainConfig(dataset="cifar10", model="resnet20", subset=2000, batch_size=32, time_budget=60.0,
                       evaluate_test=False, progress=False, val_fraction=0.05)
     result = fit(cfg, cifar)
-    assert plans[0] == (10, 20)  # the first plan, after the calibration steps
-    assert [h["step"] for h in result.history] == [20] and result.history[0]["horizon_steps"] == 20
-    assert result.extra["budget"]["budget_steps"] == 20
+    assert plans[0] == (10, end)  # the first plan, after the calibration steps
+    assert [h["step"] for h in result.history] == [end] and result.history[0]["horizon_steps"] == end
+    assert result.extra["budget"]["budget_steps"] == end
+
+
+def test_the_epoch_end_plan_uses_the_recent_speed_not_the_runs_average(monkeypatch):
+    """A fake clock: steps take 1 s, then 2 s from step 36 on (another job took the cores); 60 steps an epoch, so
+    the last in-epoch plan (step 50) is 10 steps before the epoch's end, too few to time. The epoch-end plan must
+    still come from the recent steps (since step 30: 55 s for 30 steps), not from the whole run's average since
+    its timing began (83 s for 58 steps), which promised 5 steps more than the 35 s left could hold."""
+    from train import engine
+    from train.data import ImageData
+
+    clock = {"t": 0.0, "steps": 0}
+    real_call = engine.Stepper.__call__
+
+    def timed(self, *a, **k):
+        clock["steps"] += 1
+        clock["t"] += 1.0 if clock["steps"] <= 35 else 2.0
+        return real_call(self, *a, **k)
+
+    monkeypatch.setattr(engine.Stepper, "__call__", timed)
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock["t"])
+    rng = np.random.default_rng(0)
+    data = ImageData("cifar10", [str(i) for i in range(10)], rng.integers(0, 256, (960, 16, 16, 3), dtype=np.uint8),
+                     rng.integers(0, 10, 960), np.zeros((0, 16, 16, 3), np.uint8), np.zeros(0, np.int64), [0.5] * 3, [0.25] * 3)
+    cfg = TrainConfig(dataset="cifar10", model="resnet9", model_args={"width": 8}, batch_size=16, time_budget=120.0,
+                      evaluate_test=False, progress=False, val_fraction=0.0, compile=False, epochs=1)
+    result = fit(cfg, data)
+    first = result.history[0]
+    assert first["step"] == 60 and first["wall_seconds"] == 35 + 25 * 2  # the scenario as described
+    # 35 s left at the recent 55/30 s a step: 19 steps, so the horizon is 79 (from the run's average: 84)
+    assert first["horizon_steps"] == 79, first
+    assert result.history[-1]["step"] == 79 and clock["t"] == 123  # 3 s over (2.5%), where 84 steps took 133 s

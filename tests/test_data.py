@@ -429,6 +429,28 @@ def test_batch_loader_orders_shards_and_device_resident_data(cifar):
     assert album.resident is None  # per-image augmentation works on host arrays
 
 
+def test_ddp_ranks_augment_their_shards_each_their_own_way(fer):
+    """Under DDP every rank drew the same random numbers: image j of each rank's shard got the same albumentations
+    transform, crop and flip. One image repeated makes the shards' pixels equal, so any difference is the
+    augmentation's. In one process the streams are what they were (resumed runs and results unchanged)."""
+    import torch
+
+    from train.distributed import Context
+    from train.engine import augment_generator
+    from train.loader import BatchLoader, stream_seed
+
+    x = np.repeat(fer.train_x[:1], 256, axis=0)
+    y = np.zeros(256, dtype=np.int64)
+    ranks = [BatchLoader(x, y, 32, seed=3, album_strength=1.0, workers=0, rank=r, world_size=2) for r in range(2)]
+    (a, _), (b, _) = (next(iter(loader.epoch(0))) for loader in ranks)
+    assert not torch.equal(a, b)
+    single = [BatchLoader(x, y, 32, seed=3, album_strength=1.0, workers=0) for _ in range(2)]
+    assert torch.equal(*(next(iter(loader.epoch(0)))[0] for loader in single))  # and the same stream is the same
+    assert stream_seed(3, 0, 5) == hash((3, 0, 5)) & 0x7FFFFFFF
+    seeds = [augment_generator(3, 0, Context(rank=r, world_size=2)).initial_seed() for r in range(2)]
+    assert seeds[0] != seeds[1] and augment_generator(3, 0).initial_seed() == hash((3, 0, 1)) & 0x7FFFFFFF
+
+
 # --------------------------------------------------------------------------- hostile input (issue 16)
 
 

@@ -195,6 +195,23 @@ def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("damage", ["torn", "zeros"])
+def test_the_save_after_a_fallback_keeps_the_good_previous_checkpoint(tmp_path, damage):
+    """A run resumed from previous.pt (its last.pt unreadable) saves its next epoch: the unreadable last.pt
+    used to be rotated into previous.pt, so for that epoch the only good fallback was gone."""
+    from train.engine import CheckpointFallback, load_checkpoint, save_checkpoint
+
+    for epoch in (1, 2):
+        save_checkpoint(tmp_path / "last.pt", tiny_state(epoch))
+    raw = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(raw[: len(raw) // 2] if damage == "torn" else b"\0" * len(raw))
+    with pytest.warns(CheckpointFallback):
+        assert load_checkpoint(tmp_path)["epoch"] == 1
+    save_checkpoint(tmp_path / "last.pt", tiny_state(2))  # the resumed run's epoch 2
+    assert load_checkpoint(tmp_path / "previous.pt")["epoch"] == 1 and load_checkpoint(tmp_path)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "previous.pt"]
+
+
 def test_corrupt_checkpoint_resume_is_a_one_line_error(tmp_path, in_process):
     ck = tmp_path / "ck"
     ck.mkdir()

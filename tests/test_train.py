@@ -86,6 +86,32 @@ def test_a_resume_does_not_read_the_pretrained_file_again(cifar, tmp_path):
     assert len(fit(cfg, cifar, resume=tmp_path / "ck").history) == 2
 
 
+def test_a_checkpoint_without_a_loss_scaler_resumes_where_fp16_enables_one(cifar, tmp_path, monkeypatch):
+    """A run saved where the grad scaler is off (CPU, bf16 GPUs: its state is {}) resumed with ``--device cuda``
+    on a GPU that gets fp16 and an enabled scaler: loading {} into it raised, the run ended FAILED. The GPU's
+    enabled scaler is stood in for by an enabled CPU one."""
+    import train.engine
+
+    cfg = TrainConfig(dataset="cifar10", model="resnet9", model_args={"width": 8}, subset=400, batch_size=64, epochs=2,
+                      evaluate_test=False, progress=False, checkpoint_dir=str(tmp_path / "ck"))
+
+    def stop(epoch, metrics):
+        raise StopAfter
+
+    with pytest.raises(StopAfter):
+        fit(cfg, cifar, callbacks=[stop])
+    assert torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["scaler"] == {}
+    made, real = [], torch.amp.GradScaler
+
+    def enabled_scaler(device: str, enabled: bool = True, **kw) -> torch.amp.GradScaler:
+        made.append(real(device, enabled=True, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(train.engine.torch.amp, "GradScaler", enabled_scaler)
+    assert len(fit(cfg, cifar, resume=tmp_path / "ck").history) == 2
+    assert made and made[0].is_enabled()
+
+
 def test_ema_and_tta_are_what_is_evaluated(cifar):
     """With ``ema`` the weights evaluated and returned are the average, not the last step's: the
     same run without EMA trains identically (EMA does not feed back) but returns other weights.
@@ -339,6 +365,7 @@ def test_cli_bad_input_is_one_clear_line_and_reslab_debug_shows_the_traceback(tm
     ("--lr", "-1", "-1.0"), ("--lr", "nan", "nan"), ("--weight-decay", "-3", "-3.0"), ("--momentum", "2", "2.0"),
     ("--label-smoothing", "1.5", "1.5"), ("--ema", "1.5", "1.5"), ("--warmup", "2", "2.0"),
     ("--val-fraction", "-0.1", "-0.1"), ("--max-steps", "0", "0"), ("--workers", "0", "0"), ("--seed", "-1", "-1"),
+    ("--gamma", "-1", "-1.0"), ("--gamma", "0", "0.0"), ("--milestones", "-5", "[-5.0]"),  # a negative lr: ascent
 ])
 def test_a_setting_out_of_range_is_one_line_before_anything_starts(capsys, mlflow_store, tmp_path, flag, value, shown):
     """Each of these once trained anyway (a default in place of 0, a diverging or frozen run) or ended in a traceback.

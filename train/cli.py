@@ -108,6 +108,8 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
     g.add_argument("--schedule", choices=["onecycle", "cosine", "step", "constant"])
     g.add_argument("--warmup", type=float, metavar="F", help="warm-up share of training")
     g.add_argument("--milestones", type=float, nargs="+", metavar="M", help="step schedule: fractions (<=1) or iterations")
+    g.add_argument("--gamma", type=float, metavar="G", help="step schedule: the learning rate is multiplied by G at each "
+                   "milestone (default 0.1, the paper's)")
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--class-weights", type=float, metavar="POWER",
                    help="weigh each class's loss by (1 / its training images)^POWER, scaled to a mean of 1 per image: "

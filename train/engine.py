@@ -19,6 +19,7 @@ import statistics
 import time
 import uuid
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from .config import TTA_VIEWS, TrainConfig
 from .data import ImageData, split_indices
 from .errors import DivergedError, ReslabWarning
 from .interrupt import raise_if_terminated, signals_deferred
-from .loader import BatchLoader
+from .loader import BatchLoader, stream_seed
 from .models import create_model, mean_probabilities
 from .stopping import BestEpoch
 from .stopping import check as check_stopping
@@ -299,7 +300,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():
+        if zipfile.is_zipfile(path):  # torch.save writes a zip: an unreadable file must not push out a good previous.pt
             try:
                 os.link(path, keep)
             except OSError:  # a file system without hard links: a copy
@@ -553,6 +554,12 @@ def make_loader(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, device: torch.de
                        alternate_flip=cfg.augment in FLIPPING and cfg.flip == "alternate")
 
 
+def augment_generator(seed: int, epoch: int, dctx: distributed.Context = distributed.Context()) -> torch.Generator:
+    """The random stream of an epoch's batched augmentation (crops, flips, mixup): from (seed, epoch) alone, so a
+    resumed run draws the same; under DDP each rank's own, else every rank's shard is cropped and flipped alike."""
+    return torch.Generator().manual_seed(stream_seed(seed, epoch, 1, rank=dctx.rank, world_size=dctx.world_size))
+
+
 FLIPPING = ("flip", "crop-flip", "album")  # the augmentations that mirror images
 
 
@@ -717,7 +724,8 @@ def fit(
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
+        if ck["scaler"]:  # a disabled scaler (bf16, fp32) saves {}; resumed where fp16 enables one, it starts fresh
+            scaler.load_state_dict(ck["scaler"])
         if ema is not None and ck.get("ema"):
             ema.load_state_dict(ck["ema"])
         start_epoch, step, history = ck["epoch"], ck["step"], ck["history"]
@@ -737,13 +745,13 @@ def fit(
     timed_from: tuple[int, float] | None = None  # (step, train seconds) where step timing started
     val_seconds: float | None = None  # measured per-epoch validation time
     first_step, first_trained = step, trained_seconds
-    window: tuple[int, float] | None = None  # (step, train seconds) of the last in-epoch plan
+    marks: list[tuple[int, float]] = []  # (step, train seconds) of the last few plans, the latest last
     replan_every = max(REPLAN_MIN_STEPS, steps_per_epoch // REPLANS_PER_EPOCH)
 
     epoch = start_epoch
     while step < horizon.total and (cfg.max_steps is None or step < cfg.max_steps) and not best.stopped:
         model.train()
-        gen = torch.Generator().manual_seed(hash((cfg.seed, epoch, 1)) & 0x7FFFFFFF)
+        gen = augment_generator(cfg.seed, epoch, dctx)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
@@ -769,17 +777,18 @@ def fit(
                 now = trained_seconds + time.perf_counter() - t0
                 if timed_from is None:
                     timed_from = (step, now)
-                else:  # the first plan, from a few timed steps
+                elif step < horizon.total:  # the first plan, from a few timed steps
                     plan_horizon(budget, horizon, step, timed_from, now, time.perf_counter() - wall_start, None, dctx, device)
                     bar.total = min(len(loader), horizon.total - step + bar.n)
-                    window = (step, now)
-            elif budget is not None and window is not None and step - window[0] >= replan_every:
+                    marks = [(step, now)]
+            elif budget is not None and marks and step - marks[-1][0] >= replan_every and step < horizon.total:
                 # re-plan within the epoch from the steps since the last plan, so that a machine that slows down
-                # (or speeds up) mid-epoch still ends on time; at step counts every rank shares (DDP)
+                # (or speeds up) mid-epoch still ends on time; at step counts every rank shares (DDP). A schedule
+                # that has reached its end is not reopened (its lr is at zero).
                 now = trained_seconds + time.perf_counter() - t0
-                plan_horizon(budget, horizon, step, window, now, time.perf_counter() - wall_start, val_seconds, dctx, device)
+                plan_horizon(budget, horizon, step, marks[-1], now, time.perf_counter() - wall_start, val_seconds, dctx, device)
                 bar.total = min(len(loader), horizon.total - step + bar.n)
-                window = (step, now)
+                marks = [*marks[-2:], (step, now)]
             if cfg.progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
         bar.close()
@@ -810,10 +819,13 @@ def fit(
         if budget is not None:
             if step < horizon.total:  # re-plan with this epoch's validation measured, from the recent steps' speed;
                 # a schedule that has reached its end is not reopened (its lr is at zero)
+                # the speed since the latest plan at least REPLAN_MIN_STEPS back (an in-epoch plan a few steps before the
+                # epoch's end times too few steps); the whole run's average only before any plan
                 timed_from = timed_from or (first_step, first_trained)
-                recent = window if window is not None and step - window[0] >= REPLAN_MIN_STEPS else timed_from
+                recent = next((m for m in reversed(marks) if step - m[0] >= REPLAN_MIN_STEPS), timed_from)
                 plan_horizon(budget, horizon, step, recent, trained_seconds, metrics["wall_seconds"], val_seconds, dctx, device)
-                window = (step, trained_seconds) if window is not None else None
+                if marks:
+                    marks = [*marks[-2:], (step, trained_seconds)]
             metrics["horizon_steps"] = horizon.total
         history.append(metrics)
         if ckpt_path and dctx.is_main:  # one writer; every rank resumes from the same file

@@ -19,6 +19,12 @@ from .augment import album_pipeline, apply_album
 PREFETCH = 3  # batches augmented ahead in threads while the model trains on the current one
 
 
+def stream_seed(*key: int, rank: int = 0, world_size: int = 1) -> int:
+    """The seed of one random stream (an epoch's, a batch's) from ``key``; under DDP each rank's own, so that the
+    ranks' shards of a global batch are not all cropped, flipped and transformed alike (one process: unchanged)."""
+    return hash(key + ((rank,) if world_size > 1 else ())) & 0x7FFFFFFF
+
+
 class BatchLoader:
     def __init__(
         self,
@@ -94,7 +100,7 @@ class BatchLoader:
             pipe = getattr(self._local, "pipe", None)
             if pipe is None:  # one pipeline per thread: its random state is not shared
                 pipe = self._local.pipe = album_pipeline(self.x.shape[-1], self.album_strength)
-            xb = apply_album(pipe, xb, seed=hash((self.seed, epoch, b)) & 0x7FFFFFFF)
+            xb = apply_album(pipe, xb, seed=stream_seed(self.seed, epoch, b, rank=self.rank, world_size=self.world_size))
         xt = torch.from_numpy(xb)
         if self.pin_memory:
             xt = xt.pin_memory()
