@@ -16,6 +16,13 @@ from .settings import BATCH_SIZE, QUEUE_SIZE, UPLOAD_LIMIT, serving_threads
 AUTH_ENV = "RESLAB_DEMO_AUTH"  # USER:PASSWORD, instead of --auth (which other users can see in `ps`)
 
 
+# What a flag of one mode is when not given (None in argparse, so that giving it to the other mode, which would
+# ignore it, can be refused): serving's, then --bench's.
+SERVE_DEFAULTS = {"model": None, "host": "127.0.0.1", "port": 7860, "share": False, "auth": None, "mlflow_ui": None}
+BENCH_DEFAULTS = {"model_uri": None, "dataset": "cifar10", "requests": 50, "warmup": 5, "concurrent": 50, "gradcam": True,
+                  "timeout": 120.0, "out": None}
+
+
 def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo", help="serve the registered champion models in a web app (Gradio)",
@@ -25,9 +32,9 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", action="append", metavar="[DATASET=]URI",
                    help="serve this model instead of the dataset's champion, e.g. models:/cifar10-resnet/3 or "
                    "fer2013=models:/fer2013-resnet@challenger (repeatable)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
-    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("--host", help="interface to bind (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, help="port to serve on (default: 7860)")
+    p.add_argument("--share", action="store_true", default=None, help="also open a public gradio.live link")
     p.add_argument("--auth", metavar="USER:PASSWORD", default=None,
                    help=f"require this login (default: ${AUTH_ENV} if set); advised with --host other than "
                    "127.0.0.1 or --share")
@@ -45,16 +52,30 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
         "(upload, queue, event stream), one at a time and then all at once, print a table and stop it")
     b.add_argument("--bench", action="store_true", help="run the benchmark instead of serving")
     b.add_argument("--model-uri", help="model to serve and measure (default: the --dataset's champion)")
-    b.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10",
+    b.add_argument("--dataset", choices=sorted(DATASETS),
                    help="whose champion --model-uri defaults to (default: cifar10)")
-    b.add_argument("--requests", type=int, default=50, help="timed requests one at a time (default: 50)")
-    b.add_argument("--warmup", type=int, default=5, help="untimed requests first (default: 5)")
-    b.add_argument("--concurrent", type=int, default=50, help="requests sent at once after those (default: 50; 0: none)")
-    b.add_argument("--no-gradcam", dest="gradcam", action="store_false",
+    b.add_argument("--requests", type=int, help="timed requests one at a time (default: 50)")
+    b.add_argument("--warmup", type=int, help="untimed requests first (default: 5)")
+    b.add_argument("--concurrent", type=int, help="requests sent at once after those (default: 50; 0: none)")
+    b.add_argument("--no-gradcam", dest="gradcam", action="store_false", default=None,
                    help="ask without Grad-CAM (default: with it, as the page's checkbox is on)")
-    b.add_argument("--timeout", type=float, default=120, help="seconds one request may take (default: 120)")
+    b.add_argument("--timeout", type=float, help="seconds one request may take (default: 120)")
     b.add_argument("--out", metavar="FILE.json", help="write every latency and the machine's details as JSON")
     p.set_defaults(func=cmd_demo)
+
+
+def fill_mode_defaults(args: argparse.Namespace) -> None:
+    """Fill in the defaults of serving's and --bench's flags; a flag of the other mode, which it would ignore, is
+    a ValueError (``--bench --model URI`` benchmarked the champion instead)."""
+    other = SERVE_DEFAULTS if args.bench else BENCH_DEFAULTS
+    given = [k for k in other if getattr(args, k) is not None]
+    if given:
+        flags = ", ".join("--no-gradcam" if k == "gradcam" else "--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{flags}: not for --bench, which serves --model-uri itself on 127.0.0.1 and a free port"
+                         if args.bench else f"{flags}: for --bench only (--model chooses what the app serves)")
+    for k, v in {**SERVE_DEFAULTS, **BENCH_DEFAULTS}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -97,6 +118,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if not re.fullmatch(r"\s*[1-9]\d*\s*[kmgt]?b\s*", str(args.max_file_size), re.IGNORECASE):
         fail(f"--max-file-size {args.max_file_size}: give a size above 0 with its unit, e.g. 500kb, 10mb or 1gb")
     args.threads = args.threads or serving_threads()  # resolved once: the server and --bench's record read it
+    try:
+        fill_mode_defaults(args)
+    except ValueError as e:
+        fail(str(e))
     if args.bench:
         from .bench import cmd_bench
 

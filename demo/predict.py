@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from train.data import DATASETS, IMAGE_SUFFIXES
+from train.files import output_path
 
 FACE_DATASETS = {"fer2013"}  # as demo.serving: pictures of faces, find them first
 
@@ -189,6 +190,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
         fail(f"--out {args.out}: give a .csv or .json file")
+    if args.out:
+        output_path(args.out)
     if args.top_k < 1 or args.batch_size < 1:
         fail("--top-k and --batch-size must be at least 1")
     model = args.model

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.data import DataError, channel_stats, load_dataset, split_validation, stratified_subset
+from train.data import DataError, channel_stats, load_dataset, split_validation, stratified_sample, stratified_subset
 
 
 def real_members(zip_path: Path, per_class: int) -> dict[str, bytes]:
@@ -348,6 +348,19 @@ def test_validation_split_is_stratified_disjoint_and_fixed(cifar):
 
 
 # --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("n", [4, 14, 16, 50, 1000])
+def test_evaluate_limit_samples_exactly_n_in_the_classes_shares(cifar, fer, n):
+    """`reslab evaluate --limit N` evaluated 51 FER-2013 images for 50, 20 CIFAR-10 ones for 16, and for 4 none at
+    all ("has no test images"): each class's count was rounded on its own."""
+    for data in (cifar, fer):
+        picked = stratified_sample(data.test_y, n, seed=0)
+        assert len(picked) == n and len(np.unique(picked)) == n
+        counts = np.bincount(data.test_y[picked], minlength=data.num_classes)
+        quota = np.bincount(data.test_y, minlength=data.num_classes) * n / len(data.test_y)
+        assert np.all(np.abs(counts - quota) < 1), (data.name, counts, quota.round(2))
+        assert np.array_equal(picked, stratified_sample(data.test_y, n, seed=0))  # the same images every time
 
 
 def test_missing_path(tmp_path):

@@ -446,10 +446,11 @@ def test_login_required_when_set(in_store, cifar, tmp_path):
     (["--host", "0.0.0.0"], True), (["--host", "0.0.0.0", "--auth", "a:b"], False), (["--share"], True),
     ([], False), (["--host", "::1"], False)])
 def test_exposed_without_login_is_warned(argv, warned):
-    from demo.cli import exposure_warning, parse_auth
+    from demo.cli import exposure_warning, fill_mode_defaults, parse_auth
     from train.cli import build_parser
 
     args = build_parser().parse_args(["demo", *argv])
+    fill_mode_defaults(args)
     said = exposure_warning(args.host, args.share, parse_auth(args.auth))
     assert bool(said) == warned and (not said or "--auth USER:PASSWORD" in said), said
 

@@ -112,6 +112,24 @@ def test_a_checkpoint_without_a_loss_scaler_resumes_where_fp16_enables_one(cifar
     assert made and made[0].is_enabled()
 
 
+def test_a_recipe_follows_the_dataset_and_model_it_is_given(tmp_path):
+    """--recipe picked its CIFAR-10 section when the dataset came from --config (FER-2013 trained at CIFAR-10's
+    batch, rate and crops), and a recipe's ResNet-9 options crashed another --model (resnet20 has no width)."""
+    from train.cli import build_parser, config_from_args
+    from train.models import create_model
+
+    def cfg(*argv: str) -> TrainConfig:
+        return config_from_args(build_parser().parse_args(["train", "--recipe", "fast-cpu", *argv]))
+
+    (tmp_path / "fer.yaml").write_text("dataset: fer2013\n")
+    from_file, flag = cfg("--config", str(tmp_path / "fer.yaml")), cfg("--dataset", "fer2013")
+    assert from_file.dataset == "fer2013" and from_file.to_dict() == flag.to_dict()
+    assert (flag.batch_size, flag.crop_size) == (256, 40)
+    other = cfg("--model", "resnet20")
+    assert other.model_args == {} and create_model(other.model, 10, 3, **other.model_args) is not None
+    assert cfg("--model", "resnet9").model_args == cfg().model_args == {"width": 32}  # its own network keeps them
+
+
 def test_ema_and_tta_are_what_is_evaluated(cifar):
     """With ``ema`` the weights evaluated and returned are the average, not the last step's: the
     same run without EMA trains identically (EMA does not feed back) but returns other weights.
@@ -401,7 +419,28 @@ def test_a_config_file_that_is_not_valid_is_one_line(capsys, mlflow_store, tmp_p
     (["demo", "--max-file-size", "0", "--port", "99999"],
      "--max-file-size 0: give a size above 0 with its unit, e.g. 500kb, 10mb or 1gb"),
     (["ui", "--port", "70000"], "--port 70000 is not a port number (0-65535)"),
+    # each was ignored: --bench measured the champion, not --model; a serving demo dropped --requests and --out
+    (["demo", "--bench", "--model", "models:/x/1", "--port", "99999"],
+     "--model, --port: not for --bench, which serves --model-uri itself on 127.0.0.1 and a free port"),
+    (["demo", "--requests", "5", "--out", "x.json", "--no-gradcam", "--port", "99999"],
+     "--requests, --no-gradcam, --out: for --bench only (--model chooses what the app serves)"),
     (["evaluate", "models:/nothing-here/1", "--batch-size", "0"], "--batch-size 0: give at least 1 image"),
+    # an --out that cannot be written failed after the whole evaluation (and skipped --log); export's named its temp file
+    (["evaluate", "models:/nothing-here/1", "--out", "/"], "--out / is a folder: give a file name"),
+    (["predict", "models:/nothing-here/1", "x.png", "--out", "/proc/x/y.json"], "--out /proc/x/y.json: cannot make its folder (No such file or directory)"),
+    (["export", "models:/nothing-here/1", "--format", "onnx", "--out", "/"], "--out / is a folder: give a file name"),
+    (["export", "models:/nothing-here/1", "--format", "onnx", "--tolerance", "nan"],
+     "--tolerance nan: give the largest acceptable logit difference, 0 or more"),  # NaN turned the check off
+    # these two were a TypeError and a RuntimeError from inside a started (then FAILED) MLflow run
+    (["train", "--dataset", "fer2013", "--shortcut", "B"], "--shortcut: resnet9 has no such option (it takes: width); "
+     "shortcuts are the CIFAR ResNets' option (resnet20 ... resnet110)"),
+    (["tune", "--model", "resnet18", "--shortcut", "A"], "--shortcut: resnet18 has no such option (it takes: small_input); "
+     "shortcuts are the CIFAR ResNets' option (resnet20 ... resnet110)"),
+    (["train", "--device", "foo"], "--device 'foo': choose auto, cpu or cuda[:N]"),
+    # --epochs was dropped without a word (and logged as the run's epochs)
+    (["train", "--epochs", "1", "--time-budget", "25s"],
+     "--time-budget fits the number of epochs to the measured speed: leave out --epochs (--max-steps caps it)"),
+    (["tune", "--device", "mps"], "--device 'mps': reslab trains on auto, cpu or cuda[:N]"),
 ])
 def test_other_commands_bad_values_are_one_line(capsys, mlflow_store, tmp_path, args, line):
     """Once a traceback (an unknown storage scheme, zero rounds, the UI's port out of range from the MLflow

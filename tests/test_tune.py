@@ -251,3 +251,23 @@ def test_ui_serves_the_store_and_lists_runs(first_study, store):
     finally:
         stop(proc)
         proc.stderr.close()
+
+
+@pytest.mark.parametrize("warmup, pruned", [(1, True), (3, False)])
+def test_prune_warmup_is_the_first_rung_of_successive_halving(warmup, pruned):
+    """--prune-warmup was logged but dropped under asha (what --budget and make run use): its first rung stayed
+    at epoch 1. A trial worst of four at epoch 1 is pruned there only when the first rung is epoch 1."""
+    from train.config import TrainConfig
+    from tune.space import SearchSpace
+    from tune.study import TuneOptions, make_pruner
+
+    opts = TuneOptions(base=TrainConfig(), space=SearchSpace({}, {}), study="s", pruner="asha", prune_warmup=warmup)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(opts))
+    for value in (0.9, 0.8, 0.7):
+        trial = study.ask()
+        trial.report(value, 1)
+        trial.should_prune()
+        study.tell(trial, value)
+    worst = study.ask()
+    worst.report(0.1, 1)
+    assert worst.should_prune() == pruned

@@ -71,13 +71,15 @@ def add_data_args(p: argparse.ArgumentParser, show_defaults: bool = True,
     g.add_argument("--val-fraction", type=float, metavar="F", help="validation share carved out of train")
 
 
-def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> None:
+def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True,
+                   model_help: str = "architecture (default: resnet20 for CIFAR-10, resnet9 at width 32 for FER-2013); "
+                   "see --list-models") -> None:
     """Flags that map onto :class:`TrainConfig` fields (None means: not given). ``show_defaults``:
-    append TrainConfig's defaults to the help (off where a preset decides them instead)."""
+    append TrainConfig's defaults to the help (off where a preset or a recipe decides them instead)."""
     defaults = _help_defaults(show_defaults)
     add_data_args(p, show_defaults, defaults)
     g = _group(p, "model", defaults)
-    g.add_argument("--model", metavar="NAME", help="architecture (default: resnet20 for CIFAR-10, resnet9 at width 32 for FER-2013); see --list-models")
+    g.add_argument("--model", metavar="NAME", help=model_help)
     g.add_argument("--shortcut", choices=["A", "B"], help="CIFAR ResNet shortcut: A zero-padding (paper), B projection")
     g.add_argument("--ensemble", type=int, metavar="N",
                    help="train N networks of the model side by side (each from its own random start, on the same "
@@ -154,12 +156,14 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True) -> No
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < recipe < config file < explicit flags."""
-    dataset = args.dataset or "cifar10"
+    from_file = load_yaml(args.config) if getattr(args, "config", None) else {}
+    dataset = args.dataset or from_file.get("dataset") or "cifar10"  # the recipe's section is the dataset's
     merged: dict[str, Any] = {"dataset": dataset}
     if getattr(args, "recipe", None):
         merged.update(recipe(args.recipe, dataset))
-    if getattr(args, "config", None):
-        merged.update(load_yaml(args.config))
+        if getattr(args, "model", None) and "model_args" not in from_file and args.model != merged.get("model"):
+            merged.pop("model_args", None)  # --model given: the recipe's options for its own network give way
+    merged.update(from_file)
     fields = TrainConfig.__dataclass_fields__
     for key, value in vars(args).items():
         if key in fields and value is not None:
@@ -167,6 +171,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for key in ("epochs", "batch_size", "lr", "weight_decay"):  # 0 (weight decay: below 0) in a file means the
         if getattr(args, key, None) is not None:  # dataset's default; given as a flag, it is a mistake
             check_bound(key, getattr(args, key))
+    if getattr(args, "time_budget", None) is not None and getattr(args, "epochs", None):  # the budget set the length
+        fail("--time-budget fits the number of epochs to the measured speed: leave out --epochs (--max-steps caps it)")
     if getattr(args, "time_budget", None) is None and (getattr(args, "epochs", None) or getattr(args, "max_steps", None)):
         merged.pop("time_budget", None)  # --epochs/--max-steps given: a recipe's time budget gives way
     if getattr(args, "epochs", None) and getattr(args, "max_steps", None) is None:
@@ -195,6 +201,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     if cfg.model not in list_models():
         fail(f"unknown model {cfg.model!r}; run `reslab train --list-models`")
+    from .engine import select_device
+    from .models import check_model_args
+
+    try:
+        check_model_args(cfg.model, cfg.model_args)
+        select_device(cfg.device)
+    except ValueError as e:
+        fail(str(e))
     if cfg.subset is not None and cfg.subset < 10:
         fail(f"--subset {cfg.subset} is too small; give at least 10 images")
     return cfg

@@ -60,11 +60,22 @@ def cpu_supports_bf16() -> bool:
 
 
 def select_device(name: str = "auto") -> torch.device:
+    """The device ``--device`` names; a name torch does not know, or a GPU this machine lacks, is a ValueError
+    (one line from the CLI, raised before any run starts)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: choose auto, cpu or cuda[:N]") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asked for, but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 on")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: reslab trains on auto, cpu or cuda[:N]")
+    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

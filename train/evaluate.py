@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from .config import TTA_VIEWS
-from .data import ImageData, stratified_subset
+from .data import ImageData, stratified_sample
 from .engine import tta_logits
 from .lineage import log_input
 from .report import classification_metrics, metrics_by_part, part_metrics, plot_confusion
@@ -73,8 +73,8 @@ def evaluate(models: OpenedModel | Sequence[OpenedModel], data: ImageData, limit
         check_compatible(opened, data)
     x, y, parts = data.test_x, data.test_y, data.test_parts()
     subset = bool(limit and limit < len(y))
-    if subset:  # a stratified subset (the splits are sorted by class)
-        keep = np.sort(stratified_subset(y, limit))
+    if subset:  # a stratified sample of exactly --limit images (the splits are sorted by class)
+        keep = stratified_sample(y, limit)
         x, y = x[keep], y[keep]
         parts = {name: np.flatnonzero(np.isin(keep, idx)) for name, idx in parts.items()}  # positions in the subset
     if not len(x):

@@ -1,5 +1,6 @@
 """Files that other processes or a later command read: a lock file shared by processes on one host (tune
-workers, torchrun ranks, two studies), and a text file replaced whole or not at all.
+workers, torchrun ranks, two studies), a text file replaced whole or not at all, and an --out path checked
+before the work that fills it.
 
 The kernel drops a killed process's lock, so nothing is left to clean up. Where no lock can be taken (no
 ``fcntl``, a read-only folder, a file system without locks) the block runs unlocked, as it would without
@@ -51,3 +52,18 @@ def write_text_atomic(path: Path, text: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def output_path(path: str, flag: str = "--out") -> Path:
+    """``path`` as a file to write at the end of a command, checked (and its folder made) at the start: a folder
+    or an unwritable place found only after minutes of evaluation lost them. A ValueError names the flag."""
+    out = Path(path)
+    if out.is_dir() or path.endswith(("/", os.sep)):
+        raise ValueError(f"{flag} {path} is a folder: give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot make its folder ({e.strerror})") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"{flag} {path}: not writable")
+    return out

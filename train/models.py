@@ -53,6 +53,17 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, ensembl
     return nets[0] if ensemble == 1 else Ensemble(nets)
 
 
+def check_model_args(name: str, model_args: dict[str, Any]) -> None:
+    """A ValueError naming the options ``name``'s builder does not take (``--shortcut`` on resnet9 was a TypeError
+    from inside a started run)."""
+    takes = {k for k in inspect.signature(_REGISTRY[name]).parameters if k not in ("num_classes", "in_channels")}
+    unknown = sorted(set(model_args) - takes - {"ensemble"})
+    if unknown:
+        flags = ", ".join("--shortcut" if k == "shortcut" else f"model_args {k!r}" for k in unknown)
+        raise ValueError(f"{flags}: {name} has no such option (it takes: {', '.join(sorted(takes)) or 'none'})"
+                         + ("; shortcuts are the CIFAR ResNets' option (resnet20 ... resnet110)" if "shortcut" in unknown else ""))
+
+
 def model_width(name: str, model_args: dict[str, Any]) -> int | None:
     """The ``width`` a registered network would be built with, or None for one without that option."""
     param = inspect.signature(_REGISTRY[name]).parameters.get("width") if name in _REGISTRY else None

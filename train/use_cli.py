@@ -11,6 +11,7 @@ from pathlib import Path
 from .cli import fail
 from .config import TTA_VIEWS
 from .data import DATASETS, spread_sample
+from .files import output_path, write_text_atomic
 
 MODEL_HELP = ("a logged model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a run id, "
               "or a downloaded model folder")
@@ -109,17 +110,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         fail(f"--batch-size {args.batch_size}: give at least 1 image")
     if args.log and len(args.model) > 1:
         fail("--log records an evaluation against one model; evaluate an ensemble without it")
+    out = output_path(args.out) if args.out else None
     models = [_open(m) for m in args.model]
     opened = models[0]
     data = _load_data(opened, args)
     report = evaluate(models, data, args.limit, args.batch_size, progress=not args.no_progress, tta=args.tta)
     print(format_report(report))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-        print(f"report written to {args.out}")
-    if args.log:
+    if args.log:  # first: a report file that cannot be written must not cost the run
         run_id = log_evaluation(opened, data, report, args.experiment)
         print(f"logged to MLflow run {run_id}" + (f" (model_id {opened.model_id})" if opened.model_id else ""))
+    if out:
+        write_text_atomic(out, json.dumps(report, indent=2))
+        print(f"report written to {out}")
 
 
 # --------------------------------------------------------------------------- reslab export
@@ -148,6 +150,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     if args.verify < 0:
         fail(f"--verify {args.verify}: give 0 (skip) or a number of images")
+    if not args.tolerance >= 0:  # NaN too: it turned the check off
+        fail(f"--tolerance {args.tolerance}: give the largest acceptable logit difference, 0 or more")
+    if args.out:
+        output_path(args.out)
     opened = _open(args.model)
     stem = opened.name or opened.config.get("architecture") or "model"
     out = Path(args.out or f"{stem}.{args.format}")

@@ -47,13 +47,15 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
         "(alias champion if it beats the current champion's test accuracy, else challenger). Several workers "
         "may run the same --study on a shared --storage.",
     )
-    add_train_args(p)
+    # the base is the dataset's fast recipe (train/recipes/fast-cpu.yaml), not TrainConfig's defaults: none shown
+    add_train_args(p, show_defaults=False, model_help="architecture (default: resnet9 at width 32, the fast-cpu "
+                   "recipe's, which --model, --recipe or --config replaces; `reslab train --list-models` lists them)")
     g = p.add_argument_group("study")
     g.add_argument("--study", metavar="NAME", help="study name; an existing study is resumed and extended "
                    "(default: <dataset>-<model>-<time>)")
     g.add_argument("--storage", metavar="URL", help="Optuna storage: sqlite:///f.db, postgresql+psycopg://user@host/db, "
                    "or a journal .log path (default: journal file mlruns/optuna/journal.log)")
-    g.add_argument("--trials", type=int, metavar="N", help="trial budget of this invocation, shared by all its workers (default 20)")
+    g.add_argument("--trials", type=int, metavar="N", help="trial budget of this invocation, shared by all its workers (default 20; 30 with --budget)")
     g.add_argument("--timeout", metavar="DURATION", help="stop starting trials after this long, e.g. 90m or 2h")
     g.add_argument("--budget", metavar="DURATION", help="wall-clock budget of the whole invocation, e.g. 10m: this "
                    "machine's speed is measured, trials are sized to a quarter of it (low fidelity, successive "
@@ -69,7 +71,7 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
                    "epoch (default: asha with --budget, else median)")
     g.add_argument("--prune-after", type=int, metavar="N", help="completed trials before the median pruner acts (default 3)")
     g.add_argument("--prune-warmup", type=int, default=1, metavar="EPOCHS",
-                   help="epochs every trial gets before it may be pruned (default 1)")
+                   help="epochs every trial gets before it may be pruned; asha's and hyperband's first rung (default 1)")
     g.add_argument("--heartbeat", type=int, metavar="SECONDS", help="RDB storages: fail and retry trials of workers "
                    "silent for 2x this long")
     g.add_argument("--refit", action="store_true", help="retrain the best configuration on train+val before testing it")

@@ -67,8 +67,9 @@ def make_pruner(opts: TuneOptions) -> BasePruner:
     if opts.pruner == "hyperband":
         epochs = "auto" if "epochs" in opts.space.distributions else opts.space.fixed.get("epochs", opts.base.epochs)
         return HyperbandPruner(min_resource=max(1, opts.prune_warmup), max_resource=epochs, reduction_factor=3)
-    if opts.pruner == "asha":  # successive halving over epochs: rungs at epochs 1, 3, 9, ...; the best third goes on
-        return SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if opts.pruner == "asha":  # successive halving over epochs: rungs at epochs 1, 3, 9, ... (--prune-warmup W: W, 3W,
+        # 9W, ...); the best third goes on
+        return SuccessiveHalvingPruner(min_resource=max(1, opts.prune_warmup), reduction_factor=3)
     if opts.pruner == "none":
         return NopPruner()
     raise ValueError(f"unknown pruner {opts.pruner!r}; choose asha, median, hyperband or none")
