@@ -185,7 +185,7 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from train.cli import fail
-    from train.tracking import setup_tracking
+    from train.tracking import resolve_model_uri, setup_tracking
     from train.usemodel import default_model_uri, open_model
 
     if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
@@ -195,6 +195,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.top_k < 1 or args.batch_size < 1:
         fail("--top-k and --batch-size must be at least 1")
     model = args.model
+    if model is None and len(args.paths) == 1 and not Path(args.paths[0]).exists() and (
+            resolve_model_uri(args.paths[0]) != args.paths[0] or args.paths[0].startswith(("models:/", "runs:/"))):
+        fail(f"{args.paths[0]} names a model: give the images to classify after it (reslab predict MODEL PATH ...)")
     if model and not model.startswith(("models:/", "runs:/")) and Path(model).exists() and not Path(model, "MLmodel").exists():
         args.paths.insert(0, model)  # `reslab predict photo.png`: no MODEL given, the first PATH was taken for it
         model = None

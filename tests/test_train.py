@@ -355,13 +355,14 @@ def test_cli_run_is_complete_in_mlflow_and_the_model_loads_back(mlflow_store, da
     assert "epochs=2" in card and "batch_size=64" in card and "subset=1000" in card, card
     assert f"test accuracy {m['test_acc']:.4f}" in card, card
 
-    # transfer learning: FER-2013 initialised from our own registered CIFAR-10 model
+    # transfer learning: FER-2013 initialised from our own registered CIFAR-10 model, named as every other command
+    # takes it (name@alias without models:/, which --init-from alone refused: "No such artifact")
     no_test = Path("no-test.yaml")  # what is checked here is the start, not the test split (a minute of evaluation)
     no_test.write_text("evaluate_test: false\n")
     run_cli("--dataset", "fer2013", "--model", "resnet20", "--data", str(data_dir), "--subset", "300", "--epochs", "1",
-            "--init-from", "models:/cifar10-resnet@champion", "--run-name", "transfer", "--config", str(no_test))
+            "--init-from", "cifar10-resnet@champion", "--run-name", "transfer", "--config", str(no_test))
     fer_run = client.search_runs([client.get_experiment_by_name("fer2013").experiment_id])[0]
-    assert fer_run.data.tags["init_from"] == "models:/cifar10-resnet@champion"
+    assert fer_run.data.tags["init_from"] == "cifar10-resnet@champion"
     expected = len(create_model("resnet20", 7, 1).state_dict()) - 2  # all but the classifier (the stem is adapted to gray)
     assert f"initialised {expected} tensors" in capsys.readouterr().out
 
@@ -429,6 +430,8 @@ def test_a_config_file_that_is_not_valid_is_one_line(capsys, mlflow_store, tmp_p
     (["evaluate", "models:/nothing-here/1", "--out", "/"], "--out / is a folder: give a file name"),
     (["predict", "models:/nothing-here/1", "x.png", "--out", "/proc/x/y.json"], "--out /proc/x/y.json: cannot make its folder (No such file or directory)"),
     (["export", "models:/nothing-here/1", "--format", "onnx", "--out", "/"], "--out / is a folder: give a file name"),
+    # the one word was taken for the PATH and the champion was looked for instead
+    (["predict", "nothing-here/1"], "nothing-here/1 names a model: give the images to classify after it (reslab predict MODEL PATH ...)"),
     (["export", "models:/nothing-here/1", "--format", "onnx", "--tolerance", "nan"],
      "--tolerance nan: give the largest acceptable logit difference, 0 or more"),  # NaN turned the check off
     # these two were a TypeError and a RuntimeError from inside a started (then FAILED) MLflow run

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import tempfile
 import urllib.error
@@ -315,9 +316,20 @@ def load_model(uri: str) -> nn.Module:
     return mlflow.pytorch.load_model(uri)
 
 
+def resolve_model_uri(model: str) -> str:
+    """What the user typed -> an MLflow model URI (or a local folder): a run id, ``name@alias`` or ``name/version``
+    without the scheme, or a URI as it is."""
+    if re.fullmatch(r"[0-9a-f]{32}", model):  # a run id
+        return f"runs:/{model}/{MODEL_ARTIFACT}"
+    if "://" not in model and ":/" not in model and not Path(model).exists() and re.fullmatch(r"[\w.-]+(@[\w-]+|/\d+)", model):
+        return f"models:/{model}"  # name@alias or name/version without the scheme
+    return model
+
+
 def model_files(uri: str) -> tuple[dict[str, Any], Path]:
-    """Download a logged model's config and safetensors weights; return (config, weights path)."""
-    local = Path(mlflow.artifacts.download_artifacts(uri))
+    """Download a logged model's config and safetensors weights (``uri`` in any form resolve_model_uri takes, as
+    ``--init-from`` gets it); return (config, weights path)."""
+    local = Path(mlflow.artifacts.download_artifacts(resolve_model_uri(uri)))
     extra = local / "extra_files"
     return json.loads((extra / "model_config.json").read_text()), extra / "weights.safetensors"
 

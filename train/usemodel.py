@@ -15,19 +15,10 @@ from torch import nn
 
 from .config import champion_uri
 from .preprocess import Preprocessing
-from .tracking import MODEL_ARTIFACT, rebuild_module
+from .tracking import rebuild_module, resolve_model_uri
 
 def default_model_uri(dataset: str) -> str:
     return champion_uri(dataset)
-
-
-def resolve_model_uri(model: str) -> str:
-    """What the user typed -> an MLflow model URI (or a local folder)."""
-    if re.fullmatch(r"[0-9a-f]{32}", model):  # a run id
-        return f"runs:/{model}/{MODEL_ARTIFACT}"
-    if "://" not in model and ":/" not in model and not Path(model).exists() and re.fullmatch(r"[\w.-]+(@[\w-]+|/\d+)", model):
-        return f"models:/{model}"  # name@alias or name/version without the scheme
-    return model
 
 
 @dataclass
