@@ -86,7 +86,8 @@ def test_images(dataset: str, count: int, folder: Path) -> Images:
 
     data = load_dataset(dataset, progress=False)
     per_class = [np.flatnonzero(data.test_y == c) for c in range(data.num_classes)]
-    picks = [int(per_class[k % data.num_classes][k // data.num_classes]) for k in range(count)]
+    count = min(count, data.num_classes * min(len(c) for c in per_class))  # FER-2013 has 111 'disgust' test images:
+    picks = [int(per_class[k % data.num_classes][k // data.num_classes]) for k in range(count)]  # requests cycle them
     paths = []
     for i in picks:
         img = data.test_x[i]
@@ -348,12 +349,19 @@ def format_table(res: dict[str, Any]) -> str:
     lines.append("")
     if seq:
         lines.append(f"target: one image p50 <= {TARGET_P50_MS:.0f} ms: {seq['p50']:.1f} ms "
-                     f"({'met' if seq['p50'] <= TARGET_P50_MS else 'NOT met'})")
+                     f"({verdict(res['sequential'], seq['p50'], TARGET_P50_MS)})")
     if conc:
         lines.append(f"target: {res['concurrent']['requests']} concurrent p95 <= {TARGET_BURST_P95_MS:.0f} ms: "
-                     f"{conc['p95']:.0f} ms ({'met' if conc['p95'] <= TARGET_BURST_P95_MS else 'NOT met'})")
+                     f"{conc['p95']:.0f} ms ({verdict(res['concurrent'], conc['p95'], TARGET_BURST_P95_MS)})")
     lines.append(f"load average (1 min) at the end: {m['load_average_1min']:.2f}; total {res['seconds']:.0f} s")
     return "\n".join(lines)
+
+
+def verdict(phase: dict[str, Any], value: float, target: float) -> str:
+    """Whether a phase met its latency target. Its percentiles are of the answered requests only, so a request that
+    failed (timed out, queue full) fails the target: 40 fast answers and 10 timeouts read "met" before."""
+    failed = len(phase["failed"])
+    return f"NOT met: {failed} failed" if failed else "met" if value <= target else "NOT met"
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

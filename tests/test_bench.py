@@ -81,6 +81,19 @@ def test_bench_table_and_json(bench_run, capsys):
     assert res["machine"]["cores"] >= 1 and res["machine"]["torch_threads"] >= 1
 
 
+def test_the_tables_vs_ceiling_column_is_the_paired_ratio():
+    """A committed result whose ratio of medians (1.00) differs from its paired ratio (0.97): the table printed
+    both, one in the column and the other on the line below it."""
+    from pathlib import Path
+
+    from train.bench import format_table
+
+    res = json.loads((Path(__file__).parents[1] / "docs" / "results" / "bench-cifar10-2026-12-07T0900.json").read_text())
+    table = format_table(res)
+    row = re.search(r"^reslab +[0-9.]+ +([0-9.]+)x ", table, re.M)
+    assert float(row[1]) == pytest.approx(res["ratios"]["reslab_over_ceiling"], abs=0.005) == 0.97, table
+
+
 def test_bench_compiles_as_a_run_on_its_subset_would(monkeypatch, data_dir):
     """--subset N was accepted and ignored: the compile decision counted the whole split's steps, so a short
     run's bench measured a compiled step that run would not take. (Stopped right after that decision.)"""
@@ -110,6 +123,9 @@ def test_bench_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--pipelines", "ceiling", "magic"])
     assert "unknown pipeline(s) magic" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an IndexError after the whole benchmark had run, and nothing saved
+        main(["bench", "--latency-calls", "0"])
+    assert "--latency-calls and --eval-images take 1 or more (here 0 and 2000)" in capsys.readouterr().err
 
 
 needs_cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (none here)")

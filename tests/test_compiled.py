@@ -65,6 +65,8 @@ def test_compiled_model_trains_like_eager(name, classes, channels, size, kwargs,
     x = torch.randn(8, channels, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (8,))
     losses = {}
+    counters = torch._dynamo.utils.counters  # what Dynamo captured: a compile that fell back to eager captures nothing
+    counters.clear()
     for mode, m, fn in (("eager", eager, eager), ("compiled", model, step_fn)):
         opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
         losses[mode] = []
@@ -76,6 +78,8 @@ def test_compiled_model_trains_like_eager(name, classes, channels, size, kwargs,
             assert all(torch.isfinite(p.grad).all() for p in m.parameters()), f"{mode}: non-finite gradients"
             opt.step()
             losses[mode].append(loss.item())
+    # the whole network became one graph (forward; its backward follows it), with no break back to Python
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters)
     # bf16 fusion changes rounding, not the computation: the losses agree to well under 1%
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-2)
     assert losses["compiled"][-1] < losses["compiled"][0]  # and it learns

@@ -551,8 +551,7 @@ def test_official_md5s_are_torchvisions():
     from train.data import CIFAR_MD5
 
     spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        pytest.skip("torchvision is not installed")
+    assert spec is not None, "torchvision is a pinned dependency (pyproject.toml)"
     source = (Path(spec.origin).parent / "datasets" / "cifar.py").read_text()
     cifar10 = source.split("class CIFAR100")[0]
     listed = dict(re.findall(r'\["(\w+)", "([0-9a-f]{32})"\]', cifar10))

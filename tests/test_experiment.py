@@ -184,3 +184,21 @@ def test_flops_from_the_architecture_name():
     assert (params20, params56) == (269722, 853018)
     assert 40e6 < flops20 / 2 < 42e6 and 124e6 < flops56 / 2 < 127e6
     assert kind_of("resnet18") == "ImageNet-style ResNet" and kind_of("plain56") == "baseline CNN (plain)"
+
+
+@pytest.mark.parametrize("ema, tta", [(0.9, 1), (0.0, 0)])
+def test_the_test_curve_scores_the_weights_and_views_the_table_scores(mlflow_store, cifar, tmp_path, ema, tta):
+    """With --ema (and --tta) the curve scored the last step's raw weights on one view while the table's test error
+    came from the average with its views: the figure's last point disagreed with the table (0.880 against 0.890)."""
+    from train.config import TrainConfig
+    from train.engine import Runtime, evaluate, fit
+    from train.experiment import TestCurve
+
+    cfg = TrainConfig(dataset="cifar10", model="resnet9", model_args={"width": 8}, subset=300, epochs=2, batch_size=64,
+                      ema=ema, tta=tta, checkpoint_dir=str(tmp_path / "ck"), evaluate_test=False, progress=False).resolved()
+    x, y = cifar.test_x[::50], cifar.test_y[::50]
+    curve = TestCurve(cfg, cifar, x, y)
+    with mlflow.start_run():
+        result = fit(cfg, cifar, callbacks=[curve])
+    scored = evaluate(result.model, x, y, Runtime.create(cfg, cifar), cfg.tta)  # what the table's error is of
+    assert len(curve.errors) == 2 and curve.errors[-1] == pytest.approx(1 - scored.accuracy)

@@ -144,7 +144,12 @@ def test_champion_is_a_refit_on_all_training_images_tested_once(make_run, datase
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert [r.info.run_id for r in children if "test_acc" in r.data.metrics] == [run.info.run_id]
     assert float(mv.tags["test_acc"]) == pytest.approx(run.data.metrics["test_acc"])
-    assert run.data.metrics["test_acc"] > 1.5 / (10 if dataset == "cifar10" else 7)  # learnt something
+    assert run.data.metrics["test_acc"] > 1.5 / (10 if dataset == "cifar10" else 7)  # learnt something, and more
+    # than the class priors: always answering the largest class ('happy', ~25% of FER-2013's test images, above the
+    # accuracy bar) has a macro F1 of (2p / (1 + p)) / K; measured 0.156 against its 0.056 (AMD EPYC, bf16)
+    counts = [len(list(d.iterdir())) for d in (make_run["data"] / dataset / "test").iterdir()]
+    share = max(counts) / sum(counts)
+    assert run.data.metrics["test_f1_macro"] > 2 * (2 * share / (1 + share)) / len(counts), run.data.metrics
 
 
 SHORT = 45  # seconds: a search of FER-2013's recipe would need 3 trials of ~10 s (bf16) to ~30 s (AVX2) in 11 s

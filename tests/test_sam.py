@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -67,7 +68,10 @@ def test_a_step_the_scaler_skips_leaves_the_weights_exactly_as_they_were():
         assert torch.equal(p, q)  # skipped step: the weights are exactly as they were
 
 
-def test_a_fer2013_run_with_sam_takes_two_passes_a_step_and_learns(fer, monkeypatch):
+def test_a_run_with_sam_takes_two_passes_a_step_and_learns(cifar, monkeypatch):
+    """Two forward-backward passes per step through the training loop, and a network that learns: CIFAR-10, whose
+    largest class is a tenth of the validation split, where a FER-2013 run's bar of 1/7 was below the 25% that
+    always answering 'happy' scores."""
     passes, steps = [], []
     call = train.engine.Stepper._loss
     step = train.engine.Stepper.__call__
@@ -82,12 +86,13 @@ def test_a_fer2013_run_with_sam_takes_two_passes_a_step_and_learns(fer, monkeypa
 
     monkeypatch.setattr(train.engine.Stepper, "_loss", counting_loss)
     monkeypatch.setattr(train.engine.Stepper, "__call__", counting_step)
-    cfg = TrainConfig(dataset="fer2013", model="resnet9", model_args={"width": 16}, subset=1200, epochs=2,
+    cfg = TrainConfig(dataset="cifar10", model="resnet9", model_args={"width": 16}, subset=1200, epochs=2,
                       batch_size=64, lr=0.05, sam=0.05, evaluate_test=False, progress=False, seed=1)
-    result = fit(cfg, fer)
+    result = fit(cfg, cifar)
     assert steps and len(passes) == 2 * len(steps)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
-    assert result.history[-1]["val_acc"] > 1 / 7
+    majority = np.bincount(result.val.labels).max() / len(result.val.labels)
+    assert result.history[-1]["val_acc"] > 2 * majority, (result.history[-1]["val_acc"], majority)
 
 
 def test_a_bad_radius_is_one_error():

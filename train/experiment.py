@@ -166,8 +166,12 @@ class TestCurve:
 
         from .engine import evaluate, load_checkpoint
 
-        self.model.load_state_dict(load_checkpoint(self.cfg.checkpoint_dir)["model"])
-        r = evaluate(self.model, self.x, self.y, self.rt)
+        ck = load_checkpoint(self.cfg.checkpoint_dir)
+        # the weights the engine evaluates (with --ema, the average: an AveragedModel's "module." entries) and its
+        # TTA, so that the curve's last point is the table's test error
+        ema = {k.removeprefix("module."): v for k, v in (ck.get("ema") or {}).items() if k.startswith("module.")}
+        self.model.load_state_dict(ema or ck["model"])
+        r = evaluate(self.model, self.x, self.y, self.rt, self.cfg.tta)
         self.errors.append(1.0 - r.accuracy)
         mlflow.log_metric("curve_test_error", 1.0 - r.accuracy, step=int(metrics["step"]))
 
