@@ -132,15 +132,19 @@ needs_cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), rea
 
 
 @needs_cuda
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])
 def test_bench_on_cuda(data_dir, tmp_path, precision):
-    """The same table on a GPU: data resident on the device, autocast (fp16 with a grad scaler)."""
+    """The same table on a GPU: data resident on the device, autocast (fp16 with a grad scaler); auto resolved on the
+    real device (bf16 from compute capability 8, fp16 before it), where the unit test stubs the capability."""
     out = tmp_path / "cuda.json"
     main(["bench", "--dataset", "cifar10", "--data", str(data_dir), "--device", "cuda", "--precision", precision,
           "--batch-size", "64", "--steps", "4", "--rounds", "2", "--warmup-steps", "2", "--settle", "1",
           "--loader-workers", "1", "--eval-images", "256", "--latency-calls", "5", "--out", str(out), "--no-progress"])
     res = json.loads(out.read_text())
-    assert res["device"].startswith("cuda") and res["precision"] == precision and "gpu" in res["machine"]
+    import torch
+
+    expected = precision if precision != "auto" else "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
+    assert res["device"].startswith("cuda") and res["precision"] == expected and "gpu" in res["machine"]
     for name in PIPELINES:
         r = res["pipelines"][name]
         assert r["loss_finite"] and r["params_changed"], name
