@@ -46,8 +46,8 @@ def test_training_sees_crops_and_evaluation_whole_images(fer, monkeypatch):
     seen: dict[bool, set[tuple[int, int]]] = {True: set(), False: set()}
     build = train.engine.build_model
 
-    def spying_build(cfg, data):
-        model = build(cfg, data)
+    def spying_build(cfg, data, *rest):
+        model = build(cfg, data, *rest)
         model.register_forward_pre_hook(lambda m, args: seen[m.training].add(tuple(args[0].shape[-2:])))
         return model
 
@@ -78,8 +78,8 @@ def test_full_size_finish_trains_the_last_steps_on_whole_images(fer, monkeypatch
     shapes: list[tuple[int, int]] = []
     build = train.engine.build_model
 
-    def spying_build(cfg, data):
-        model = build(cfg, data)
+    def spying_build(cfg, data, *rest):
+        model = build(cfg, data, *rest)
         def record(m, args):
             if m.training:
                 shapes.append(tuple(args[0].shape[-2:]))

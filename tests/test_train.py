@@ -384,7 +384,7 @@ def test_cli_bad_input_is_one_clear_line_and_reslab_debug_shows_the_traceback(tm
     ("--lr", "-1", "-1.0"), ("--lr", "nan", "nan"), ("--weight-decay", "-3", "-3.0"), ("--momentum", "2", "2.0"),
     ("--label-smoothing", "1.5", "1.5"), ("--ema", "1.5", "1.5"), ("--warmup", "2", "2.0"),
     ("--val-fraction", "-0.1", "-0.1"), ("--max-steps", "0", "0"), ("--workers", "0", "0"), ("--seed", "-1", "-1"),
-    ("--gamma", "-1", "-1.0"), ("--gamma", "0", "0.0"), ("--milestones", "-5", "[-5.0]"),  # a negative lr: ascent
+    ("--gamma", "-1", "-1.0"), ("--milestones", "-5", "[-5.0]"),  # a negative lr: gradient ascent
 ])
 def test_a_setting_out_of_range_is_one_line_before_anything_starts(capsys, mlflow_store, tmp_path, flag, value, shown):
     """Each of these once trained anyway (a default in place of 0, a diverging or frozen run) or ended in a traceback.

@@ -48,7 +48,7 @@ BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "warmup": (lambda v: 0 <= v <= 1, "a fraction of training from 0 to 1"),
     "milestones": (lambda v: all(0 < m < math.inf for m in v),
                    "fractions of training (<= 1) or step numbers, each above 0"),
-    "gamma": (lambda v: 0 < v <= 1, "a factor above 0 and at most 1 (e.g. 0.1)"),
+    "gamma": (lambda v: 0 <= v < math.inf, "a factor of 0 or more (e.g. 0.1; below 0 the lr is negative: ascent)"),
     "label_smoothing": (lambda v: 0 <= v < 1, "a value from 0 (off) up to (not including) 1"),
     "class_weights": (lambda v: 0 <= v <= 1, "a power from 0 (off) to 1 (inverse frequency)"),
     "ema": (lambda v: 0 <= v < 1, "a decay from 0 (off) up to (not including) 1, e.g. 0.999"),
