@@ -104,6 +104,9 @@ def test_published_resnet20_imports_and_evaluates_near_its_stated_accuracy(impor
     capsys.readouterr()
     cli(["evaluate", imported, "--log", "--no-progress", "--out", "report.json"])
     out = capsys.readouterr().out
+    from train.usemodel import open_model
+
+    assert f"(metrics linked to model_id {open_model(imported).model_id})" in out  # the whole split: linked
     report = json.loads(Path("report.json").read_text())
     assert report["images"] == 10000 and report["dataset"] == "cifar10" and not report["subset"]
     assert report["accuracy"] == pytest.approx(0.9173, abs=0.0005), report["accuracy"]
@@ -112,8 +115,6 @@ def test_published_resnet20_imports_and_evaluates_near_its_stated_accuracy(impor
     # --log: the metrics are linked to the logged model and the registry version got its accuracy
     mv = mlflow.MlflowClient().get_model_version("cifar10-resnet20-published", "1")
     assert float(mv.tags["test_acc"]) == pytest.approx(report["accuracy"])
-    from train.usemodel import open_model
-
     model_id = open_model(imported).model_id
     assert model_id and mv.source.endswith(model_id)  # the version is that logged model
     lm = mlflow.get_logged_model(model_id)
@@ -148,6 +149,7 @@ def test_evaluate_reads_a_folder_of_the_users_own_labelled_images(imported, cifa
     assert dict(mlflow.MlflowClient().get_model_version("cifar10-resnet20-published", "1").tags) == tags
     # nor are its metrics linked to the logged model, whose page shows test-split metrics
     run_id = out.split("logged to MLflow run ")[1].split()[0]
+    assert "model_id" not in out.split("logged to MLflow run ")[1].splitlines()[0]  # nor does the line say they are
     assert mlflow.get_run(run_id).data.metrics["test_acc"] == pytest.approx(want)
     model = mlflow.get_logged_model(open_model(imported).model_id)
     assert all(m.run_id != run_id for m in model.metrics or []), model.metrics

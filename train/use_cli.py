@@ -118,7 +118,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(format_report(report))
     if args.log:  # first: a report file that cannot be written must not cost the run
         run_id = log_evaluation(opened, data, report, args.experiment)
-        print(f"logged to MLflow run {run_id}" + (f" (model_id {opened.model_id})" if opened.model_id else ""))
+        import mlflow
+
+        linked = mlflow.MlflowClient().get_run(run_id).data.tags.get("model_id")  # only from the whole test split
+        print(f"logged to MLflow run {run_id}" + (f" (metrics linked to model_id {linked})" if linked else ""))
     if out:
         write_text_atomic(out, json.dumps(report, indent=2))
         print(f"report written to {out}")
