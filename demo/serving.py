@@ -34,6 +34,7 @@ from train.augment import normalize
 from train.config import CHAMPION, TTA_VIEWS, registered_name
 from train.data import DATASETS
 from train.images import Decoded
+from train.lineage import trained_params
 from train.preprocess import to_model_input
 
 from .faces import MIN_BOX_SIDE, Box, FaceFinder, crop, draw_boxes
@@ -43,7 +44,7 @@ from .gradcam import forward_with_cam, overlay
 REGISTERED_NAMES = {d: registered_name(d) for d in DATASETS}
 DEFAULT_ALIAS = CHAMPION
 FACE_DATASETS = {"fer2013"}  # datasets whose pictures are faces: find them before classifying
-HYPERPARAMS = ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "augment",
+HYPERPARAMS = ("model", "epochs", "time_budget", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "augment",
                "label_smoothing", "ema", "subset")
 
 
@@ -180,8 +181,8 @@ def read_card(uri: str) -> ModelCard:
         try:
             run = client.get_run(card.run_id)
             card.experiment_id = run.info.experiment_id
-            card.params = dict(run.data.params)
             metrics = run.data.metrics
+            card.params = trained_params(run.data.params, metrics)
             card.val_acc = card.val_acc if card.val_acc is not None else metrics.get("final_val_acc")
             card.test_acc = card.test_acc if card.test_acc is not None else metrics.get("test_acc")
         except MlflowException:

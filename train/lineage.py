@@ -15,8 +15,20 @@ from .data import ImageData, split_indices
 
 CONTEXTS = ("train", "validation", "test")
 DUPLICATE_KEY = ("duplicate key", "UNIQUE constraint failed", "Duplicate entry")  # PostgreSQL, SQLite, MySQL
-CARD_PARAMS = ("model", "model_args.width", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
+CARD_PARAMS = ("model", "model_args.width", "epochs", "time_budget", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
                "augment", "label_smoothing", "ema", "subset", "val_fraction", "pretrained", "seed")
+
+
+def trained_params(params: dict[str, str], metrics: dict[str, float]) -> dict[str, str]:
+    """A run's params as it trained: ``epochs`` the epochs it ran (a time budget or early stopping chose them; the
+    param is the configured length, e.g. a tuning trial's 3 for a budgeted refit that ran 11) and ``time_budget``
+    in seconds where it had one. For model cards (the registry's and the demo's)."""
+    out = dict(params)
+    if "epochs_run" in metrics:
+        out["epochs"] = f"{metrics['epochs_run']:.0f}"
+    if out.get("time_budget") not in (None, "", "None"):
+        out["time_budget"] = f"{float(out['time_budget']):.0f}s"
+    return out
 
 
 def split_labels(cfg: TrainConfig, data: ImageData) -> dict[str, np.ndarray]:
@@ -67,7 +79,8 @@ def model_card(client: Any, name: str, version: str | int) -> str:
     run = client.get_run(mv.run_id) if mv.run_id else None
     if run is None:
         return lines[0]
-    p, m, tags = run.data.params, run.data.metrics, run.data.tags
+    m, tags = run.data.metrics, run.data.tags
+    p = trained_params(run.data.params, m)
     arch = p.get("model") or tags.get("model", "?")
     how = "imported for" if "imported" in tags else "trained on"
     lines[0] += f": {arch}" + (f" {how} {tags['dataset']}" if "dataset" in tags else "")

@@ -165,7 +165,9 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
             timeout = None if opts.timeout is None else max(0.0, inv.started + opts.timeout - time.time())
         progress = StudyProgress(inv, study, opts.progress and searching, plan, trial_cfg.epochs)
         callbacks: list[Any] = [progress]
-        if plan and plan.search and opts.min_search_trials > 0:  # a search asked for however short is left to run
+        # a search asked for however short (--min-search-trials 0) is left to run: as the invocation's plan says,
+        # which a joining worker without that flag reads too
+        if plan and plan.search and plan.min_trials > 0:
             callbacks.append(StopAtChance(inv, data))
         try:
             if searching and (timeout is None or timeout > 0):
