@@ -17,7 +17,9 @@ CALIBRATION_SKIP = 2  # the first steps pay for allocation and kernel selection:
 CALIBRATION_STEPS = 8  # timed steps before the first plan
 CALIBRATION_MIN_STEPS = 3  # a time-limited measurement still times this many (its median needs three)
 REPLANS_PER_EPOCH = 10  # the plan is renewed this often within an epoch (long epochs: slow nets, big data)...
-REPLAN_MIN_STEPS = 20  # ...but over no fewer steps than this, so that one slow step does not swing it
+REPLAN_MIN_STEPS = 20  # ...but over no fewer steps than this, so that one slow step does not swing it...
+FINAL_REPLAN_STEPS = 5  # ...except in the last stretch (fewer steps left than between plans): every 5 steps, still
+# timed over the latest 20 or more, so that a slowdown there is not found only after the budget is spent
 
 
 def parse_duration(text: str | float | int) -> float:

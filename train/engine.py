@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import mixup, normalize, random_crop_flip
-from .budget import (CALIBRATION_MIN_STEPS, CALIBRATION_SKIP, CALIBRATION_STEPS, REPLAN_MIN_STEPS, REPLANS_PER_EPOCH,
-                     Horizon, TimeBudget, format_duration)
+from .budget import (CALIBRATION_MIN_STEPS, CALIBRATION_SKIP, CALIBRATION_STEPS, FINAL_REPLAN_STEPS, REPLAN_MIN_STEPS,
+                     REPLANS_PER_EPOCH, Horizon, TimeBudget, format_duration)
 from .config import TTA_VIEWS, TrainConfig
 from .data import ImageData, split_indices
 from .errors import DivergedError, ReslabWarning
@@ -565,6 +565,12 @@ def make_loader(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, device: torch.de
                        alternate_flip=cfg.augment in FLIPPING and cfg.flip == "alternate")
 
 
+def timed_since(marks: list[tuple[int, float]], step: int, fallback: tuple[int, float]) -> tuple[int, float]:
+    """The (step, train seconds) a plan at ``step`` times the speed from: the latest earlier plan at least
+    REPLAN_MIN_STEPS back (fewer steps are too few to time), else ``fallback``."""
+    return next((m for m in reversed(marks) if step - m[0] >= REPLAN_MIN_STEPS), fallback)
+
+
 def augment_generator(seed: int, epoch: int, dctx: distributed.Context = distributed.Context()) -> torch.Generator:
     """The random stream of an epoch's batched augmentation (crops, flips, mixup): from (seed, epoch) alone, so a
     resumed run draws the same; under DDP each rank's own, else every rank's shard is cropped and flipped alike."""
@@ -792,14 +798,17 @@ def fit(
                     plan_horizon(budget, horizon, step, timed_from, now, time.perf_counter() - wall_start, None, dctx, device)
                     bar.total = min(len(loader), horizon.total - step + bar.n)
                     marks = [(step, now)]
-            elif budget is not None and marks and step - marks[-1][0] >= replan_every and step < horizon.total:
-                # re-plan within the epoch from the steps since the last plan, so that a machine that slows down
-                # (or speeds up) mid-epoch still ends on time; at step counts every rank shares (DDP). A schedule
-                # that has reached its end is not reopened (its lr is at zero).
+            elif budget is not None and marks and step < horizon.total and (
+                    step - marks[-1][0] >= replan_every
+                    or (horizon.total - step <= replan_every and step - marks[-1][0] >= FINAL_REPLAN_STEPS)):
+                # re-plan within the epoch from the recent steps, so that a machine that slows down (or speeds up)
+                # mid-epoch still ends on time; at step counts every rank shares (DDP). A schedule that has reached
+                # its end is not reopened (its lr is at zero).
                 now = trained_seconds + time.perf_counter() - t0
-                plan_horizon(budget, horizon, step, marks[-1], now, time.perf_counter() - wall_start, val_seconds, dctx, device)
+                plan_horizon(budget, horizon, step, timed_since(marks, step, marks[0]), now,
+                             time.perf_counter() - wall_start, val_seconds, dctx, device)
                 bar.total = min(len(loader), horizon.total - step + bar.n)
-                marks = [*marks[-2:], (step, now)]
+                marks = [*marks[-7:], (step, now)]
             if cfg.progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
         bar.close()
@@ -833,10 +842,10 @@ def fit(
                 # the speed since the latest plan at least REPLAN_MIN_STEPS back (an in-epoch plan a few steps before the
                 # epoch's end times too few steps); the whole run's average only before any plan
                 timed_from = timed_from or (first_step, first_trained)
-                recent = next((m for m in reversed(marks) if step - m[0] >= REPLAN_MIN_STEPS), timed_from)
-                plan_horizon(budget, horizon, step, recent, trained_seconds, metrics["wall_seconds"], val_seconds, dctx, device)
+                plan_horizon(budget, horizon, step, timed_since(marks, step, timed_from), trained_seconds,
+                             metrics["wall_seconds"], val_seconds, dctx, device)
                 if marks:
-                    marks = [*marks[-2:], (step, trained_seconds)]
+                    marks = [*marks[-7:], (step, trained_seconds)]
             metrics["horizon_steps"] = horizon.total
         history.append(metrics)
         if ckpt_path and dctx.is_main:  # one writer; every rank resumes from the same file
