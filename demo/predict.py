@@ -188,9 +188,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from train.tracking import resolve_model_uri, setup_tracking
     from train.usemodel import default_model_uri, open_model
 
-    if args.out and Path(args.out).suffix.lower() not in (".csv", ".json"):
-        fail(f"--out {args.out}: give a .csv or .json file")
     if args.out:
+        if Path(args.out).suffix.lower() not in (".csv", ".json"):
+            fail(f"--out {args.out}: give a .csv or .json file")
         output_path(args.out)
     if args.top_k < 1 or args.batch_size < 1:
         fail("--top-k and --batch-size must be at least 1")

@@ -565,6 +565,9 @@ def make_loader(cfg: TrainConfig, x: np.ndarray, y: np.ndarray, device: torch.de
                        alternate_flip=cfg.augment in FLIPPING and cfg.flip == "alternate")
 
 
+KEPT_MARKS = 8  # plan points a budgeted run keeps: at the last stretch's 5-step plans, still one 20 or more steps back
+
+
 def timed_since(marks: list[tuple[int, float]], step: int, fallback: tuple[int, float]) -> tuple[int, float]:
     """The (step, train seconds) a plan at ``step`` times the speed from: the latest earlier plan at least
     REPLAN_MIN_STEPS back (fewer steps are too few to time), else ``fallback``."""
@@ -808,7 +811,7 @@ def fit(
                 plan_horizon(budget, horizon, step, timed_since(marks, step, marks[0]), now,
                              time.perf_counter() - wall_start, val_seconds, dctx, device)
                 bar.total = min(len(loader), horizon.total - step + bar.n)
-                marks = [*marks[-7:], (step, now)]
+                marks = [*marks[1 - KEPT_MARKS:], (step, now)]
             if cfg.progress and step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
         bar.close()
@@ -845,7 +848,7 @@ def fit(
                 plan_horizon(budget, horizon, step, timed_since(marks, step, timed_from), trained_seconds,
                              metrics["wall_seconds"], val_seconds, dctx, device)
                 if marks:
-                    marks = [*marks[-7:], (step, trained_seconds)]
+                    marks = [*marks[1 - KEPT_MARKS:], (step, trained_seconds)]
             metrics["horizon_steps"] = horizon.total
         history.append(metrics)
         if ckpt_path and dctx.is_main:  # one writer; every rank resumes from the same file

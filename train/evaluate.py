@@ -126,10 +126,11 @@ def log_dataset(data: ImageData, context: str, x: np.ndarray, y: np.ndarray, mod
     log_input(ds, context=context, model=LoggedModelInput(model_id) if model_id else None)
 
 
-def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any], experiment: str | None = None) -> str:
+def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any],
+                   experiment: str | None = None) -> tuple[str, str | None]:
     """An ``evaluate`` run holding the metrics (linked to the model's ``model_id``), the report and the
     confusion matrix; the registry version gets ``test_acc`` if it had none that is a number (only from the whole test
-    split). Returns the run id."""
+    split). Returns the run id and the model_id its metrics are linked to (None: not the whole test split)."""
     exp = experiment or data.name
     metrics = {"test_acc": report["accuracy"], "test_precision_macro": report["precision_macro"],
                "test_recall_macro": report["recall_macro"], "test_f1_macro": report["f1_macro"]}
@@ -157,4 +158,4 @@ def log_evaluation(opened: OpenedModel, data: ImageData, report: dict[str, Any],
         client.set_model_version_tag(opened.name, opened.version, "evaluated_test_acc", f"{report['accuracy']:.6f}")
         if not np.isfinite(tagged_accuracy(mv)):  # none yet, or "nan" (a run registered without testing)
             client.set_model_version_tag(opened.name, opened.version, "test_acc", str(report["accuracy"]))
-    return run.info.run_id
+    return run.info.run_id, model_id

@@ -117,10 +117,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     report = evaluate(models, data, args.limit, args.batch_size, progress=not args.no_progress, tta=args.tta)
     print(format_report(report))
     if args.log:  # first: a report file that cannot be written must not cost the run
-        run_id = log_evaluation(opened, data, report, args.experiment)
-        import mlflow
-
-        linked = mlflow.MlflowClient().get_run(run_id).data.tags.get("model_id")  # only from the whole test split
+        run_id, linked = log_evaluation(opened, data, report, args.experiment)  # linked: only from the whole test split
         print(f"logged to MLflow run {run_id}" + (f" (metrics linked to model_id {linked})" if linked else ""))
     if out:
         write_text_atomic(out, json.dumps(report, indent=2))
