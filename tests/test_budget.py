@@ -58,6 +58,9 @@ def test_study_plan_scales_with_the_machine(rate):
         assert plan.trial_seconds * FULL_TRIALS <= plan.search_seconds + FULL_TRIALS * (TRIAL_OVERHEAD + 1)
     assert plan.refit_seconds(now=plan.search_seconds) > 0.6 * budget  # the refit gets most of it
     assert 0 < plan.search_timeout(now=0.0) <= plan.search_seconds
+    # past the search's end the creator still runs one trial; a worker joining then runs none
+    late = plan.search_seconds + 1
+    assert plan.search_timeout(now=late) == 1.0 and plan.search_timeout(now=late, first=False) == 0.0
     assert plan.deadline == budget
 
 

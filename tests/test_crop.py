@@ -70,6 +70,11 @@ def test_a_crop_larger_than_the_images_is_one_error(fer, capsys):
 
     args = build_parser().parse_args(["train", "--dataset", "fer2013", "--recipe", "fast-cpu", "--crop-size", "40"])
     assert config_from_args(args).crop_size == 40
+    # the command line says so before anything starts (before: from inside a started MLflow run, left FAILED)
+    args = build_parser().parse_args(["train", "--dataset", "cifar10", "--crop-size", "48"])
+    with pytest.raises(SystemExit):
+        config_from_args(args)
+    assert "--crop-size 48 does not fit the dataset's 32x32 images" in capsys.readouterr().err
 
 
 def test_full_size_finish_trains_the_last_steps_on_whole_images(fer, monkeypatch):

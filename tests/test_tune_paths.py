@@ -332,6 +332,13 @@ def test_a_changed_space_or_a_bad_space_value_is_one_line_before_anything_runs(s
     with pytest.raises(SystemExit):
         main(["tune", "--data", store["data"], "--study", "fixed", "--trials", "1", "--space", str(space), *COMMON])
     assert "search space: its fixed values: --lr takes a learning rate above 0, not '1e-3'" in capsys.readouterr().err
+    # what only the dataset refutes: CIFAR-10's 32x32 images padded by 4 take crops up to 40 (a failed study before)
+    space.write_text("crop_size: [0, 48]\n")
+    with pytest.raises(SystemExit):
+        main(["tune", "--data", store["data"], "--study", "crops", "--trials", "1", "--space", str(space), *COMMON])
+    assert ("search space: crop_size = 48: --crop-size 48 does not fit the dataset's 32x32 images"
+            in capsys.readouterr().err)
+    assert mlflow.get_experiment_by_name("cifar10") is None or not parent_runs("crops")
 
 
 def test_a_search_whose_first_trial_learns_nothing_stops_and_the_refit_gets_its_time(store, capsys):
@@ -359,6 +366,54 @@ def test_a_search_whose_first_trial_learns_nothing_stops_and_the_refit_gets_its_
     refit = MlflowClient().get_run(versions_of("chance")[0].run_id)
     # the refit began before the search's share of the budget was over, and trains for what is left
     assert refit.info.start_time / 1000 - started < plan["search_seconds"], (refit.info.start_time / 1000 - started, plan)
+
+
+def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues_it(store, monkeypatch):
+    """A ``kill -9``ed budgeted invocation left its parent run RUNNING, and every rerun of the same --study joined
+    it: its plan and deadline were spent, so the rerun did nothing and registered nothing, for good. Now the
+    invocation records its workers (host:pid:start): once all of them are gone from this host, a budgeted one
+    (or one whose creator died before queueing its trials) is ended KILLED and a new invocation starts; a plain
+    one with its trials queued is still joined and continued, as before (the reaper test below)."""
+    import socket
+
+    from tune import parent
+    from tune.slots import ready_key
+    from train.tracking import experiment_id
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = f"{socket.gethostname()}:{gone.pid}:0"  # a start time no live process has, should the pid come back
+    exp, client = experiment_id("cifar10"), MlflowClient()
+
+    def killed_invocation(study: optuna.Study, budgeted: bool, queued: bool) -> parent.Invocation:
+        with monkeypatch.context() as m:  # the invocation's only worker is the dead process
+            m.setattr(parent, "worker_id", lambda: dead)
+            inv, created = parent.join_or_start(study, exp, 3, {}, {})
+        assert created
+        if budgeted:
+            study.set_user_attr(f"plan:{inv.number}", {"seconds": 60})
+        if queued:
+            study.set_user_attr(ready_key(inv.number), 3)
+        return inv
+
+    for name, budgeted, queued, joined in [("dead-budget", True, True, False), ("dead-unqueued", False, False, False),
+                                           ("dead-plain", False, True, True)]:
+        study = study_of(store, name)
+        old = killed_invocation(study, budgeted, queued)
+        inv, created = parent.join_or_start(study, exp, 3, {}, {})
+        assert (inv.number, created) == ((1, False) if joined else (2, True)), name
+        first = client.get_run(old.parent_run_id)
+        if joined:
+            assert first.info.status == "RUNNING", name
+        else:
+            assert first.info.status == "KILLED" and first.data.tags["end_reason"] == parent.ABANDONED, name
+    # a worker of the invocation still alive on this host: joined, whatever the kind
+    study = study_of(store, "alive-budget")
+    with monkeypatch.context() as m:
+        m.setattr(parent, "worker_id", lambda: f"{socket.gethostname()}:{os.getpid()}")
+        inv, _ = parent.join_or_start(study, exp, 3, {}, {})
+    study.set_user_attr(f"plan:{inv.number}", {"seconds": 60})
+    assert parent.join_or_start(study, exp, 3, {}, {}) == (inv, False)
 
 
 # --------------------------------------------------------------------------- processes: kill -9, out of memory

@@ -166,6 +166,13 @@ class TrainConfig:
             raise ValueError("--whiten sets the first layer from the data, --pretrained/--init-from from weights: choose one")
         return c
 
+    def check_image_size(self, image_size: int) -> None:
+        """What only the data's image size can refute: a training crop larger than the padded image. Here, not in
+        ``fit`` alone, so that a search space is checked against its dataset before its study starts."""
+        pad = self.crop_pad if self.augment == "crop-flip" else 0
+        if self.crop_size > image_size + 2 * pad:
+            raise ValueError(f"--crop-size {self.crop_size} does not fit the dataset's {image_size}x{image_size} images")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

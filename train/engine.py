@@ -706,9 +706,8 @@ def fit(
     if (cfg.patience is not None or cfg.restore_best) and not len(x_val):
         raise ValueError(f"--subset {cfg.subset} with --val-fraction {cfg.val_fraction} leaves no validation images "
                          "for --patience/--restore-best to judge; use a larger subset or fraction")
+    cfg.check_image_size(data.image_size)
     aug = batch_augment(cfg, data.num_classes)
-    if aug.size > data.image_size + 2 * aug.pad:
-        raise ValueError(f"--crop-size {aug.size} does not fit the dataset's {data.image_size}x{data.image_size} images")
 
     # ---- model, optimiser, schedule
     # a resumed run's weights are its checkpoint's: the --pretrained/--init-from file it began from (an MLflow

@@ -74,11 +74,13 @@ class BudgetPlan:
         return dataclasses.replace(base, subset=self.trial_subset, epochs=self.trial_epochs,
                                    val_fraction=self.trial_val_fraction, time_budget=None, max_steps=None)
 
-    def search_timeout(self, now: float | None = None) -> float:
-        """Seconds from ``now`` until no new trial starts (half a trial early: the last one finishes)."""
+    def search_timeout(self, now: float | None = None, first: bool = True) -> float:
+        """Seconds from ``now`` until no new trial starts (half a trial early: the last one finishes). The
+        invocation's creator (``first``) gets one trial at least; a worker that joins after that point gets 0
+        and starts none, since its trial would run into the refit's time."""
         now = time.time() if now is None else now
         start = self.deadline - self.seconds
-        return max(1.0, start + self.search_seconds - 0.5 * self.trial_seconds - now)  # one trial at least
+        return max(1.0 if first else 0.0, start + self.search_seconds - 0.5 * self.trial_seconds - now)
 
     def refit_seconds(self, now: float | None = None) -> float:
         now = time.time() if now is None else now

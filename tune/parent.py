@@ -13,6 +13,7 @@ beat and deleted: "Cannot start run under parent run ... in the deleted state".)
 from __future__ import annotations
 
 import json
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -25,8 +26,14 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from .slots import ready_key
+from .storage import worker_alive, worker_id
+
 INVOCATION_ATTR = "invocation"
+MEMBER_ATTR = "member"  # member:<invocation>:<host:pid:start>, one per worker of that invocation
+PLAN_ATTR = "plan"  # plan:<invocation>, the budget's plan (tune/budget.py), stored by its creator
 SETTLE_SECONDS = 0.5  # long enough for a concurrent writer's attribute to land
+ABANDONED = "its workers died before it ended (killed?): the next invocation started instead of joining it"
 
 
 @dataclass
@@ -80,19 +87,44 @@ def join_or_start(study: optuna.Study, experiment_id: str, trials: int, params: 
     if current and study.user_attrs.get(f"ended:{current['parent_run_id']}"):
         end_left_running(client, current["parent_run_id"], study.user_attrs[f"ended:{current['parent_run_id']}"])
     if current and _is_running(client, current["parent_run_id"]):
-        return Invocation(**current), False
+        if not abandoned(study, current["number"]):
+            join(study, current["number"])
+            return Invocation(**current), False
+        client.set_tag(current["parent_run_id"], "end_reason", ABANDONED)
+        client.set_terminated(current["parent_run_id"], status="KILLED")
     number = (current or {}).get("number", 0) + 1
     finished = finished_count(study)
     run = client.create_run(experiment_id, run_name=f"{study.study_name}#{number}",
                             tags={**tags, "optuna.study": study.study_name, "invocation": str(number), "kind": "study"})
     mine = Invocation(run.info.run_id, number, finished, finished + trials, time.time())
     winner = claim(study, f"{INVOCATION_ATTR}#{number}", mine.parent_run_id, asdict(mine))
+    join(study, number)  # before the record below: whoever sees the record sees a member
     if winner["parent_run_id"] != mine.parent_run_id:  # another worker started the same invocation first
         client.delete_run(mine.parent_run_id)
         return Invocation(**winner), False
     study.set_user_attr(INVOCATION_ATTR, asdict(mine))
     client.log_batch(mine.parent_run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     return mine, True
+
+
+def join(study: optuna.Study, number: int) -> None:
+    """Record this process as a worker of invocation ``number`` (host:pid:start), so that a later command can
+    tell an invocation whose workers all died from one that still runs (:func:`abandoned`)."""
+    study.set_user_attr(f"{MEMBER_ATTR}:{number}:{worker_id()}", time.time())
+
+
+def abandoned(study: optuna.Study, number: int) -> bool:
+    """Whether invocation ``number`` is dead and joining it would do nothing useful: every worker it recorded
+    ran on this host and is gone (a ``kill -9``, a crash of the machine's session), and either it had a
+    ``--budget`` (its plan and deadline were another command's; a joiner could only watch the time run out,
+    and the new command's own budget would never be spent) or its creator died before queueing its trials
+    (a joiner waits for them in vain). A plain invocation with its trials queued is joined and continued, as
+    a resume. Workers on other hosts cannot be checked from here: they count as alive."""
+    attrs, host = study.user_attrs, socket.gethostname()
+    members = [k.split(":", 2)[2] for k in attrs if k.startswith(f"{MEMBER_ATTR}:{number}:")]
+    if not members or any(not m.startswith(f"{host}:") or worker_alive(m) for m in members):
+        return False
+    return f"{PLAN_ATTR}:{number}" in attrs or ready_key(number) not in attrs
 
 
 def ended_key(inv: Invocation) -> str:

@@ -80,7 +80,9 @@ class SearchSpace:
     from_file: set[str] = field(default_factory=set)  # dimensions the user's --space file set
 
     @classmethod
-    def build(cls, base: TrainConfig, path: str | Path | None = None) -> SearchSpace:
+    def build(cls, base: TrainConfig, path: str | Path | None = None, image_size: int | None = None) -> SearchSpace:
+        """The default space, with the ``--space`` file's dimensions; ``image_size`` (the dataset's) also checks
+        what only the data can refute, such as a crop larger than its images."""
         base = base.resolved()
         space = cls(default_distributions(base), lr_batch=base.batch_size)
         if path is None:
@@ -101,10 +103,10 @@ class SearchSpace:
         space.check_models()
         if not {"lr", "batch_size"} <= set(space.distributions):
             space.lr_batch = None  # coupling only when both are searched
-        space.check_values(base)
+        space.check_values(base, image_size)
         return space
 
-    def check_values(self, base: TrainConfig) -> None:
+    def check_values(self, base: TrainConfig, image_size: int | None = None) -> None:
         """Every value the space can give (its fixed values, each choice, each range's ends) makes a valid
         configuration: a bad one is one error line before anything runs, not a study stopped at the first
         trial that draws it."""
@@ -114,7 +116,9 @@ class SearchSpace:
                       for v in (d.choices if isinstance(d, CategoricalDistribution) else (d.low, d.high))]
         for what, params in tried:
             try:
-                self.config(base, params)
+                cfg = self.config(base, params)
+                if image_size:
+                    cfg.check_image_size(image_size)
             except (ValueError, TypeError) as e:
                 from train.tracking import first_line  # only on this error: mlflow stays out of start-up
 

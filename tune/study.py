@@ -160,7 +160,9 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
 
         trial_cfg = plan.trial_config(trial_base(base)) if plan else trial_base(base)
         if plan:
-            timeout = plan.search_timeout()
+            timeout = plan.search_timeout(first=created)
+            if searching and timeout == 0:
+                print("joined after the search's last trial could start: no trial here", flush=True)
         else:
             timeout = None if opts.timeout is None else max(0.0, inv.started + opts.timeout - time.time())
         progress = StudyProgress(inv, study, opts.progress and searching, plan, trial_cfg.epochs)
@@ -280,7 +282,7 @@ def note_plan(inv: parent.Invocation, plan: BudgetPlan) -> None:
 
 
 def plan_key(invocation: int) -> str:
-    return f"plan:{invocation}"
+    return f"{parent.PLAN_ATTR}:{invocation}"
 
 
 def make_plan(opts: TuneOptions, data) -> BudgetPlan:
