@@ -416,6 +416,46 @@ def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues
     assert parent.join_or_start(study, exp, 3, {}, {}) == (inv, False)
 
 
+def test_stop_at_chance_judges_the_recipe_trial_even_when_a_sampled_one_finishes_first(store):
+    """With several workers a sampled trial (here one at chance: a bad learning rate) can finish before the recipe's
+    own trial. The rule judged whichever completed first, so that trial stopped the whole search although the
+    recipe learns; it judges the recipe's trial, and stops the search when that one is at chance."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tune import parent
+    from tune.slots import RECIPE_ATTR, SLOT_ATTR
+    from tune.study import StopAtChance
+
+    from train.tracking import experiment_id
+
+    run = MlflowClient().create_run(experiment_id("cifar10"))
+    inv = parent.Invocation(run.info.run_id, 1, 0, 3, time.time() - 60)
+    data = SimpleNamespace(train_y=np.repeat(np.arange(10), 10), classes=[str(i) for i in range(10)])  # 10% each
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)}
+
+    def finished(study: optuna.Study, value: float, recipe: bool) -> optuna.trial.FrozenTrial:
+        study.add_trial(optuna.trial.create_trial(params={"lr": 0.1}, distributions=dist, value=value,
+                                                  user_attrs={SLOT_ATTR: 1, **({RECIPE_ATTR: True} if recipe else {})}))
+        return study.trials[-1]
+
+    learns, stops = optuna.create_study(direction="maximize"), []
+    learns.stop = lambda: stops.append(True)  # Optuna's stop() works only inside optimize()
+    sampled = finished(learns, 0.10, recipe=False)
+    learns.enqueue_trial({"lr": 0.1}, user_attrs={SLOT_ATTR: 1, RECIPE_ATTR: True})  # the recipe, still to run
+    StopAtChance(inv, data)(learns, sampled)
+    assert "search_stopped:1" not in learns.user_attrs and not stops, "a sampled trial stopped the search"
+    StopAtChance(inv, data)(learns, finished(learns, 0.60, recipe=True))
+    assert "search_stopped:1" not in learns.user_attrs and not stops
+
+    at_chance, stopped = optuna.create_study(direction="maximize"), []
+    at_chance.stop = lambda: stopped.append(True)
+    finished(at_chance, 0.60, recipe=False)
+    StopAtChance(inv, data)(at_chance, finished(at_chance, 0.11, recipe=True))
+    assert stopped and at_chance.user_attrs["search_stopped:1"].startswith("trial 1 reached val_acc 0.110")
+
+
 # --------------------------------------------------------------------------- processes: kill -9, out of memory
 
 

@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 SLOT_ATTR = "invocation"  # trial user attribute: the number of the invocation the slot belongs to
+RECIPE_ATTR = "recipe"  # trial user attribute: the slot queued with the base configuration's own values
 
 
 class BudgetSpent(Exception):
@@ -71,8 +72,9 @@ class SlotStudy(optuna.Study):
         for t in adopted:
             self.slot_storage.set_trial_user_attr(self._trial_id(t), SLOT_ATTR, self.invocation)
         for i in range(budget - len(adopted)):
-            params = {**(first if i == 0 and first else {}), **(pinned or {})}
-            self.enqueue_trial(params, user_attrs={SLOT_ATTR: self.invocation})
+            recipe = i == 0 and bool(first)
+            params = {**(first if recipe else {}), **(pinned or {})}
+            self.enqueue_trial(params, user_attrs={SLOT_ATTR: self.invocation, **({RECIPE_ATTR: True} if recipe else {})})
         self.set_user_attr(ready_key(self.invocation), budget)
         return len(adopted)
 

@@ -35,7 +35,7 @@ from .budget import FULL_TRIALS, MEASURE_SHARE, BudgetPlan, learnt_nothing, majo
 from .finalize import LENGTH, register_base, register_best
 from .objective import Objective, TrialFailed, worker_id
 from .progress import StudyProgress
-from .slots import BudgetSpent, SlotStudy
+from .slots import RECIPE_ATTR, SLOT_ATTR, BudgetSpent, SlotStudy
 from .space import SearchSpace
 from .storage import describe, is_outage, open_storage, reap_dead_local_trials, storage_gone
 
@@ -197,8 +197,8 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
 
 
 class StopAtChance:
-    """Optuna callback of a budgeted search: when the invocation's first complete trial (a new study's is the
-    recipe itself) is no better than always answering the majority class, trials this short learn nothing to
+    """Optuna callback of a budgeted search: when the recipe's own trial (a new study's first), or in a resumed
+    study the invocation's first complete trial, is no better than always answering the majority class, trials this short learn nothing to
     rank, so the search stops in every worker and the refit gets its time (docs/tuning.md: FER-2013 on a slower
     bf16 CPU, trials at 0.23-0.25 where 'happy' is 0.25)."""
 
@@ -209,9 +209,7 @@ class StopAtChance:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self.key not in study.user_attrs:
-            mine = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                    if t.datetime_start is not None and t.datetime_start.timestamp() >= self.inv.started - 1]
-            if len(mine) != 1 or mine[0].number != trial.number or not learnt_nothing(trial.value, self.majority):
+            if not self.judged(study, trial) or not learnt_nothing(trial.value, self.majority):
                 return
             why = (f"trial {trial.number} reached val_acc {trial.value:.3f}, no better than always answering "
                    f"'{self.majority_name}' ({self.majority:.3f}): trials this short learn nothing to rank")
@@ -222,6 +220,19 @@ class StopAtChance:
             MlflowClient().set_tag(self.inv.parent_run_id, "search_stopped", why)
             tqdm.write(f"{why}; the search stops and the refit gets its time")  # below the search's bar, not on it
         study.stop()
+
+    def judged(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        """Whether ``trial`` is the one the rule judges: the recipe's own trial where the invocation queued one
+        (with several workers a sampled trial can finish first), else the invocation's first complete trial."""
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            return False
+        if trial.user_attrs.get(RECIPE_ATTR):
+            return True
+        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(SLOT_ATTR) == self.inv.number]
+        if any(t.user_attrs.get(RECIPE_ATTR) for t in mine):
+            return False
+        done = [t for t in mine if t.state == optuna.trial.TrialState.COMPLETE]
+        return len(done) == 1 and done[0].number == trial.number
 
 
 def check_resumed_space(study: optuna.Study, space: SearchSpace) -> None:
