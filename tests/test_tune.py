@@ -271,3 +271,30 @@ def test_prune_warmup_is_the_first_rung_of_successive_halving(warmup, pruned):
     worst = study.ask()
     worst.report(0.1, 1)
     assert worst.should_prune() == pruned
+
+
+@pytest.mark.parametrize("budget", [None, 60.0])
+def test_a_budgeted_invocations_trials_are_pruned_against_its_own_trials_only(budget):
+    """A resumed --budget study sizes new trials for the new invocation (tune/budget.py), so its first trial at
+    epoch 1 is not compared with an earlier invocation's epoch 1 (here three trials at 0.9 on other data): with a
+    budget it meets no peer and goes on; without one every trial is the same length and the earlier ones count."""
+    from train.config import TrainConfig
+    from tune.slots import SLOT_ATTR
+    from tune.space import SearchSpace
+    from tune.study import TuneOptions, make_pruner
+
+    opts = TuneOptions(base=TrainConfig(), space=SearchSpace({}, {}), study="s", pruner="asha", budget=budget)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(opts))
+
+    def trial_of(invocation: int) -> optuna.Trial:
+        study.enqueue_trial({}, user_attrs={SLOT_ATTR: invocation})
+        return study.ask()
+
+    for value in (0.9, 0.9, 0.9):
+        trial = trial_of(1)
+        trial.report(value, 1)
+        assert not trial.should_prune()
+        study.tell(trial, value)
+    new = trial_of(2)
+    new.report(0.5, 1)
+    assert new.should_prune() == (budget is None)

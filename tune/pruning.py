@@ -9,8 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+from optuna.pruners import BasePruner
 
 from train.engine import EpochCallback
+
+from .slots import SLOT_ATTR
 
 
 def pruning_callback(trial: Any) -> EpochCallback:
@@ -25,3 +28,31 @@ def pruning_callback(trial: Any) -> EpochCallback:
             raise optuna.TrialPruned(f"val_acc {metrics['val_acc']:.4f} after epoch {epoch + 1} is below the pruner's bar")
 
     return report
+
+
+class OwnInvocation(BasePruner):
+    """Prune a trial against the trials of its own invocation only. Each ``--budget`` invocation sizes its trials
+    for its own machine and minutes (subset, epochs: tune/budget.py), so a resumed study's new trials at epoch 1
+    were judged against an earlier invocation's epoch 1, which may have trained on another number of images."""
+
+    def __init__(self, pruner: BasePruner) -> None:
+        self.pruner = pruner
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return self.pruner.prune(InvocationView(study, trial.user_attrs.get(SLOT_ATTR)), trial)
+
+
+class InvocationView:
+    """The study as its pruner reads it, through ``get_trials``, with only one invocation's trials (the slots
+    it queued, tune/slots.py); everything else is the study's own. tests/test_tune_paths.py checks that
+    Optuna's pruners still read their peers this way."""
+
+    def __init__(self, study: optuna.Study, invocation: int | None) -> None:
+        self._study, self._invocation = study, invocation
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states)
+                if t.user_attrs.get(SLOT_ATTR) == self._invocation]

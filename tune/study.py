@@ -35,6 +35,7 @@ from .budget import FULL_TRIALS, MEASURE_SHARE, BudgetPlan, learnt_nothing, majo
 from .finalize import LENGTH, register_base, register_best
 from .objective import Objective, TrialFailed, worker_id
 from .progress import StudyProgress
+from .pruning import OwnInvocation
 from .slots import RECIPE_ATTR, SLOT_ATTR, BudgetSpent, SlotStudy
 from .space import SearchSpace
 from .storage import describe, is_outage, open_storage, reap_dead_local_trials, storage_gone
@@ -69,7 +70,8 @@ def make_pruner(opts: TuneOptions) -> BasePruner:
         return HyperbandPruner(min_resource=max(1, opts.prune_warmup), max_resource=epochs, reduction_factor=3)
     if opts.pruner == "asha":  # successive halving over epochs: rungs at epochs 1, 3, 9, ... (--prune-warmup W: W, 3W,
         # 9W, ...); the best third goes on
-        return SuccessiveHalvingPruner(min_resource=max(1, opts.prune_warmup), reduction_factor=3)
+        asha = SuccessiveHalvingPruner(min_resource=max(1, opts.prune_warmup), reduction_factor=3)
+        return OwnInvocation(asha) if opts.budget else asha  # a budget's trials are its invocation's own size
     if opts.pruner == "none":
         return NopPruner()
     raise ValueError(f"unknown pruner {opts.pruner!r}; choose asha, median, hyperband or none")
