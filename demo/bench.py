@@ -367,10 +367,13 @@ def verdict(phase: dict[str, Any], value: float, target: float) -> str:
 def cmd_bench(args: argparse.Namespace) -> None:
     from train.bench import show_and_save
     from train.cli import fail
+    from train.files import output_path
 
     if args.requests < 1 or args.concurrent < 0 or args.warmup < 0:
         fail("--requests must be at least 1, --concurrent and --warmup at least 0")
     if args.concurrent > args.queue_size:
         fail(f"--concurrent {args.concurrent} is more than the queue holds (--queue-size {args.queue_size})")
+    if args.out:
+        output_path(args.out)  # a folder or an unwritable place, before the server starts, not after the benchmark
     res = run(args)
     show_and_save(format_table(res), res, args.out)

@@ -430,6 +430,9 @@ def test_a_config_file_that_is_not_valid_is_one_line(capsys, mlflow_store, tmp_p
     (["evaluate", "models:/nothing-here/1", "--out", "/"], "--out / is a folder: give a file name"),
     (["predict", "models:/nothing-here/1", "x.png", "--out", "/proc/x/y.json"], "--out /proc/x/y.json: cannot make its folder (No such file or directory)"),
     (["export", "models:/nothing-here/1", "--format", "onnx", "--out", "/"], "--out / is a folder: give a file name"),
+    # both benchmarks found a bad --out only after measuring for minutes
+    (["bench", "--out", "/", "--data", "/nonexistent/missing.zip"], "--out / is a folder: give a file name"),
+    (["demo", "--bench", "--out", "/", "--model-uri", "models:/nothing-here/1"], "--out / is a folder: give a file name"),
     # the one word was taken for the PATH and the champion was looked for instead
     (["predict", "nothing-here/1"], "nothing-here/1 names a model: give the images to classify after it (reslab predict MODEL PATH ...)"),
     (["export", "models:/nothing-here/1", "--format", "onnx", "--tolerance", "nan"],

@@ -65,7 +65,7 @@ from .engine import (
     select_device,
     training_loss,
 )
-from .files import write_text_atomic
+from .files import output_path, write_text_atomic
 from .loader import PREFETCH as BATCHLOADER_PREFETCH
 from .machine import cpu_has_flag, cpu_model
 
@@ -533,6 +533,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     unknown = set(args.pipelines) - set(PIPELINES)
     if unknown:
         fail(f"unknown pipeline(s) {', '.join(sorted(unknown))}; choose from {', '.join(PIPELINES)}")
+    if args.out:
+        output_path(args.out)  # a folder or an unwritable place, before minutes of measuring, not after
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the table, not download bars
     res = run_bench(args)
     show_and_save(format_table(res), res, args.out)
@@ -542,8 +544,7 @@ def show_and_save(table: str, res: dict[str, Any], out: str | None) -> None:
     """Print a benchmark's table and write its whole result as JSON (docs/results/ takes these files as they are)."""
     print(table)
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = Path(out)  # checked at the start (output_path): the folder is there
         write_text_atomic(path, json.dumps(res, indent=2) + "\n")
         print(f"wrote {path}")
 
