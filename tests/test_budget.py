@@ -38,8 +38,14 @@ def test_horizon_plan_spends_what_is_left():
     b = TimeBudget(seconds=100, steps_per_epoch=50, batch_size=100, val_images=1000, final_images=2000)
     # 0.1 s a step, 20 s spent: 80 s left, less the final evaluation and each epoch's validation
     total = b.plan(step=200, wall_seconds=20, seconds_per_step=0.1, val_seconds_per_epoch=1.0)
-    final = b.eval_seconds(2000, 0.1)
+    final = 1.0 * 2000 / 1000  # sized from the timed validation: the same network, views and image size
     assert total == 200 + int((80 - final) / (0.1 + 1.0 / 50))
+    # before a validation is timed, from the training step; a 40-px crop's step makes a 48-px evaluation 1.44x dearer
+    untimed = 200 + int((80 - b.eval_seconds(2000, 0.1)) / (0.1 + b.eval_seconds(1000, 0.1) / 50))
+    assert b.plan(step=200, wall_seconds=20, seconds_per_step=0.1) == untimed
+    cropped = TimeBudget(100, 50, 100, 1000, 2000, eval_pixels=(48 / 40) ** 2)
+    assert cropped.eval_seconds(2000, 0.1) == pytest.approx(1.44 * b.eval_seconds(2000, 0.1))
+    assert cropped.plan(step=200, wall_seconds=20, seconds_per_step=0.1) < untimed
     assert b.plan(step=200, wall_seconds=120, seconds_per_step=0.1) == 200  # over budget: stop now
     assert b.plan(step=200, wall_seconds=20, seconds_per_step=0.2) < total  # a slower machine: a shorter schedule
 
@@ -335,3 +341,25 @@ def test_the_end_of_a_budget_is_planned_from_the_recent_speed(monkeypatch):
     # and in the last stretch the plan is renewed every 5 steps (timed over 20 or more), so the run ends within its
     # budget: the next plan 20 steps on came after it (79 steps, 123 s), and from the run's average 84 steps took 133 s
     assert clock["t"] <= 120 and result.history[-1]["step"] == 77, (clock["t"], result.history[-1])
+
+
+def test_the_last_epochs_validation_is_the_final_one(monkeypatch):
+    """The last epoch's validation saw the final weights, so the run does not evaluate them again: a run that ended
+    mid-epoch (a budget's usual end) paid two validation passes, one more than its plan counted."""
+    from train import engine
+    from train.data import ImageData
+
+    calls = []
+    real = engine.evaluate
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    data = ImageData("cifar10", [str(i) for i in range(10)], rng.integers(0, 256, (300, 16, 16, 3), dtype=np.uint8),
+                     rng.integers(0, 10, 300), np.zeros((0, 16, 16, 3), np.uint8), np.zeros(0, np.int64), [0.5] * 3, [0.25] * 3)
+    cfg = TrainConfig(dataset="cifar10", model="resnet9", model_args={"width": 8}, batch_size=32, epochs=2,
+                      evaluate_test=False, progress=False, val_fraction=0.2, compile=False)
+    result = fit(cfg, data)
+    assert calls == [61, 61], calls  # one validation (61 images: a stratified fifth) per epoch, none after
+    assert result.val.accuracy == result.history[-1]["val_acc"]
+    calls.clear()
+    fit(dataclasses.replace(cfg, restore_best=True), data)  # the best epoch's weights put back: evaluated again
+    assert calls == [61, 61, 61], calls

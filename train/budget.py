@@ -59,17 +59,25 @@ class TimeBudget:
     final_images: int  # evaluated once at the end (validation and/or test)
     eval_views: int = 1  # forward passes per evaluated image (test-time augmentation: config.TTA_VIEWS)
     max_steps: int | None = None  # --max-steps as well: the budget plans at most this many steps
+    eval_pixels: float = 1.0  # an evaluated image's pixels over a trained one's: (48/40)^2 for FER-2013's 40-px crops
 
     def eval_seconds(self, images: int, seconds_per_step: float) -> float:
         """An estimate of evaluating ``images`` from the training step time (until one is measured)."""
-        per_image = seconds_per_step / max(1, self.batch_size) * EVAL_COST_PER_TRAIN_IMAGE * self.eval_views
+        per_image = (seconds_per_step / max(1, self.batch_size) * EVAL_COST_PER_TRAIN_IMAGE * self.eval_views
+                     * self.eval_pixels)
         return images * per_image
 
     def plan(self, step: int, wall_seconds: float, seconds_per_step: float,
              val_seconds_per_epoch: float | None = None) -> int:
-        """The horizon (total steps) that ends the run at the budget, given where it stands now."""
-        val = val_seconds_per_epoch if val_seconds_per_epoch is not None else self.eval_seconds(self.val_images, seconds_per_step)
-        final = self.eval_seconds(self.final_images, seconds_per_step)
+        """The horizon (total steps) that ends the run at the budget, given where it stands now. Once a validation
+        has been timed, the final evaluation is sized from it (the same network, views and image size), not from
+        the training step."""
+        if val_seconds_per_epoch is not None and self.val_images:
+            val = val_seconds_per_epoch
+            final = val_seconds_per_epoch * self.final_images / self.val_images
+        else:
+            val = self.eval_seconds(self.val_images, seconds_per_step)
+            final = self.eval_seconds(self.final_images, seconds_per_step)
         per_step = seconds_per_step + val / max(1, self.steps_per_epoch)
         left = self.seconds - wall_seconds - final
         total = max(step, 1, step + int(left / max(per_step, 1e-9)))

@@ -721,7 +721,7 @@ def fit(
     if cfg.time_budget:  # the horizon is planned from the measured step time (train/budget.py)
         budget = TimeBudget(cfg.time_budget, steps_per_epoch, cfg.batch_size, len(x_val),
                             len(x_val) + (len(data.test_y) if cfg.evaluate_test else 0), TTA_VIEWS[cfg.tta],
-                            cfg.max_steps)
+                            cfg.max_steps, (data.image_size / cfg.crop_size) ** 2 if cfg.crop_size else 1.0)
         # until the first plan the epochs' horizon is a placeholder; it must outlast the calibration, else a run of
         # one or two short epochs (a refit configured from a tuning trial, on a small dataset) ends at the placeholder
         # with most of its budget unspent (seen: 5 steps in 12 s of a 45 s budget); --max-steps stays the most
@@ -763,6 +763,7 @@ def fit(
     wall_start = time.perf_counter() - (history[-1].get("wall_seconds", 0.0) if history else 0.0)
     timed_from: tuple[int, float] | None = None  # (step, train seconds) where step timing started
     val_seconds: float | None = None  # measured per-epoch validation time
+    last_val: EvalResult | None = None  # the latest epoch's validation: of the final weights once the loop ends
     first_step, first_trained = step, trained_seconds
     marks: list[tuple[int, float]] = []  # (step, train seconds) of the last few plans, the latest last
     replan_every = max(REPLAN_MIN_STEPS, steps_per_epoch // REPLANS_PER_EPOCH)
@@ -833,7 +834,7 @@ def fit(
         }
         if len(x_val):
             tv = time.perf_counter()
-            v = evaluate(eval_model, x_val, y_val, rt, cfg.tta)
+            v = last_val = evaluate(eval_model, x_val, y_val, rt, cfg.tta)
             val_seconds = time.perf_counter() - tv
             metrics.update(val_loss=v.loss, val_acc=v.accuracy)
             best.update(epoch + 1, v.accuracy, eval_model)  # the same accuracy on every rank: they stop together
@@ -875,7 +876,8 @@ def fit(
     final = ema.module if ema is not None else model
     distributed.sync_buffers(final, dctx)
     restored = cfg.restore_best and best.restore(final)  # every rank kept the same epoch's weights
-    val = evaluate(final, x_val, y_val, rt, cfg.tta) if len(x_val) else None
+    # the last epoch's validation saw these very weights (a run ending mid-epoch paid a second pass here)
+    val = last_val if last_val is not None and not restored else evaluate(final, x_val, y_val, rt, cfg.tta) if len(x_val) else None
     test = None
     if cfg.evaluate_test:
         test = evaluate(final, data.test_x, data.test_y, rt, cfg.tta)
