@@ -201,10 +201,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
     if cfg.model not in list_models():
         fail(f"unknown model {cfg.model!r}; run `reslab train --list-models`")
+    from .data import DATASETS
     from .engine import select_device
     from .models import check_model_args
-
-    from .data import DATASETS
 
     try:
         check_model_args(cfg.model, cfg.model_args)

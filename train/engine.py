@@ -876,8 +876,9 @@ def fit(
     final = ema.module if ema is not None else model
     distributed.sync_buffers(final, dctx)
     restored = cfg.restore_best and best.restore(final)  # every rank kept the same epoch's weights
-    # the last epoch's validation saw these very weights (a run ending mid-epoch paid a second pass here)
-    val = last_val if last_val is not None and not restored else evaluate(final, x_val, y_val, rt, cfg.tta) if len(x_val) else None
+    val = last_val  # the last epoch's validation saw these very weights (a run ending mid-epoch paid a second pass)
+    if len(x_val) and (val is None or restored):
+        val = evaluate(final, x_val, y_val, rt, cfg.tta)
     test = None
     if cfg.evaluate_test:
         test = evaluate(final, data.test_x, data.test_y, rt, cfg.tta)

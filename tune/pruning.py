@@ -44,7 +44,7 @@ class OwnInvocation(BasePruner):
 
 class InvocationView:
     """The study as its pruner reads it, through ``get_trials``, with only one invocation's trials (the slots
-    it queued, tune/slots.py); everything else is the study's own. tests/test_tune_paths.py checks that
+    it queued, tune/slots.py); everything else is the study's own. tests/test_tune.py checks that
     Optuna's pruners still read their peers this way."""
 
     def __init__(self, study: optuna.Study, invocation: int | None) -> None:
