@@ -298,3 +298,10 @@ def test_a_budgeted_invocations_trials_are_pruned_against_its_own_trials_only(bu
     new = trial_of(2)
     new.report(0.5, 1)
     assert new.should_prune() == (budget is None)
+    if budget is None:
+        study.tell(new, state=optuna.trial.TrialState.PRUNED)
+    else:
+        study.tell(new, 0.5)
+    worse = trial_of(2)  # ...and among its own trials it prunes as before: below the first at the rung
+    worse.report(0.2, 1)
+    assert worse.should_prune()

@@ -372,8 +372,9 @@ def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues
     """A ``kill -9``ed budgeted invocation left its parent run RUNNING, and every rerun of the same --study joined
     it: its plan and deadline were spent, so the rerun did nothing and registered nothing, for good. Now the
     invocation records its workers (host:pid:start): once all of them are gone from this host, a budgeted one
-    (or one whose creator died before queueing its trials) is ended KILLED and a new invocation starts; a plain
-    one with its trials queued is still joined and continued, as before (the reaper test below)."""
+    (or one whose creator died before queueing its trials, or whose last worker died finalizing: its refit run is
+    ended too) is ended KILLED and a new invocation starts; a plain one with trials left is still joined and
+    continued, as before (the reaper test below)."""
     import socket
 
     from tune import parent
@@ -385,7 +386,7 @@ def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues
     dead = f"{socket.gethostname()}:{gone.pid}:0"  # a start time no live process has, should the pid come back
     exp, client = experiment_id("cifar10"), MlflowClient()
 
-    def killed_invocation(study: optuna.Study, budgeted: bool, queued: bool) -> parent.Invocation:
+    def killed_invocation(study: optuna.Study, budgeted: bool, queued: bool, finalizing: bool) -> parent.Invocation:
         with monkeypatch.context() as m:  # the invocation's only worker is the dead process
             m.setattr(parent, "worker_id", lambda: dead)
             inv, created = parent.join_or_start(study, exp, 3, {}, {})
@@ -394,12 +395,16 @@ def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues
             study.set_user_attr(f"plan:{inv.number}", {"seconds": 60})
         if queued:
             study.set_user_attr(ready_key(inv.number), 3)
+        if finalizing:  # killed in its refit, the longest phase: a run of its own under the parent, still RUNNING
+            study.set_user_attr(parent.finalized_key(inv.parent_run_id), dead)
+            client.create_run(exp, tags={"mlflow.parentRunId": inv.parent_run_id, "kind": "refit"})
         return inv
 
-    for name, budgeted, queued, joined in [("dead-budget", True, True, False), ("dead-unqueued", False, False, False),
-                                           ("dead-plain", False, True, True)]:
+    for name, budgeted, queued, finalizing, joined in [
+            ("dead-budget", True, True, False, False), ("dead-unqueued", False, False, False, False),
+            ("dead-finalizing", False, True, True, False), ("dead-plain", False, True, False, True)]:
         study = study_of(store, name)
-        old = killed_invocation(study, budgeted, queued)
+        old = killed_invocation(study, budgeted, queued, finalizing)
         inv, created = parent.join_or_start(study, exp, 3, {}, {})
         assert (inv.number, created) == ((1, False) if joined else (2, True)), name
         first = client.get_run(old.parent_run_id)
@@ -407,6 +412,9 @@ def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues
             assert first.info.status == "RUNNING", name
         else:
             assert first.info.status == "KILLED" and first.data.tags["end_reason"] == parent.ABANDONED, name
+        children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{old.parent_run_id}'")
+        assert [r.info.status for r in children] == (["KILLED"] if finalizing else []), name
+
     # a worker of the invocation still alive on this host: joined, whatever the kind
     study = study_of(store, "alive-budget")
     with monkeypatch.context() as m:
@@ -454,6 +462,19 @@ def test_stop_at_chance_judges_the_recipe_trial_even_when_a_sampled_one_finishes
     finished(at_chance, 0.60, recipe=False)
     StopAtChance(inv, data)(at_chance, finished(at_chance, 0.11, recipe=True))
     assert stopped and at_chance.user_attrs["search_stopped:1"].startswith("trial 1 reached val_acc 0.110")
+
+    # a recipe trial pruned (a sampled trial promoted first at its rung) or failed: the first complete trial is
+    # judged when the recipe gives up, else the rule would never judge anything
+    gave_up, halted = optuna.create_study(direction="maximize"), []
+    gave_up.stop = lambda: halted.append(True)
+    sampled = finished(gave_up, 0.10, recipe=False)
+    gave_up.enqueue_trial({"lr": 0.1}, user_attrs={SLOT_ATTR: 1, RECIPE_ATTR: True})
+    recipe = gave_up.ask()  # running
+    StopAtChance(inv, data)(gave_up, sampled)
+    assert not halted
+    gave_up.tell(recipe, state=TrialState.PRUNED)
+    StopAtChance(inv, data)(gave_up, gave_up.trials[-1])
+    assert halted and gave_up.user_attrs["search_stopped:1"].startswith("trial 0 reached val_acc 0.100")
 
 
 # --------------------------------------------------------------------------- processes: kill -9, out of memory

@@ -11,8 +11,8 @@
    epochs of ``MIN_TRIAL_IMAGES``: an AVX2-only CPU, a budget of a few minutes) is not run at all:
    its trials would rank configurations on noise, so the refit of the base configuration gets the
    whole budget instead (``min_trials`` lowers that bar; below one trial's length, trials get fewer
-   epochs, down to one, rather than eat the refit's time). A search whose first complete trial (a new
-   study's is the recipe itself) ends no better than always answering the majority class
+   epochs, down to one, rather than eat the refit's time). A search whose recipe trial (a new study's first;
+   otherwise, or when that one is pruned or fails, the first complete trial) ends no better than always answering the majority class
    (``CHANCE_MARGIN``) is stopped there in every worker, and the refit gets its time: at that fidelity
    the trials learn nothing, so they could only rank noise (``--min-search-trials 0`` keeps searching).
 3. **Refit** (what is left, less ``FINISH_RESERVE``). The best configuration is retrained on all

@@ -87,11 +87,10 @@ def join_or_start(study: optuna.Study, experiment_id: str, trials: int, params: 
     if current and study.user_attrs.get(f"ended:{current['parent_run_id']}"):
         end_left_running(client, current["parent_run_id"], study.user_attrs[f"ended:{current['parent_run_id']}"])
     if current and _is_running(client, current["parent_run_id"]):
-        if not abandoned(study, current["number"]):
+        if not abandoned(study, current["number"], current["parent_run_id"]):
             join(study, current["number"])
             return Invocation(**current), False
-        client.set_tag(current["parent_run_id"], "end_reason", ABANDONED)
-        client.set_terminated(current["parent_run_id"], status="KILLED")
+        end_left_running(client, current["parent_run_id"], "KILLED", ABANDONED, child_status="KILLED")
     number = (current or {}).get("number", 0) + 1
     finished = finished_count(study)
     run = client.create_run(experiment_id, run_name=f"{study.study_name}#{number}",
@@ -113,18 +112,25 @@ def join(study: optuna.Study, number: int) -> None:
     study.set_user_attr(f"{MEMBER_ATTR}:{number}:{worker_id()}", time.time())
 
 
-def abandoned(study: optuna.Study, number: int) -> bool:
+def abandoned(study: optuna.Study, number: int, parent_run_id: str) -> bool:
     """Whether invocation ``number`` is dead and joining it would do nothing useful: every worker it recorded
     ran on this host and is gone (a ``kill -9``, a crash of the machine's session), and either it had a
     ``--budget`` (its plan and deadline were another command's; a joiner could only watch the time run out,
-    and the new command's own budget would never be spent) or its creator died before queueing its trials
-    (a joiner waits for them in vain). A plain invocation with its trials queued is joined and continued, as
-    a resume. Workers on other hosts cannot be checked from here: they count as alive."""
+    and the new command's own budget would never be spent), or its creator died before queueing its trials
+    (a joiner waits for them in vain), or its last worker died while finalizing (the refit: a joiner finds
+    the finalization claimed and nothing to run). A plain invocation with trials left is joined and continued,
+    as a resume. Workers on other hosts cannot be checked from here: they count as alive."""
     attrs, host = study.user_attrs, socket.gethostname()
     members = [k.split(":", 2)[2] for k in attrs if k.startswith(f"{MEMBER_ATTR}:{number}:")]
     if not members or any(not m.startswith(f"{host}:") or worker_alive(m) for m in members):
         return False
-    return f"{PLAN_ATTR}:{number}" in attrs or ready_key(number) not in attrs
+    return (f"{PLAN_ATTR}:{number}" in attrs or ready_key(number) not in attrs
+            or finalized_key(parent_run_id) in attrs)
+
+
+def finalized_key(parent_run_id: str) -> str:
+    """Study attribute: the worker elected to summarize and register the invocation (tune/study.py ``finish``)."""
+    return f"finalized:{parent_run_id}"
 
 
 def ended_key(inv: Invocation) -> str:
@@ -132,16 +138,18 @@ def ended_key(inv: Invocation) -> str:
     return f"ended:{inv.parent_run_id}"
 
 
-def end_left_running(client: MlflowClient, parent_run_id: str, status: str) -> None:
-    """End the parent run, and its trial runs still RUNNING, of an invocation that ended while the tracking
-    server was unreachable (issue 16): its last worker could not tell MLflow, so it told the study."""
+def end_left_running(client: MlflowClient, parent_run_id: str, status: str,
+                     reason: str = "the MLflow tracking server was unreachable when the study stopped",
+                     child_status: str = "FAILED") -> None:
+    """End the parent run, and its child runs still RUNNING, of an invocation that ended while the tracking
+    server was unreachable (issue 16: its last worker could not tell MLflow, so it told the study), or whose
+    workers all died (:func:`abandoned`)."""
     if not _is_running(client, parent_run_id):
         return
-    reason = "the MLflow tracking server was unreachable when the study stopped"
     experiment = client.get_run(parent_run_id).info.experiment_id
     for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
         client.set_tag(run.info.run_id, "end_reason", reason)
-        client.set_terminated(run.info.run_id, status="FAILED")
+        client.set_terminated(run.info.run_id, status=child_status)
     client.set_tag(parent_run_id, "end_reason", reason)
     client.set_terminated(parent_run_id, status=status)
 

@@ -21,6 +21,7 @@ from optuna.distributions import CategoricalDistribution, check_distribution_com
 from optuna.exceptions import ExperimentalWarning
 from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, NopPruner, SuccessiveHalvingPruner
 from optuna.samplers import TPESampler
+from optuna.trial import TrialState
 
 from train.config import TrainConfig
 from train.data import ImageData, load_dataset
@@ -163,8 +164,10 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
         trial_cfg = plan.trial_config(trial_base(base)) if plan else trial_base(base)
         if plan:
             timeout = plan.search_timeout(first=created)
-            if searching and timeout == 0:
-                print("joined after the search's last trial could start: no trial here", flush=True)
+            if searching and timeout == 0:  # nor does it finalize: the creator's last trial may not have started yet
+                print("joined after the search's last trial could start: no trial here; the invocation's other "
+                      "workers finish it", flush=True)
+                return {"study": opts.study, "finalized_by": None}
         else:
             timeout = None if opts.timeout is None else max(0.0, inv.started + opts.timeout - time.time())
         progress = StudyProgress(inv, study, opts.progress and searching, plan, trial_cfg.epochs)
@@ -199,10 +202,11 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
 
 
 class StopAtChance:
-    """Optuna callback of a budgeted search: when the recipe's own trial (a new study's first), or in a resumed
-    study the invocation's first complete trial, is no better than always answering the majority class, trials this short learn nothing to
-    rank, so the search stops in every worker and the refit gets its time (docs/tuning.md: FER-2013 on a slower
-    bf16 CPU, trials at 0.23-0.25 where 'happy' is 0.25)."""
+    """Optuna callback of a budgeted search: when the recipe's own trial (a new study's first; in a resumed study, or
+    when the recipe's trial was pruned or failed, the invocation's first complete trial) is no better than always
+    answering the majority class, trials this short learn nothing to rank, so the search stops in every worker and
+    the refit gets its time (docs/tuning.md: FER-2013 on a slower bf16 CPU, trials at 0.23-0.25 where 'happy' is
+    0.25)."""
 
     def __init__(self, inv: parent.Invocation, data: ImageData) -> None:
         self.inv, self.key = inv, f"search_stopped:{inv.number}"
@@ -211,9 +215,10 @@ class StopAtChance:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self.key not in study.user_attrs:
-            if not self.judged(study, trial) or not learnt_nothing(trial.value, self.majority):
+            judged = self.judged(study, trial)
+            if judged is None or not learnt_nothing(judged.value, self.majority):
                 return
-            why = (f"trial {trial.number} reached val_acc {trial.value:.3f}, no better than always answering "
+            why = (f"trial {judged.number} reached val_acc {judged.value:.3f}, no better than always answering "
                    f"'{self.majority_name}' ({self.majority:.3f}): trials this short learn nothing to rank")
             study.set_user_attr(self.key, why)
             from mlflow.tracking import MlflowClient
@@ -223,18 +228,23 @@ class StopAtChance:
             tqdm.write(f"{why}; the search stops and the refit gets its time")  # below the search's bar, not on it
         study.stop()
 
-    def judged(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        """Whether ``trial`` is the one the rule judges: the recipe's own trial where the invocation queued one
-        (with several workers a sampled trial can finish first), else the invocation's first complete trial."""
-        if trial.state != optuna.trial.TrialState.COMPLETE:
-            return False
-        if trial.user_attrs.get(RECIPE_ATTR):
-            return True
+    def judged(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial | None:
+        """The trial the rule judges now that ``trial`` has ended, if any: the recipe's own trial where the invocation
+        queued one (with several workers a sampled trial can finish first); once that one is pruned or failed with no
+        retry queued, or where there is none, the invocation's first complete trial."""
         mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(SLOT_ATTR) == self.inv.number]
-        if any(t.user_attrs.get(RECIPE_ATTR) for t in mine):
-            return False
-        done = [t for t in mine if t.state == optuna.trial.TrialState.COMPLETE]
-        return len(done) == 1 and done[0].number == trial.number
+        first_complete = next((t for t in mine if t.state == TrialState.COMPLETE), None)
+        if trial.user_attrs.get(RECIPE_ATTR):
+            if trial.state == TrialState.COMPLETE:
+                return trial
+            retried = any(t.user_attrs.get(RECIPE_ATTR) and t.state in (TrialState.WAITING, TrialState.RUNNING)
+                          for t in mine)
+            return None if retried else first_complete  # judged when the recipe gave up, if one has completed
+        if trial.state != TrialState.COMPLETE or any(
+                t.user_attrs.get(RECIPE_ATTR) and t.state in (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+                for t in mine):
+            return None  # the recipe's trial is still to come (or was judged when it completed)
+        return trial if first_complete is not None and first_complete.number == trial.number else None
 
 
 def check_resumed_space(study: optuna.Study, space: SearchSpace) -> None:
@@ -337,7 +347,7 @@ def finish(study: optuna.Study, inv: parent.Invocation, worker: str, opts: TuneO
     if others:
         print(f"{len(others)} trial(s) still running in other workers; the last worker registers the best model")
         return {"study": study.study_name, "finalized_by": None}
-    key = f"finalized:{inv.parent_run_id}"
+    key = parent.finalized_key(inv.parent_run_id)
     if study.user_attrs.get(key) or parent.claim(study, key, worker) != worker:
         return {"study": study.study_name, "finalized_by": study.user_attrs.get(key)}
     summary = parent.summarize(study, inv)
