@@ -415,6 +415,23 @@ def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues
         children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{old.parent_run_id}'")
         assert [r.info.status for r in children] == (["KILLED"] if finalizing else []), name
 
+    # a creator killed during its election (the 0.5 s settle): before, every rerun lost the election for that
+    # number to it, joined it and waited 60 s for trials it never queued
+    study = study_of(store, "dead-in-election")
+
+    def killed_in_claim(study: optuna.Study, key: str, me: str, value=None):
+        study.set_user_attr(f"{key}@{me}", {"at": time.time(), "value": value})
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(parent, "worker_id", lambda: dead)
+        m.setattr(parent, "claim", killed_in_claim)
+        parent.join_or_start(study, exp, 3, {}, {})
+    (ghost,) = [a["value"] for k, a in study.user_attrs.items() if k.startswith("invocation#1@")]
+    inv, created = parent.join_or_start(study, exp, 3, {}, {})
+    assert (inv.number, created) == (2, True)
+    assert client.get_run(ghost["parent_run_id"]).info.status == "KILLED"
+
     # a worker of the invocation still alive on this host: joined, whatever the kind
     study = study_of(store, "alive-budget")
     with monkeypatch.context() as m:

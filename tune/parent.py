@@ -96,10 +96,16 @@ def join_or_start(study: optuna.Study, experiment_id: str, trials: int, params: 
     run = client.create_run(experiment_id, run_name=f"{study.study_name}#{number}",
                             tags={**tags, "optuna.study": study.study_name, "invocation": str(number), "kind": "study"})
     mine = Invocation(run.info.run_id, number, finished, finished + trials, time.time())
+    join(study, number)  # before the claim: a creator killed during the election is on record as this number's
     winner = claim(study, f"{INVOCATION_ATTR}#{number}", mine.parent_run_id, asdict(mine))
-    join(study, number)  # before the record below: whoever sees the record sees a member
     if winner["parent_run_id"] != mine.parent_run_id:  # another worker started the same invocation first
         client.delete_run(mine.parent_run_id)
+        if abandoned(study, number, winner["parent_run_id"], besides=worker_id()):
+            # ...and died in the election: every election for this number elects it again, so it is recorded as the
+            # current invocation, ended, and the next number is started
+            study.set_user_attr(INVOCATION_ATTR, winner)
+            end_left_running(client, winner["parent_run_id"], "KILLED", ABANDONED, child_status="KILLED")
+            return join_or_start(study, experiment_id, trials, params, tags)
         return Invocation(**winner), False
     study.set_user_attr(INVOCATION_ATTR, asdict(mine))
     client.log_batch(mine.parent_run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
@@ -112,16 +118,17 @@ def join(study: optuna.Study, number: int) -> None:
     study.set_user_attr(f"{MEMBER_ATTR}:{number}:{worker_id()}", time.time())
 
 
-def abandoned(study: optuna.Study, number: int, parent_run_id: str) -> bool:
+def abandoned(study: optuna.Study, number: int, parent_run_id: str, besides: str | None = None) -> bool:
     """Whether invocation ``number`` is dead and joining it would do nothing useful: every worker it recorded
     ran on this host and is gone (a ``kill -9``, a crash of the machine's session), and either it had a
     ``--budget`` (its plan and deadline were another command's; a joiner could only watch the time run out,
     and the new command's own budget would never be spent), or its creator died before queueing its trials
     (a joiner waits for them in vain), or its last worker died while finalizing (the refit: a joiner finds
     the finalization claimed and nothing to run). A plain invocation with trials left is joined and continued,
-    as a resume. Workers on other hosts cannot be checked from here: they count as alive."""
+    as a resume. Workers on other hosts cannot be checked from here: they count as alive. ``besides``: a worker
+    not to count (the caller, already on record)."""
     attrs, host = study.user_attrs, socket.gethostname()
-    members = [k.split(":", 2)[2] for k in attrs if k.startswith(f"{MEMBER_ATTR}:{number}:")]
+    members = [m for k in attrs if k.startswith(f"{MEMBER_ATTR}:{number}:") and (m := k.split(":", 2)[2]) != besides]
     if not members or any(not m.startswith(f"{host}:") or worker_alive(m) for m in members):
         return False
     return (f"{PLAN_ATTR}:{number}" in attrs or ready_key(number) not in attrs
