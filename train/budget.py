@@ -67,6 +67,17 @@ class TimeBudget:
                      * self.eval_pixels)
         return images * per_image
 
+    def evaluation_warning(self, seconds_per_step: float) -> str | None:
+        """A line for the user when the final evaluation alone is expected to take most of the budget (TTA views
+        over a large test split on a slow CPU): the schedule that is left is then too short to learn anything."""
+        final = self.eval_seconds(self.final_images, seconds_per_step)
+        if final < 0.5 * self.seconds:
+            return None
+        return (f"the final evaluation ({self.final_images:,} images x {self.eval_views} view(s)) is estimated at "
+                f"{format_duration(final)} of the {format_duration(self.seconds)} budget at this machine's speed, which "
+                f"leaves training {format_duration(max(0.0, self.seconds - final))} at most: give a longer budget, or "
+                "fewer test-time views (--tta 0 or 1)")
+
     def plan(self, step: int, wall_seconds: float, seconds_per_step: float,
              val_seconds_per_epoch: float | None = None) -> int:
         """The horizon (total steps) that ends the run at the budget, given where it stands now. Once a validation

@@ -799,6 +799,9 @@ def fit(
                     timed_from = (step, now)
                 elif step < horizon.total:  # the first plan, from a few timed steps
                     plan_horizon(budget, horizon, step, timed_from, now, time.perf_counter() - wall_start, None, dctx, device)
+                    too_short = budget.evaluation_warning((now - timed_from[1]) / max(1, step - timed_from[0]))
+                    if too_short and dctx.is_main:
+                        warnings.warn(too_short, ReslabWarning, stacklevel=2)
                     bar.total = min(len(loader), horizon.total - step + bar.n)
                     marks = [(step, now)]
             elif budget is not None and marks and step < horizon.total and (
