@@ -428,9 +428,16 @@ def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues
         m.setattr(parent, "claim", killed_in_claim)
         parent.join_or_start(study, exp, 3, {}, {})
     (ghost,) = [a["value"] for k, a in study.user_attrs.items() if k.startswith("invocation#1@")]
+    # two reruns at once: the other one is alive and on record for that election too (a rule that asked whether
+    # every other worker of the number was dead saw it and joined the dead winner)
+    study.set_user_attr(f"member:1:{socket.gethostname()}:{os.getppid()}", time.time())
     inv, created = parent.join_or_start(study, exp, 3, {}, {})
     assert (inv.number, created) == (2, True)
     assert client.get_run(ghost["parent_run_id"]).info.status == "KILLED"
+    # a rerun that lost election 1 to that ghost after another worker had ended it moves on as well, above 1
+    assert parent.died_in_election(client, study, ghost)
+    again, created = parent.join_or_start(study, exp, 3, {}, {})
+    assert (again, created) == (inv, False)  # the invocation now running is joined, never the ghost
 
     # a worker of the invocation still alive on this host: joined, whatever the kind
     study = study_of(store, "alive-budget")

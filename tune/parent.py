@@ -43,6 +43,7 @@ class Invocation:
     finished_before: int  # finished trials when this invocation began
     target: int  # finished trials at which this invocation's budget is spent
     started: float  # unix time; RUNNING trials older than this belong to dead workers
+    creator: str = ""  # host:pid:start of the worker that started it ("" in records written before this field)
 
     def finished(self, study: optuna.Study) -> int:
         """Trials of this invocation that are finished (complete, pruned or failed)."""
@@ -80,8 +81,9 @@ def claim(study: optuna.Study, key: str, me: str, value: Any = None) -> Any:
 
 
 def join_or_start(study: optuna.Study, experiment_id: str, trials: int, params: dict[str, str],
-                  tags: dict[str, str]) -> tuple[Invocation, bool]:
-    """Join the running invocation of ``study`` or start a new one; returns (invocation, created)."""
+                  tags: dict[str, str], after: int = 0) -> tuple[Invocation, bool]:
+    """Join the running invocation of ``study`` or start a new one (numbered above ``after``: an election's dead
+    winner); returns (invocation, created)."""
     client = MlflowClient()
     current = study.user_attrs.get(INVOCATION_ATTR)
     if current and study.user_attrs.get(f"ended:{current['parent_run_id']}"):
@@ -91,21 +93,18 @@ def join_or_start(study: optuna.Study, experiment_id: str, trials: int, params: 
             join(study, current["number"])
             return Invocation(**current), False
         end_left_running(client, current["parent_run_id"], "KILLED", ABANDONED, child_status="KILLED")
-    number = (current or {}).get("number", 0) + 1
+    number = max((current or {}).get("number", 0), after) + 1
     finished = finished_count(study)
     run = client.create_run(experiment_id, run_name=f"{study.study_name}#{number}",
                             tags={**tags, "optuna.study": study.study_name, "invocation": str(number), "kind": "study"})
-    mine = Invocation(run.info.run_id, number, finished, finished + trials, time.time())
-    join(study, number)  # before the claim: a creator killed during the election is on record as this number's
+    mine = Invocation(run.info.run_id, number, finished, finished + trials, time.time(), worker_id())
+    join(study, number)
     winner = claim(study, f"{INVOCATION_ATTR}#{number}", mine.parent_run_id, asdict(mine))
     if winner["parent_run_id"] != mine.parent_run_id:  # another worker started the same invocation first
         client.delete_run(mine.parent_run_id)
-        if abandoned(study, number, winner["parent_run_id"], besides=worker_id()):
-            # ...and died in the election: every election for this number elects it again, so it is recorded as the
-            # current invocation, ended, and the next number is started
-            study.set_user_attr(INVOCATION_ATTR, winner)
+        if died_in_election(client, study, winner):  # every later election for this number elects it again
             end_left_running(client, winner["parent_run_id"], "KILLED", ABANDONED, child_status="KILLED")
-            return join_or_start(study, experiment_id, trials, params, tags)
+            return join_or_start(study, experiment_id, trials, params, tags, after=number)
         return Invocation(**winner), False
     study.set_user_attr(INVOCATION_ATTR, asdict(mine))
     client.log_batch(mine.parent_run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
@@ -118,17 +117,27 @@ def join(study: optuna.Study, number: int) -> None:
     study.set_user_attr(f"{MEMBER_ATTR}:{number}:{worker_id()}", time.time())
 
 
-def abandoned(study: optuna.Study, number: int, parent_run_id: str, besides: str | None = None) -> bool:
+def died_in_election(client: MlflowClient, study: optuna.Study, winner: dict[str, Any]) -> bool:
+    """Whether the invocation that won an election will never run: it has been ended (by another worker that found
+    it dead), or its creator is a dead process on this host that never queued its trials (killed during the
+    election's half second). Its other contenders are alive and on record, so only the creator is asked."""
+    if not _is_running(client, winner["parent_run_id"]):
+        return True
+    creator = winner.get("creator", "")
+    return (creator.startswith(f"{socket.gethostname()}:") and not worker_alive(creator)
+            and ready_key(winner["number"]) not in study.user_attrs)
+
+
+def abandoned(study: optuna.Study, number: int, parent_run_id: str) -> bool:
     """Whether invocation ``number`` is dead and joining it would do nothing useful: every worker it recorded
     ran on this host and is gone (a ``kill -9``, a crash of the machine's session), and either it had a
     ``--budget`` (its plan and deadline were another command's; a joiner could only watch the time run out,
     and the new command's own budget would never be spent), or its creator died before queueing its trials
     (a joiner waits for them in vain), or its last worker died while finalizing (the refit: a joiner finds
     the finalization claimed and nothing to run). A plain invocation with trials left is joined and continued,
-    as a resume. Workers on other hosts cannot be checked from here: they count as alive. ``besides``: a worker
-    not to count (the caller, already on record)."""
+    as a resume. Workers on other hosts cannot be checked from here: they count as alive."""
     attrs, host = study.user_attrs, socket.gethostname()
-    members = [m for k in attrs if k.startswith(f"{MEMBER_ATTR}:{number}:") and (m := k.split(":", 2)[2]) != besides]
+    members = [k.split(":", 2)[2] for k in attrs if k.startswith(f"{MEMBER_ATTR}:{number}:")]
     if not members or any(not m.startswith(f"{host}:") or worker_alive(m) for m in members):
         return False
     return (f"{PLAN_ATTR}:{number}" in attrs or ready_key(number) not in attrs
