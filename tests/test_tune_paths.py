@@ -339,6 +339,11 @@ def test_a_changed_space_or_a_bad_space_value_is_one_line_before_anything_runs(s
     assert ("search space: crop_size = 48: --crop-size 48 does not fit the dataset's 32x32 images"
             in capsys.readouterr().err)
     assert mlflow.get_experiment_by_name("cifar10") is None or not parent_runs("crops")
+    space.write_text("crop_size: [0, 40]\ncrop_pad: [0, 4]\n")  # each value fits alone; a 40-px crop needs the padding
+    with pytest.raises(SystemExit):
+        main(["tune", "--data", store["data"], "--study", "crops", "--trials", "1", "--space", str(space), *COMMON])
+    assert ("search space: crop_size = 40 with crop_pad = 0: --crop-size 40 does not fit the dataset's 32x32 images"
+            in capsys.readouterr().err)
 
 
 def test_a_search_whose_first_trial_learns_nothing_stops_and_the_refit_gets_its_time(store, capsys):

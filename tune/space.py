@@ -17,6 +17,7 @@ changes; each key is a TrainConfig field and its value says how to search it::
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,13 +108,16 @@ class SearchSpace:
         return space
 
     def check_values(self, base: TrainConfig, image_size: int | None = None) -> None:
-        """Every value the space can give (its fixed values, each choice, each range's ends) makes a valid
-        configuration: a bad one is one error line before anything runs, not a study stopped at the first
-        trial that draws it."""
+        """Every value the space can give (its fixed values, each choice, each range's ends), and every pair of them,
+        makes a valid configuration: a bad one is one error line before anything runs, not a study stopped at the
+        first trial that draws it. Pairs, since options limit each other (``crop_size: [0, 40]`` with ``crop_pad: [0,
+        4]`` on CIFAR-10's 32-px images: a 40-px crop needs the padding)."""
+        values = {name: list(d.choices) if isinstance(d, CategoricalDistribution) else [d.low, d.high]
+                  for name, d in self.distributions.items()}
         tried: list[tuple[str, dict[str, Any]]] = [("its fixed values", {})]
-        for name, d in self.distributions.items():
-            tried += [(f"{name} = {v!r}", {name: v})
-                      for v in (d.choices if isinstance(d, CategoricalDistribution) else (d.low, d.high))]
+        tried += [(f"{name} = {v!r}", {name: v}) for name, vs in values.items() for v in vs]
+        tried += [(f"{a} = {va!r} with {b} = {vb!r}", {a: va, b: vb})
+                  for a, b in itertools.combinations(values, 2) for va in values[a] for vb in values[b]]
         for what, params in tried:
             try:
                 cfg = self.config(base, params)
