@@ -208,8 +208,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     try:
         check_model_args(cfg.model, cfg.model_args)
         select_device(cfg.device)
-        if cfg.dataset in DATASETS:  # a --crop-size larger than the images, before anything starts
-            cfg.check_image_size(DATASETS[cfg.dataset].image_size)
+        if info := DATASETS.get(cfg.dataset):  # a --crop-size larger than the images, before anything starts
+            cfg.check_image_size(info.image_size)
     except ValueError as e:
         fail(str(e))
     if cfg.subset is not None and cfg.subset < 10:

@@ -159,9 +159,7 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
 
         setup_tracking()
         base.pretrained = str(model_files(args.init_from)[1])
-    from train.data import DATASETS
-
-    space = SearchSpace.build(base, args.space, DATASETS[base.dataset].image_size if base.dataset in DATASETS else None)
+    space = SearchSpace.build(base, args.space)
     if budget is not None and (sized := sorted({"epochs", "subset", "max_steps", "time_budget"} & space.from_file)):
         fail(f"--budget sizes its trials itself: leave {', '.join(sized)} out of the --space file")
     if args.nproc < 1:

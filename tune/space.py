@@ -32,6 +32,7 @@ from optuna.distributions import (
 )
 
 from train.config import TrainConfig, load_yaml
+from train.data import DATASETS
 from train.models import list_models
 
 # Fields a search must not touch: they decide what data the study is about or how it is run.
@@ -81,9 +82,7 @@ class SearchSpace:
     from_file: set[str] = field(default_factory=set)  # dimensions the user's --space file set
 
     @classmethod
-    def build(cls, base: TrainConfig, path: str | Path | None = None, image_size: int | None = None) -> SearchSpace:
-        """The default space, with the ``--space`` file's dimensions; ``image_size`` (the dataset's) also checks
-        what only the data can refute, such as a crop larger than its images."""
+    def build(cls, base: TrainConfig, path: str | Path | None = None) -> SearchSpace:
         base = base.resolved()
         space = cls(default_distributions(base), lr_batch=base.batch_size)
         if path is None:
@@ -104,14 +103,15 @@ class SearchSpace:
         space.check_models()
         if not {"lr", "batch_size"} <= set(space.distributions):
             space.lr_batch = None  # coupling only when both are searched
-        space.check_values(base, image_size)
+        space.check_values(base)
         return space
 
-    def check_values(self, base: TrainConfig, image_size: int | None = None) -> None:
+    def check_values(self, base: TrainConfig) -> None:
         """Every value the space can give (its fixed values, each choice, each range's ends), and every pair of them,
         makes a valid configuration: a bad one is one error line before anything runs, not a study stopped at the
         first trial that draws it. Pairs, since options limit each other (``crop_size: [0, 40]`` with ``crop_pad: [0,
-        4]`` on CIFAR-10's 32-px images: a 40-px crop needs the padding)."""
+        4]`` on CIFAR-10's 32-px images: a 40-px crop needs the padding), and against the dataset's image size."""
+        info = DATASETS.get(base.dataset)
         values = {name: list(d.choices) if isinstance(d, CategoricalDistribution) else [d.low, d.high]
                   for name, d in self.distributions.items()}
         tried: list[tuple[str, dict[str, Any]]] = [("its fixed values", {})]
@@ -121,8 +121,8 @@ class SearchSpace:
         for what, params in tried:
             try:
                 cfg = self.config(base, params)
-                if image_size:
-                    cfg.check_image_size(image_size)
+                if info:
+                    cfg.check_image_size(info.image_size)
             except (ValueError, TypeError) as e:
                 from train.tracking import first_line  # only on this error: mlflow stays out of start-up
 
