@@ -112,6 +112,21 @@ def test_the_table_reads_each_run_against_its_own_targets(name, ceiling, convent
     assert re.search(rf"^reslab / conventional +=.*\({re.escape(conventional)};", table, re.M), table
 
 
+def test_an_fp32_run_on_a_bf16_cpu_is_read_against_the_fp32_target():
+    """`reslab bench --precision fp32` on a bf16 CPU was read against the bf16 targets (2.5x/3.0x), set for a
+    step twice as fast as the one it measured; the 1.7x is the one set for an fp32 step."""
+    from pathlib import Path
+
+    from train.bench import format_table
+
+    res = json.loads((Path(__file__).parents[1] / "docs" / "results" / "bench-cifar10-eager-2026-12-06T0310.json").read_text())
+    assert res["machine"]["cpu_bf16"] and res["precision"] == "bf16"
+    res["precision"] = "fp32"
+    for name in ("ceiling", "reslab"):
+        res["pipelines"][name]["precision"] = "fp32"
+    assert re.search(r"^reslab / conventional +=.*\(target >= 1\.7;", format_table(res), re.M), format_table(res)
+
+
 def test_bench_compiles_as_a_run_on_its_subset_would(monkeypatch, data_dir):
     """--subset N was accepted and ignored: the compile decision counted the whole split's steps, so a short
     run's bench measured a compiled step that run would not take. (Stopped right after that decision.)"""

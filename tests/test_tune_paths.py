@@ -453,6 +453,40 @@ def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues
     assert parent.join_or_start(study, exp, 3, {}, {}) == (inv, False)
 
 
+def test_a_worker_joining_after_the_search_closed_starts_no_trial_and_leaves_the_finish_to_the_creator(store, monkeypatch, capsys):
+    """A ``--budget`` worker that joins once the search's last trial could start (its plan's search window over)
+    has nothing left to run: it starts no trial and does not finalize, since the creator's last trial may still
+    be starting and the refit is the creator's (before, a joiner with no time left went straight to finishing)."""
+    import dataclasses
+    import socket
+
+    from tune import parent
+    from tune.budget import BudgetPlan
+    from tune.slots import ready_key
+    from train.tracking import experiment_id
+
+    study, exp = study_of(store, "late"), experiment_id("cifar10")
+    with monkeypatch.context() as m:  # the creator: alive on this host, its trials queued
+        m.setattr(parent, "worker_id", lambda: f"{socket.gethostname()}:{os.getpid()}")
+        inv, created = parent.join_or_start(study, exp, 3, {}, {})
+    assert created
+    now = time.time()  # a 120-s budget begun 60 s ago: its 30-s search window closed 30 s ago
+    plan = BudgetPlan(seconds=120.0, deadline=now + 60, images_per_sec=500.0, search_seconds=30.0, trial_subset=600,
+                      trial_epochs=3, trial_val_fraction=0.25, trial_seconds=8.0)
+    assert plan.search_timeout(now=now, first=False) == 0.0
+    study.set_user_attr(f"plan:{inv.number}", dataclasses.asdict(plan))
+    study.set_user_attr(ready_key(inv.number), 3)
+    tiny = str(Path(__file__).with_name("tiny-resnet9.yaml"))
+    main(["tune", "--data", store["data"], "--study", "late", "--budget", "2m", "--config", tiny, "--no-progress"])
+    out = capsys.readouterr().out
+    assert f"invocation {inv.number}: joined parent run {inv.parent_run_id}" in out, out
+    assert "joined after the search's last trial could start: no trial here" in out, out
+    study = study_of(store, "late")
+    assert study.trials == [] and parent.finalized_key(inv.parent_run_id) not in study.user_attrs
+    assert MlflowClient().get_run(inv.parent_run_id).info.status == "RUNNING"  # the creator's to end
+    assert versions_of("late") == []
+
+
 def test_stop_at_chance_judges_the_recipe_trial_even_when_a_sampled_one_finishes_first(store):
     """With several workers a sampled trial (here one at chance: a bad learning rate) can finish before the recipe's
     own trial. The rule judged whichever completed first, so that trial stopped the whole search although the
