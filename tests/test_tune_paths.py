@@ -453,38 +453,82 @@ def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues
     assert parent.join_or_start(study, exp, 3, {}, {}) == (inv, False)
 
 
-def test_a_worker_joining_after_the_search_closed_starts_no_trial_and_leaves_the_finish_to_the_creator(store, monkeypatch, capsys):
-    """A ``--budget`` worker that joins once the search's last trial could start (its plan's search window over)
-    has nothing left to run: it starts no trial and does not finalize, since the creator's last trial may still
-    be starting and the refit is the creator's (before, a joiner with no time left went straight to finishing)."""
+def budgeted_invocation(store, monkeypatch, name: str, search_left: float, pruner: dict | None = None):
+    """A ``--budget`` invocation's creator, alive on this host, as it stands after planning: a 120-s plan whose
+    search window closes in ``search_left`` seconds (negative: closed), its three slots queued, its pruner on
+    record when given. Returns the invocation."""
     import dataclasses
     import socket
 
     from tune import parent
     from tune.budget import BudgetPlan
-    from tune.slots import ready_key
+    from tune.slots import SlotStudy
     from train.tracking import experiment_id
 
-    study, exp = study_of(store, "late"), experiment_id("cifar10")
-    with monkeypatch.context() as m:  # the creator: alive on this host, its trials queued
+    study, exp = study_of(store, name), experiment_id("cifar10")
+    with monkeypatch.context() as m:
         m.setattr(parent, "worker_id", lambda: f"{socket.gethostname()}:{os.getpid()}")
         inv, created = parent.join_or_start(study, exp, 3, {}, {})
     assert created
-    now = time.time()  # a 120-s budget begun 60 s ago: its 30-s search window closed 30 s ago
-    plan = BudgetPlan(seconds=120.0, deadline=now + 60, images_per_sec=500.0, search_seconds=30.0, trial_subset=600,
+    plan = BudgetPlan(seconds=120.0, deadline=0.0, images_per_sec=500.0, search_seconds=30.0, trial_subset=600,
                       trial_epochs=3, trial_val_fraction=0.25, trial_seconds=8.0)
-    assert plan.search_timeout(now=now, first=False) == 0.0
+    plan.deadline = time.time() + plan.seconds - plan.search_seconds + 0.5 * plan.trial_seconds + search_left
     study.set_user_attr(f"plan:{inv.number}", dataclasses.asdict(plan))
-    study.set_user_attr(ready_key(inv.number), 3)
+    if pruner:
+        study.set_user_attr(f"pruner:{inv.number}", pruner)
+    SlotStudy(name, storage_of(store["journal"]), None, None, inv.number).provide(3)
+    return inv
+
+
+def test_a_worker_joining_after_the_search_closed_starts_no_trial_and_leaves_the_finish_to_the_creator(store, monkeypatch, capsys):
+    """A ``--budget`` worker that joins once the search's last trial could start (its plan's search window over)
+    has nothing left to run: it starts no trial and does not finalize, since the creator's last trial may still
+    be starting and the refit is the creator's (before, a joiner with no time left went straight to finishing)."""
+    from tune import parent
+
+    inv = budgeted_invocation(store, monkeypatch, "late", search_left=-30)
     tiny = str(Path(__file__).with_name("tiny-resnet9.yaml"))
     main(["tune", "--data", store["data"], "--study", "late", "--budget", "2m", "--config", tiny, "--no-progress"])
     out = capsys.readouterr().out
     assert f"invocation {inv.number}: joined parent run {inv.parent_run_id}" in out, out
     assert "joined after the search's last trial could start: no trial here" in out, out
     study = study_of(store, "late")
-    assert study.trials == [] and parent.finalized_key(inv.parent_run_id) not in study.user_attrs
+    assert all(t.state == TrialState.WAITING for t in study.trials), study.trials  # none started here
+    assert parent.finalized_key(inv.parent_run_id) not in study.user_attrs
     assert MlflowClient().get_run(inv.parent_run_id).info.status == "RUNNING"  # the creator's to end
     assert versions_of("late") == []
+
+
+def test_a_worker_joining_a_budgeted_invocation_prunes_as_its_creator_does(store, monkeypatch, capsys):
+    """A worker that joined a ``--budget`` invocation without ``--budget`` (or with another ``--pruner``) ran the
+    invocation's trials, sized by its plan, under its own default pruner (median over the whole study) where the
+    creator's ASHA judged each trial against its own invocation's trials only."""
+    from optuna.pruners import SuccessiveHalvingPruner
+
+    import tune.study
+    from tune.pruning import OwnInvocation
+
+    inv = budgeted_invocation(store, monkeypatch, "joined-pruner", search_left=60,
+                              pruner={"pruner": "asha", "prune_warmup": 2, "prune_after": 3})
+    seen = []
+
+    class Spy:
+        """The trial's objective: records the pruner its trial reports to, then stops the worker."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __call__(self, trial: optuna.Trial) -> float:
+            seen.append(trial.study.pruner)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune.study, "Objective", Spy)
+    tiny = str(Path(__file__).with_name("tiny-resnet9.yaml"))
+    with pytest.raises(SystemExit):  # interrupted (130); without --budget a worker's own pruner is the median pruner
+        main(["tune", "--data", store["data"], "--study", "joined-pruner", "--config", tiny, "--no-progress"])
+    assert "pruning as the invocation's creator does: asha (warm-up 2, after 3)" in capsys.readouterr().out
+    (pruner,) = seen
+    assert isinstance(pruner, OwnInvocation) and isinstance(pruner.pruner, SuccessiveHalvingPruner)
 
 
 def test_stop_at_chance_judges_the_recipe_trial_even_when_a_sampled_one_finishes_first(store):

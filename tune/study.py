@@ -133,6 +133,7 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
             if opts.budget:  # measure this machine, size the trials; stored for the workers that join
                 plan = make_plan(opts, data)
                 study.set_user_attr(plan_key(inv.number), plan.to_dict())
+                study.set_user_attr(pruner_key(inv.number), pruner_spec(opts))
             # a new study's first trial is the base recipe itself: the search starts from what is known to work
             first = opts.space.base_params(base) if inv.finished_before == 0 and not study.trials else None
             pinned = opts.space.pins(base, plan.batch_size_searched) if plan and plan.search else {}
@@ -145,6 +146,12 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
             return {"study": opts.study, "finalized_by": None}
         if not created and plan_key(inv.number) in study.user_attrs:
             plan = BudgetPlan(**study.user_attrs[plan_key(inv.number)])
+            spec = study.user_attrs.get(pruner_key(inv.number))
+            if spec is not None:  # a budget's trials are pruned one way, whichever flags its workers were given
+                study.pruner = make_pruner(dataclasses.replace(opts, budget=plan.seconds, **spec))
+                if spec != pruner_spec(opts) or opts.budget is None:
+                    print(f"pruning as the invocation's creator does: {spec['pruner']} (warm-up {spec['prune_warmup']}, "
+                          f"after {spec['prune_after']})", flush=True)
             if not plan.search:
                 print(f"invocation {inv.number} of study {opts.study} runs no search (its budget is too short); "
                       "its creator refits the base configuration: nothing to run here", flush=True)
@@ -306,6 +313,15 @@ def note_plan(inv: parent.Invocation, plan: BudgetPlan) -> None:
 
 def plan_key(invocation: int) -> str:
     return f"{parent.PLAN_ATTR}:{invocation}"
+
+
+def pruner_key(invocation: int) -> str:
+    """Study attribute: the pruner a budgeted invocation's creator chose, which its joining workers use too."""
+    return f"pruner:{invocation}"
+
+
+def pruner_spec(opts: TuneOptions) -> dict[str, Any]:
+    return {"pruner": opts.pruner, "prune_warmup": opts.prune_warmup, "prune_after": opts.prune_after}
 
 
 def make_plan(opts: TuneOptions, data) -> BudgetPlan:
