@@ -110,7 +110,9 @@ class SearchSpace:
         """Every value the space can give (its fixed values, each choice, each range's ends), and every pair of them,
         makes a valid configuration: a bad one is one error line before anything runs, not a study stopped at the
         first trial that draws it. Pairs, since options limit each other (``crop_size: [0, 40]`` with ``crop_pad: [0,
-        4]`` on CIFAR-10's 32-px images: a 40-px crop needs the padding), and against the dataset's image size."""
+        4]`` on CIFAR-10's 32-px images: a 40-px crop needs the padding), and against the dataset's image size.
+        Pairs suffice for the rules TrainConfig has: the crop rule spans three options (size, padding, augment), but a
+        failing triple fails with either of its pairs and the base's third value too, so no triple is tried."""
         info = DATASETS.get(base.dataset)
         values = {name: list(d.choices) if isinstance(d, CategoricalDistribution) else [d.low, d.high]
                   for name, d in self.distributions.items()}
