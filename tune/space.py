@@ -112,7 +112,7 @@ class SearchSpace:
         first trial that draws it. Pairs, since options limit each other (``crop_size: [0, 40]`` with ``crop_pad: [0,
         4]`` on CIFAR-10's 32-px images: a 40-px crop needs the padding), and against the dataset's image size.
         Pairs suffice for the rules TrainConfig has: the crop rule spans three options (size, padding, augment), but a
-        failing triple fails with either of its pairs and the base's third value too, so no triple is tried."""
+        failing triple fails as one of its pairs (with the base's third value) too, so no triple is tried."""
         info = DATASETS.get(base.dataset)
         values = {name: list(d.choices) if isinstance(d, CategoricalDistribution) else [d.low, d.high]
                   for name, d in self.distributions.items()}
