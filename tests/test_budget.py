@@ -389,3 +389,48 @@ def test_a_budget_mostly_spent_on_the_final_evaluation_says_so():
                       tta=2, progress=False, val_fraction=0.0, compile=False)
     with pytest.warns(ReslabWarning, match="the final evaluation .8,000 images x 6 view.s.. is estimated at"):
         fit(cfg, data)
+
+
+def test_a_budget_that_buys_too_few_epochs_trains_a_narrower_net_and_logs_it(cifar, data_dir, mlflow_store, tmp_path, capsys):
+    """``--min-budget-epochs N`` (the airbench recipe's 5): a budget that buys fewer than N epochs of the model at
+    its width, measured here, trains half the width, then a quarter, ... down to 16; the run's parameters say the
+    width that trained, a tag and a line say why, and the measurements count against the budget. (airbench at
+    width 64 gets ~2.5 epochs of its 14m20s on an AVX2-only CPU, at width 32 ~8: 90.5% test, docs/performance.md.)"""
+    import mlflow
+
+    from train.cli import main
+    from train.engine import fit_width
+
+    config = tmp_path / "wide.yaml"
+    config.write_text("model: resnet9\nmodel_args: {width: 32}\n")
+    main(["train", "--data", str(data_dir), "--config", str(config), "--subset", "2000", "--val-fraction", "0.1",
+          "--batch-size", "64", "--tta", "0", "--time-budget", "20s", "--min-budget-epochs", "50", "--no-progress",
+          "--run-name", "narrowed"])
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("a 0:20 budget buys under 50 epochs"))
+    assert line.startswith("a 0:20 budget buys under 50 epochs of resnet9 at width 32 here: training width 16 instead "
+                           "(measured width 32: "), out
+    assert "; width 16: " in line and "img/s" in line  # both widths measured, 16 the narrowest: no further
+    (run,) = mlflow.search_runs(experiment_names=["cifar10"], filter_string="attributes.run_name = 'narrowed'",
+                                output_format="list")
+    assert run.data.params["model_args.width"] == "16" and run.data.params["min_budget_epochs"] == "50"
+    assert run.data.tags["budget_width"] == line
+    assert run.data.metrics["budget_wall_seconds"] <= 20 * 1.15 + 1.0, run.data.metrics
+
+    # a budget that buys enough epochs keeps the configuration as given (the same object)
+    enough = TrainConfig(dataset="cifar10", model="resnet9", model_args={"width": 16}, subset=600, batch_size=64,
+                         time_budget=600.0, min_budget_epochs=2, evaluate_test=False, progress=False)
+    kept, why = fit_width(enough, cifar)
+    assert kept is enough and why is None
+
+
+def test_time_spent_before_fit_counts_against_the_budget(cifar):
+    """``fit(spent=s)``: the width's measurements run before the run's own clock starts; a run that did not count them
+    would overrun its budget by them."""
+    cfg = TrainConfig(dataset="cifar10", model="resnet9", model_args={"width": 8}, subset=2000, batch_size=64,
+                      time_budget=12.0, evaluate_test=False, progress=False, val_fraction=0.1)
+    t0 = time.perf_counter()
+    result = fit(cfg, cifar, spent=6.0)
+    took = time.perf_counter() - t0
+    assert took <= (12.0 - 6.0) * 1.15 + 3.0, (took, result.extra["budget"])  # without it: ~12 s
+    assert 6.0 < result.extra["budget"]["budget_wall_seconds"] <= 12.0 * 1.15 + 1.0

@@ -447,6 +447,10 @@ def test_a_config_file_that_is_not_valid_is_one_line(capsys, mlflow_store, tmp_p
     (["train", "--epochs", "1", "--time-budget", "25s"],
      "--time-budget fits the number of epochs to the measured speed: leave out --epochs (--max-steps caps it)"),
     (["tune", "--device", "mps"], "--device 'mps': reslab trains on auto, cpu or cuda[:N]"),
+    (["train", "--min-budget-epochs", "6"],
+     "--min-budget-epochs narrows the network to fit a time budget: give --time-budget (or a recipe with one)"),
+    (["train", "--time-budget", "1m", "--min-budget-epochs", "-1"],
+     "--min-budget-epochs takes a whole number of epochs, 0 (off) or more, not -1"),
 ])
 def test_other_commands_bad_values_are_one_line(capsys, mlflow_store, tmp_path, args, line):
     """Once a traceback (an unknown storage scheme, zero rounds, the UI's port out of range from the MLflow

@@ -391,7 +391,7 @@ def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues
     dead = f"{socket.gethostname()}:{gone.pid}:0"  # a start time no live process has, should the pid come back
     exp, client = experiment_id("cifar10"), MlflowClient()
 
-    def killed_invocation(study: optuna.Study, budgeted: bool, queued: bool, finalizing: bool) -> parent.Invocation:
+    def killed_invocation(study: optuna.Study, budgeted: bool, queued: bool, finalizing: str) -> parent.Invocation:
         with monkeypatch.context() as m:  # the invocation's only worker is the dead process
             m.setattr(parent, "worker_id", lambda: dead)
             inv, created = parent.join_or_start(study, exp, 3, {}, {})
@@ -400,14 +400,18 @@ def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues
             study.set_user_attr(f"plan:{inv.number}", {"seconds": 60})
         if queued:
             study.set_user_attr(ready_key(inv.number), 3)
-        if finalizing:  # killed in its refit, the longest phase: a run of its own under the parent, still RUNNING
+        if finalizing == "refit":  # killed in its refit, the longest phase: a run of its own under the parent, still RUNNING
             study.set_user_attr(parent.finalized_key(inv.parent_run_id), dead)
             client.create_run(exp, tags={"mlflow.parentRunId": inv.parent_run_id, "kind": "refit"})
+        if finalizing == "election":  # killed in the finalization's election (its half second): a candidate only,
+            # whom every later election elected again, so each rerun joined, lost it and left the parent RUNNING
+            study.set_user_attr(f"{parent.finalized_key(inv.parent_run_id)}@{dead}", {"at": time.time(), "value": dead})
         return inv
 
     for name, budgeted, queued, finalizing, joined in [
-            ("dead-budget", True, True, False, False), ("dead-unqueued", False, False, False, False),
-            ("dead-finalizing", False, True, True, False), ("dead-plain", False, True, False, True)]:
+            ("dead-budget", True, True, "", False), ("dead-unqueued", False, False, "", False),
+            ("dead-finalizing", False, True, "refit", False), ("dead-electing", False, True, "election", False),
+            ("dead-plain", False, True, "", True)]:
         study = study_of(store, name)
         old = killed_invocation(study, budgeted, queued, finalizing)
         inv, created = parent.join_or_start(study, exp, 3, {}, {})
@@ -418,7 +422,7 @@ def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues
         else:
             assert first.info.status == "KILLED" and first.data.tags["end_reason"] == parent.ABANDONED, name
         children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{old.parent_run_id}'")
-        assert [r.info.status for r in children] == (["KILLED"] if finalizing else []), name
+        assert [r.info.status for r in children] == (["KILLED"] if finalizing == "refit" else []), name
 
     # a creator killed during its election (the 0.5 s settle): before, every rerun lost the election for that
     # number to it, joined it and waited 60 s for trials it never queued
@@ -453,10 +457,10 @@ def test_an_invocation_whose_workers_all_died_is_joined_only_when_that_continues
     assert parent.join_or_start(study, exp, 3, {}, {}) == (inv, False)
 
 
-def budgeted_invocation(store, monkeypatch, name: str, search_left: float, pruner: dict | None = None):
+def budgeted_invocation(store, monkeypatch, name: str, search_left: float | None, settings: dict | None = None):
     """A ``--budget`` invocation's creator, alive on this host, as it stands after planning: a 120-s plan whose
-    search window closes in ``search_left`` seconds (negative: closed), its three slots queued, its pruner on
-    record when given. Returns the invocation."""
+    search window closes in ``search_left`` seconds (negative: closed; None: no plan, a plain invocation), its
+    three slots queued, its settings on record when given. Returns the invocation."""
     import dataclasses
     import socket
 
@@ -472,10 +476,11 @@ def budgeted_invocation(store, monkeypatch, name: str, search_left: float, prune
     assert created
     plan = BudgetPlan(seconds=120.0, deadline=0.0, images_per_sec=500.0, search_seconds=30.0, trial_subset=600,
                       trial_epochs=3, trial_val_fraction=0.25, trial_seconds=8.0)
-    plan.deadline = time.time() + plan.seconds - plan.search_seconds + 0.5 * plan.trial_seconds + search_left
-    study.set_user_attr(f"plan:{inv.number}", dataclasses.asdict(plan))
-    if pruner:
-        study.set_user_attr(f"pruner:{inv.number}", pruner)
+    if search_left is not None:
+        plan.deadline = time.time() + plan.seconds - plan.search_seconds + 0.5 * plan.trial_seconds + search_left
+        study.set_user_attr(f"plan:{inv.number}", dataclasses.asdict(plan))
+    if settings:
+        study.set_user_attr(f"settings:{inv.number}", settings)
     SlotStudy(name, storage_of(store["journal"]), None, None, inv.number).provide(3)
     return inv
 
@@ -498,18 +503,28 @@ def test_a_worker_joining_after_the_search_closed_starts_no_trial_and_leaves_the
     assert MlflowClient().get_run(inv.parent_run_id).info.status == "RUNNING"  # the creator's to end
     assert versions_of("late") == []
 
+    # past the whole budget's deadline the creator is dead or late (on another host, where this one cannot tell):
+    # a joiner finishes the invocation instead of leaving it RUNNING for every later command to join
+    inv = budgeted_invocation(store, monkeypatch, "late-dead", search_left=-200)
+    with pytest.raises(SystemExit):  # finished with no trial complete: nothing to register, one line
+        main(["tune", "--data", store["data"], "--study", "late-dead", "--budget", "2m", "--config", tiny, "--no-progress"])
+    assert "no trial here" not in capsys.readouterr().out
+    assert parent.finalized_key(inv.parent_run_id) in study_of(store, "late-dead").user_attrs
+    assert MlflowClient().get_run(inv.parent_run_id).info.status != "RUNNING"
+
 
 def test_a_worker_joining_a_budgeted_invocation_prunes_as_its_creator_does(store, monkeypatch, capsys):
     """A worker that joined a ``--budget`` invocation without ``--budget`` (or with another ``--pruner``) ran the
     invocation's trials, sized by its plan, under its own default pruner (median over the whole study) where the
-    creator's ASHA judged each trial against its own invocation's trials only."""
-    from optuna.pruners import SuccessiveHalvingPruner
+    creator's ASHA judged each trial against its own invocation's trials only. It follows the creator's settings
+    (pruner, refit) and says so."""
+    from optuna.pruners import MedianPruner, SuccessiveHalvingPruner
 
     import tune.study
     from tune.pruning import OwnInvocation
 
     inv = budgeted_invocation(store, monkeypatch, "joined-pruner", search_left=60,
-                              pruner={"pruner": "asha", "prune_warmup": 2, "prune_after": 3})
+                              settings={"pruner": "asha", "prune_warmup": 2, "prune_after": 3, "refit": True})
     seen = []
 
     class Spy:
@@ -526,9 +541,22 @@ def test_a_worker_joining_a_budgeted_invocation_prunes_as_its_creator_does(store
     tiny = str(Path(__file__).with_name("tiny-resnet9.yaml"))
     with pytest.raises(SystemExit):  # interrupted (130); without --budget a worker's own pruner is the median pruner
         main(["tune", "--data", store["data"], "--study", "joined-pruner", "--config", tiny, "--no-progress"])
-    assert "pruning as the invocation's creator does: asha (warm-up 2, after 3)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"following invocation {inv.number}'s settings: pruner asha (warm-up 2, after 3), refit yes, budget 2:00" in out, out
     (pruner,) = seen
     assert isinstance(pruner, OwnInvocation) and isinstance(pruner.pruner, SuccessiveHalvingPruner)
+
+    # the other way round: a --budget worker that joins a plain invocation runs it as its creator does (its budget
+    # was ignored without a word, and its trials were pruned by ASHA within the invocation, the creator's by median)
+    inv = budgeted_invocation(store, monkeypatch, "joined-plain", search_left=None,
+                              settings={"pruner": "median", "prune_warmup": 1, "prune_after": 3, "refit": False})
+    seen.clear()
+    with pytest.raises(SystemExit):
+        main(["tune", "--data", store["data"], "--study", "joined-plain", "--budget", "2m", "--config", tiny, "--no-progress"])
+    out = capsys.readouterr().out
+    assert f"following invocation {inv.number}'s settings: pruner median (warm-up 1, after 3), refit no, no budget" in out, out
+    (pruner,) = seen
+    assert isinstance(pruner, MedianPruner)
 
 
 def test_stop_at_chance_judges_the_recipe_trial_even_when_a_sampled_one_finishes_first(store):
@@ -582,6 +610,20 @@ def test_stop_at_chance_judges_the_recipe_trial_even_when_a_sampled_one_finishes
     gave_up.tell(recipe, state=TrialState.PRUNED)
     StopAtChance(inv, data)(gave_up, gave_up.trials[-1])
     assert halted and gave_up.user_attrs["search_stopped:1"].startswith("trial 0 reached val_acc 0.100")
+
+    # no recipe trial (a resumed study): the first trial to *complete* is judged, once. The rule took the lowest
+    # number, so a trial started earlier that finished later (another worker's) was judged again and could stop
+    # a search whose first judged trial had learnt
+    resumed, ended = optuna.create_study(direction="maximize"), []
+    resumed.stop = lambda: ended.append(True)
+    earlier, later = resumed.ask(), resumed.ask()
+    for t in (earlier, later):
+        t.set_user_attr(SLOT_ATTR, 1)
+    resumed.tell(later, 0.55)
+    StopAtChance(inv, data)(resumed, resumed.trials[later.number])
+    resumed.tell(earlier, 0.10)
+    StopAtChance(inv, data)(resumed, resumed.trials[earlier.number])
+    assert not ended and "search_stopped:1" not in resumed.user_attrs
 
 
 # --------------------------------------------------------------------------- processes: kill -9, out of memory

@@ -16,6 +16,7 @@ EVAL_COST_PER_TRAIN_IMAGE = 0.35
 CALIBRATION_SKIP = 2  # the first steps pay for allocation and kernel selection: not timed
 CALIBRATION_STEPS = 8  # timed steps before the first plan
 CALIBRATION_MIN_STEPS = 3  # a time-limited measurement still times this many (its median needs three)
+NARROWEST_WIDTH = 16  # a budget narrows a network (--min-budget-epochs; make run's short refits) down to this width
 REPLANS_PER_EPOCH = 10  # the plan is renewed this often within an epoch (long epochs: slow nets, big data)...
 REPLAN_MIN_STEPS = 20  # ...but over no fewer steps than this, so that one slow step does not swing it...
 FINAL_REPLAN_STEPS = 5  # ...except in the last stretch (fewer steps left than between plans): every 5 steps, still

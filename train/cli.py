@@ -95,6 +95,10 @@ def add_train_args(p: argparse.ArgumentParser, show_defaults: bool = True,
     g.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
     g.add_argument("--time-budget", metavar="DURATION", help="train for this long (e.g. 15m; training + evaluation): "
                    "the schedule's length follows from the speed measured in the first steps, on any CPU or GPU")
+    g.add_argument("--min-budget-epochs", type=int, metavar="N", help="with --time-budget: when this machine's measured "
+                   "speed buys fewer than N epochs at the model's width, train at half the width (down to 16) until it does: "
+                   "a narrower network that sees more epochs learns more in the same minutes (default 0: never; the airbench "
+                   "recipe: 5)")
     g.add_argument("--patience", type=int, metavar="N", help="stop early when validation accuracy has not improved "
                    "for N epochs (default: off)")
     g.add_argument("--restore-best", action="store_true", default=None, help="end with the weights of the epoch with the "
@@ -175,6 +179,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         fail("--time-budget fits the number of epochs to the measured speed: leave out --epochs (--max-steps caps it)")
     if getattr(args, "time_budget", None) is None and (getattr(args, "epochs", None) or getattr(args, "max_steps", None)):
         merged.pop("time_budget", None)  # --epochs/--max-steps given: a recipe's time budget gives way
+    if getattr(args, "min_budget_epochs", None) and merged.get("time_budget") is None:
+        fail("--min-budget-epochs narrows the network to fit a time budget: give --time-budget (or a recipe with one)")
     if getattr(args, "epochs", None) and getattr(args, "max_steps", None) is None:
         merged.pop("max_steps", None)  # --epochs given: a recipe's step count gives way too (degradation-paper's 64k)
     if getattr(args, "pretrained", None) or getattr(args, "init_from", None):

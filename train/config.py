@@ -39,6 +39,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 # NaN fails every test.
 BOUNDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": (lambda v: v >= 1, "a whole number of epochs, at least 1"),
+    "min_budget_epochs": (lambda v: v >= 0, "a whole number of epochs, 0 (off) or more"),
     "max_steps": (lambda v: v is None or v >= 1, "a whole number of steps, at least 1"),
     "batch_size": (lambda v: v >= 1, "a whole number of images, at least 1"),
     "lr": (lambda v: 0 < v < math.inf, "a learning rate above 0"),
@@ -102,6 +103,7 @@ class TrainConfig:
     epochs: int = 0  # 0: the dataset's default
     max_steps: int | None = None  # stop after this many optimizer steps (paper-style budgets)
     time_budget: float | None = None  # seconds of wall clock (training + evaluation); the length follows from measured speed
+    min_budget_epochs: int = 0  # with a time budget: narrow the network until the measured speed buys this many epochs
     patience: int | None = None  # stop when validation accuracy has not improved for this many epochs (None: never)
     restore_best: bool = False  # end with the best validation epoch's weights, not the last (train/stopping.py)
     # optimisation

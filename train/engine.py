@@ -34,13 +34,13 @@ from tqdm.auto import tqdm
 from . import distributed
 from .augment import mixup, normalize, random_crop_flip
 from .budget import (CALIBRATION_MIN_STEPS, CALIBRATION_SKIP, CALIBRATION_STEPS, FINAL_REPLAN_STEPS, REPLAN_MIN_STEPS,
-                     REPLANS_PER_EPOCH, Horizon, TimeBudget, format_duration)
+                     NARROWEST_WIDTH, REPLANS_PER_EPOCH, Horizon, TimeBudget, format_duration)
 from .config import TTA_VIEWS, TrainConfig
 from .data import ImageData, split_indices
 from .errors import DivergedError, ReslabWarning
 from .interrupt import raise_if_terminated, signals_deferred
 from .loader import BatchLoader, stream_seed
-from .models import create_model, mean_probabilities
+from .models import create_model, mean_probabilities, model_width
 from .stopping import BestEpoch
 from .stopping import check as check_stopping
 from .whitening import whiten_first_conv
@@ -660,6 +660,53 @@ def measure_throughput(cfg: TrainConfig, data: ImageData, steps: int = CALIBRATI
     return float(statistics.median(rates))
 
 
+PROBE_BATCH = 256  # images a step when timing a width: CPU kernels' per-image speed, in seconds, not minutes
+PROBE_SHARE = 0.01  # of the budget, at most, for timing each width (past its first steps)
+
+
+def budget_epochs(cfg: TrainConfig, images_per_sec: float, train_images: int, val_images: int, test_images: int,
+                  spent: float = 0.0, eval_pixels: float = 1.0) -> float:
+    """Epochs that ``cfg``'s time budget buys at ``images_per_sec`` with ``spent`` seconds of it gone: the plan a
+    budgeted run makes at its first step (TimeBudget, its per-epoch validation and final evaluation included)."""
+    steps_per_epoch = max(1, math.ceil(train_images / cfg.batch_size))
+    budget = TimeBudget(cfg.time_budget or 0.0, steps_per_epoch, cfg.batch_size, val_images,
+                        val_images + (test_images if cfg.evaluate_test else 0), TTA_VIEWS[cfg.tta], None, eval_pixels)
+    return budget.plan(0, spent, cfg.batch_size / max(images_per_sec, 1e-9)) / steps_per_epoch
+
+
+def fit_width(cfg: TrainConfig, data: ImageData) -> tuple[TrainConfig, str | None]:
+    """``cfg`` at the widest of its model's width, half, a quarter, ... (down to ``NARROWEST_WIDTH``) whose speed,
+    measured here, buys ``cfg.min_budget_epochs`` epochs in its time budget, and a line saying why it was narrowed
+    (None: kept as it is). A network that sees too few epochs in the minutes given learns less than a narrower one
+    that sees more (docs/performance.md: airbench at width 64 gets ~2.5 epochs of a 14m20s budget on an AVX2-only
+    CPU, at width 32 ~8). Off without a budget, for a model without a width, and under torchrun (the ranks would
+    each measure, and must agree)."""
+    given, cfg = cfg, cfg.resolved()
+    width = model_width(cfg.model, cfg.model_args)
+    if not (cfg.time_budget and cfg.min_budget_epochs) or width is None or distributed.env_context().enabled:
+        return given, None
+    start = time.perf_counter()
+    train_idx, val_idx = split_indices(data.train_y, cfg.subset, cfg.val_fraction, cfg.seed)
+    pixels = (data.image_size / cfg.crop_size) ** 2 if cfg.crop_size else 1.0
+    tried: list[str] = []
+    w = width
+    while True:
+        at = dataclasses.replace(cfg, model_args={**cfg.model_args, "width": w})
+        rate = measure_throughput(dataclasses.replace(at, batch_size=min(cfg.batch_size, PROBE_BATCH)), data,
+                                  max_seconds=PROBE_SHARE * cfg.time_budget)
+        epochs = budget_epochs(at, rate, len(train_idx), len(val_idx), len(data.test_y), time.perf_counter() - start,
+                               pixels)
+        tried.append(f"width {w}: {rate:.0f} img/s, ~{epochs:.1f} epochs")
+        if epochs >= cfg.min_budget_epochs or w // 2 < NARROWEST_WIDTH:
+            break
+        w //= 2
+    if w == width:
+        return given, None
+    return dataclasses.replace(given, model=cfg.model, model_args=at.model_args), (f"a {format_duration(cfg.time_budget)} budget buys under {cfg.min_budget_epochs} epochs of {cfg.model} at "
+                f"width {width} here: training width {w} instead (measured {'; '.join(tried)}; --min-budget-epochs 0 "
+                "keeps the width)")
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -688,8 +735,10 @@ def fit(
     callbacks: Sequence[EpochCallback] = (),
     resume: str | Path | None = None,
     meta: dict[str, Any] | None = None,
+    spent: float = 0.0,
 ) -> FitResult:
-    """Train ``cfg.model`` on ``data``; return the model, per-epoch history and evaluations."""
+    """Train ``cfg.model`` on ``data``; return the model, per-epoch history and evaluations. ``spent``: seconds of
+    the time budget already used before this call (:func:`fit_width`'s measurements)."""
     cfg = cfg.resolved()
     check_stopping(cfg)
     torch.manual_seed(cfg.seed)
@@ -760,7 +809,7 @@ def fit(
         print(f"resumed from {resume} at epoch {start_epoch}")
     ckpt_path = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
     # wall clock of training *and* per-epoch evaluation: the x axis of time-to-accuracy curves
-    wall_start = time.perf_counter() - (history[-1].get("wall_seconds", 0.0) if history else 0.0)
+    wall_start = time.perf_counter() - (history[-1].get("wall_seconds", 0.0) if history else spent)
     timed_from: tuple[int, float] | None = None  # (step, train seconds) where step timing started
     val_seconds: float | None = None  # measured per-epoch validation time
     last_val: EvalResult | None = None  # the latest epoch's validation: of the final weights once the loop ends

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import mlflow
 from .config import TrainConfig
 from .data import load_dataset
 from .distributed import is_main_process
-from .engine import fit, load_checkpoint, resolve_precision, select_device
+from .engine import fit, fit_width, load_checkpoint, resolve_precision, select_device
 from .interrupt import END_REASON_TAG, end_reason, raise_if_terminated
 from .redact import mask_secrets
 from .tracking import (
@@ -47,6 +48,13 @@ def train_and_log(
         cfg.pretrained = str(model_files(init_from)[1])
     if resume and run_id is None:
         run_id = load_checkpoint(resume).get("meta", {}).get("mlflow_run_id")
+    # a budget that buys too few epochs at the model's width narrows it, before the run's parameters say the width
+    started, narrowed = time.perf_counter(), None
+    if not resume:
+        cfg, narrowed = fit_width(cfg, data)
+    spent = time.perf_counter() - started  # of the budget: the run's clock starts with the measurements
+    if narrowed:
+        print(narrowed, flush=True)
     device = select_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     with mlflow.start_run(run_id=run_id, experiment_id=experiment_id(experiment or cfg.dataset), run_name=run_name) as run:
@@ -55,6 +63,8 @@ def train_and_log(
             mlflow.set_tags({**run_tags(cfg, data, str(device), precision), **(tags or {})})
             if init_from:
                 mlflow.set_tag("init_from", init_from)
+            if narrowed:
+                mlflow.set_tag("budget_width", narrowed)
         print(f"MLflow run {run.info.run_id} in {mask_secrets(mlflow.get_tracking_uri())}")
         if resume:  # killed between checkpoint and logging: log the checkpointed epochs MLflow missed
             logged_steps = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")}
@@ -63,7 +73,7 @@ def train_and_log(
                     epoch_logger(int(h["epoch"]) - 1, h)
         try:
             result = fit(cfg, data, [epoch_logger], resume=resume,
-                         meta={"mlflow_run_id": run.info.run_id, "run_name": run_name})
+                         meta={"mlflow_run_id": run.info.run_id, "run_name": run_name}, spent=spent)
             raise_if_terminated()  # a SIGTERM dropped during the final evaluation
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (train/interrupt.py): KILLED, with the reason
             mlflow.set_tag(END_REASON_TAG, end_reason(e))

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from train.budget import EVAL_COST_PER_TRAIN_IMAGE, format_duration
+from train.budget import EVAL_COST_PER_TRAIN_IMAGE, NARROWEST_WIDTH, format_duration
 from train.config import TTA_VIEWS, TrainConfig
 from train.models import model_width
 
@@ -48,7 +48,7 @@ TRIAL_OVERHEAD = 3.0  # seconds per trial outside training: model build, MLflow 
 FINISH_RESERVE = 15.0  # seconds kept for exporting and registering the champion (took ~2 s on a bf16 CPU)
 MIN_REFIT = 20.0  # a refit always gets at least this long, even when the search ran late
 MIN_REFIT_EPOCHS = 4  # a no-search refit that buys fewer epochs at the base's width trains at half of it
-NARROWEST = 16  # ... down to this width (docs/tuning.md: ResNet-9 on FER-2013 and CIFAR-10, AVX2-only CPU)
+NARROWEST = NARROWEST_WIDTH  # ... down to this width (docs/tuning.md: ResNet-9 on FER-2013 and CIFAR-10, AVX2-only CPU)
 # A trial of the recipe itself that ends within this of the majority class's share learnt nothing at the
 # search's fidelity (~3 standard errors of a 1,500-image validation at 25%): its trials would rank noise.
 CHANCE_MARGIN = 0.03

@@ -140,8 +140,9 @@ def abandoned(study: optuna.Study, number: int, parent_run_id: str) -> bool:
     members = [k.split(":", 2)[2] for k in attrs if k.startswith(f"{MEMBER_ATTR}:{number}:")]
     if not members or any(not m.startswith(f"{host}:") or worker_alive(m) for m in members):
         return False
+    finalizing = finalized_key(parent_run_id)  # elected, or still a candidate (killed in the election's settle)
     return (f"{PLAN_ATTR}:{number}" in attrs or ready_key(number) not in attrs
-            or finalized_key(parent_run_id) in attrs)
+            or any(k == finalizing or k.startswith(f"{finalizing}@") for k in attrs))
 
 
 def finalized_key(parent_run_id: str) -> str:

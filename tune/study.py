@@ -23,6 +23,7 @@ from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, NopPruner,
 from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 
+from train.budget import format_duration
 from train.config import TrainConfig
 from train.data import ImageData, load_dataset
 from train.distributed import is_main_process, shutdown
@@ -130,10 +131,10 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
         fail_stale(study, opts.heartbeat)  # a dead worker's trial is failed (and queued again) before slots are counted
         plan, pinned = None, {}
         if created:
+            study.set_user_attr(settings_key(inv.number), shared_settings(opts))  # the workers that join follow them
             if opts.budget:  # measure this machine, size the trials; stored for the workers that join
                 plan = make_plan(opts, data)
                 study.set_user_attr(plan_key(inv.number), plan.to_dict())
-                study.set_user_attr(pruner_key(inv.number), pruner_spec(opts))
             # a new study's first trial is the base recipe itself: the search starts from what is known to work
             first = opts.space.base_params(base) if inv.finished_before == 0 and not study.trials else None
             pinned = opts.space.pins(base, plan.batch_size_searched) if plan and plan.search else {}
@@ -144,14 +145,11 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
         elif not study.wait_for_slots():
             print("the invocation's creator never queued its trials; nothing to run here", flush=True)
             return {"study": opts.study, "finalized_by": None}
-        if not created and plan_key(inv.number) in study.user_attrs:
-            plan = BudgetPlan(**study.user_attrs[plan_key(inv.number)])
-            spec = study.user_attrs.get(pruner_key(inv.number))
-            if spec is not None:  # a budget's trials are pruned one way, whichever flags its workers were given
-                study.pruner = make_pruner(dataclasses.replace(opts, budget=plan.seconds, **spec))
-                if spec != pruner_spec(opts) or opts.budget is None:
-                    print(f"pruning as the invocation's creator does: {spec['pruner']} (warm-up {spec['prune_warmup']}, "
-                          f"after {spec['prune_after']})", flush=True)
+        if not created:
+            if plan_key(inv.number) in study.user_attrs:
+                plan = BudgetPlan(**study.user_attrs[plan_key(inv.number)])
+            opts = follow_creator(study, inv, opts, plan)
+        if not created and plan is not None:
             if not plan.search:
                 print(f"invocation {inv.number} of study {opts.study} runs no search (its budget is too short); "
                       "its creator refits the base configuration: nothing to run here", flush=True)
@@ -171,7 +169,10 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
         trial_cfg = plan.trial_config(trial_base(base)) if plan else trial_base(base)
         if plan:
             timeout = plan.search_timeout(first=created)
-            if searching and timeout == 0:  # nor does it finalize: the creator's last trial may not have started yet
+            # nor does it finalize before the deadline: the creator's last trial may not have started yet. Past the
+            # deadline the invocation's workers are dead or late (on another host, where this one cannot tell):
+            # it finishes the invocation as its last worker would (a refit already under way keeps its claim)
+            if searching and timeout == 0 and time.time() < plan.deadline:
                 print("joined after the search's last trial could start: no trial here; the invocation's other "
                       "workers finish it", flush=True)
                 return {"study": opts.study, "finalized_by": None}
@@ -238,9 +239,11 @@ class StopAtChance:
     def judged(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial | None:
         """The trial the rule judges now that ``trial`` has ended, if any: the recipe's own trial where the invocation
         queued one (with several workers a sampled trial can finish first); once that one is pruned or failed with no
-        retry queued, or where there is none, the invocation's first complete trial."""
+        retry queued, or where there is none, the invocation's first trial to complete (judged once)."""
         mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(SLOT_ATTR) == self.inv.number]
-        first_complete = next((t for t in mine if t.state == TrialState.COMPLETE), None)
+        # by completion time, not number: a trial another worker started earlier can finish later
+        first_complete = min((t for t in mine if t.state == TrialState.COMPLETE),
+                             key=lambda t: (t.datetime_complete, t.number), default=None)
         if trial.user_attrs.get(RECIPE_ATTR):
             if trial.state == TrialState.COMPLETE:
                 return trial
@@ -315,13 +318,32 @@ def plan_key(invocation: int) -> str:
     return f"{parent.PLAN_ATTR}:{invocation}"
 
 
-def pruner_key(invocation: int) -> str:
-    """Study attribute: the pruner a budgeted invocation's creator chose, which its joining workers use too."""
-    return f"pruner:{invocation}"
+def settings_key(invocation: int) -> str:
+    """Study attribute: the settings of an invocation's creator that its joining workers follow."""
+    return f"settings:{invocation}"
 
 
-def pruner_spec(opts: TuneOptions) -> dict[str, Any]:
-    return {"pruner": opts.pruner, "prune_warmup": opts.prune_warmup, "prune_after": opts.prune_after}
+def shared_settings(opts: TuneOptions) -> dict[str, Any]:
+    """How an invocation judges and finishes its trials: the same in every worker, whichever flags each was given."""
+    return {"pruner": opts.pruner, "prune_warmup": opts.prune_warmup, "prune_after": opts.prune_after,
+            "refit": opts.refit}
+
+
+def follow_creator(study: optuna.Study, inv: parent.Invocation, opts: TuneOptions, plan: BudgetPlan | None) -> TuneOptions:
+    """A joining worker's options with the creator's pruner and refit (and budget: its plan's, or none), its
+    study's pruner rebuilt from them. Before, a worker that joined without the creator's flags pruned its trials its
+    own way (a budget's ASHA within the invocation, or the median over the whole study) and refit or not its own way.
+    Said in one line where this worker's flags differ."""
+    settings = study.user_attrs.get(settings_key(inv.number))
+    if settings is None:  # an invocation begun before the settings were recorded
+        return opts
+    followed = dataclasses.replace(opts, budget=plan.seconds if plan else None, **settings)
+    study.pruner = make_pruner(followed)
+    if settings != shared_settings(opts) or (opts.budget is None) != (plan is None):
+        print(f"following invocation {inv.number}'s settings: pruner {settings['pruner']} (warm-up "
+              f"{settings['prune_warmup']}, after {settings['prune_after']}), refit {'yes' if settings['refit'] else 'no'}, "
+              + (f"budget {format_duration(plan.seconds)}" if plan else "no budget"), flush=True)
+    return followed
 
 
 def make_plan(opts: TuneOptions, data) -> BudgetPlan:
