@@ -451,6 +451,8 @@ def test_a_config_file_that_is_not_valid_is_one_line(capsys, mlflow_store, tmp_p
      "--min-budget-epochs narrows the network to fit a time budget: give --time-budget (or a recipe with one)"),
     (["train", "--time-budget", "1m", "--min-budget-epochs", "-1"],
      "--min-budget-epochs takes a whole number of epochs, 0 (off) or more, not -1"),
+    (["tune", "--budget", "2m", "--min-budget-epochs", "5"],
+     "--min-budget-epochs is for `reslab train --time-budget`: tune sizes its trials, and --budget its refits, itself"),
 ])
 def test_other_commands_bad_values_are_one_line(capsys, mlflow_store, tmp_path, args, line):
     """Once a traceback (an unknown storage scheme, zero rounds, the UI's port out of range from the MLflow

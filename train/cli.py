@@ -181,6 +181,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         merged.pop("time_budget", None)  # --epochs/--max-steps given: a recipe's time budget gives way
     if getattr(args, "min_budget_epochs", None) and merged.get("time_budget") is None:
         fail("--min-budget-epochs narrows the network to fit a time budget: give --time-budget (or a recipe with one)")
+    if merged.get("time_budget") is None:
+        merged.pop("min_budget_epochs", None)  # a recipe's, with its budget given way to --epochs: nothing to fit
     if getattr(args, "epochs", None) and getattr(args, "max_steps", None) is None:
         merged.pop("max_steps", None)  # --epochs given: a recipe's step count gives way too (degradation-paper's 64k)
     if getattr(args, "pretrained", None) or getattr(args, "init_from", None):

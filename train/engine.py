@@ -668,7 +668,7 @@ def budget_epochs(cfg: TrainConfig, images_per_sec: float, train_images: int, va
                   spent: float = 0.0, eval_pixels: float = 1.0) -> float:
     """Epochs that ``cfg``'s time budget buys at ``images_per_sec`` with ``spent`` seconds of it gone: the plan a
     budgeted run makes at its first step (TimeBudget, its per-epoch validation and final evaluation included)."""
-    steps_per_epoch = max(1, math.ceil(train_images / cfg.batch_size))
+    steps_per_epoch = max(1, train_images // cfg.batch_size)  # as the loader runs: the last partial batch dropped
     budget = TimeBudget(cfg.time_budget or 0.0, steps_per_epoch, cfg.batch_size, val_images,
                         val_images + (test_images if cfg.evaluate_test else 0), TTA_VIEWS[cfg.tta], None, eval_pixels)
     return budget.plan(0, spent, cfg.batch_size / max(images_per_sec, 1e-9)) / steps_per_epoch
@@ -679,11 +679,13 @@ def fit_width(cfg: TrainConfig, data: ImageData) -> tuple[TrainConfig, str | Non
     measured here, buys ``cfg.min_budget_epochs`` epochs in its time budget, and a line saying why it was narrowed
     (None: kept as it is). A network that sees too few epochs in the minutes given learns less than a narrower one
     that sees more (docs/performance.md: airbench at width 64 gets ~2.5 epochs of a 14m20s budget on an AVX2-only
-    CPU, at width 32 ~8). Off without a budget, for a model without a width, and under torchrun (the ranks would
-    each measure, and must agree)."""
+    CPU, at width 32 ~8). Off without a budget, for a model without a width, for weights from a file
+    (``--pretrained``/``--init-from``: they are the width they are), and under torchrun (the ranks would each measure,
+    and must agree)."""
     given, cfg = cfg, cfg.resolved()
     width = model_width(cfg.model, cfg.model_args)
-    if not (cfg.time_budget and cfg.min_budget_epochs) or width is None or distributed.env_context().enabled:
+    if (not (cfg.time_budget and cfg.min_budget_epochs) or width is None or cfg.pretrained
+            or distributed.env_context().enabled):  # weights from a file fix the width
         return given, None
     start = time.perf_counter()
     train_idx, val_idx = split_indices(data.train_y, cfg.subset, cfg.val_fraction, cfg.seed)

@@ -48,30 +48,31 @@ def train_and_log(
         cfg.pretrained = str(model_files(init_from)[1])
     if resume and run_id is None:
         run_id = load_checkpoint(resume).get("meta", {}).get("mlflow_run_id")
-    # a budget that buys too few epochs at the model's width narrows it, before the run's parameters say the width
-    started, narrowed = time.perf_counter(), None
-    if not resume:
-        cfg, narrowed = fit_width(cfg, data)
-    spent = time.perf_counter() - started  # of the budget: the run's clock starts with the measurements
-    if narrowed:
-        print(narrowed, flush=True)
     device = select_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     with mlflow.start_run(run_id=run_id, experiment_id=experiment_id(experiment or cfg.dataset), run_name=run_name) as run:
-        if run_id is None:
-            mlflow.log_params(flat_params(cfg))
-            mlflow.set_tags({**run_tags(cfg, data, str(device), precision), **(tags or {})})
-            if init_from:
-                mlflow.set_tag("init_from", init_from)
-            if narrowed:
-                mlflow.set_tag("budget_width", narrowed)
         print(f"MLflow run {run.info.run_id} in {mask_secrets(mlflow.get_tracking_uri())}")
-        if resume:  # killed between checkpoint and logging: log the checkpointed epochs MLflow missed
-            logged_steps = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")}
-            for h in load_checkpoint(resume)["history"]:
-                if h["epoch"] not in logged_steps:
-                    epoch_logger(int(h["epoch"]) - 1, h)
         try:
+            # a budget that buys too few epochs at the model's width narrows it, before the parameters say the width;
+            # in the run (its wall time covers the measuring, which the budget counts) and not on resume (the
+            # checkpoint holds the width)
+            started = time.perf_counter()
+            cfg, narrowed = (cfg, None) if resume else fit_width(cfg, data)
+            spent = time.perf_counter() - started
+            if narrowed:
+                print(narrowed, flush=True)
+            if run_id is None:
+                mlflow.log_params(flat_params(cfg))
+                mlflow.set_tags({**run_tags(cfg, data, str(device), precision), **(tags or {})})
+                if init_from:
+                    mlflow.set_tag("init_from", init_from)
+                if narrowed:
+                    mlflow.set_tag("budget_width", narrowed)
+            if resume:  # killed between checkpoint and logging: log the checkpointed epochs MLflow missed
+                logged_steps = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")}
+                for h in load_checkpoint(resume)["history"]:
+                    if h["epoch"] not in logged_steps:
+                        epoch_logger(int(h["epoch"]) - 1, h)
             result = fit(cfg, data, [epoch_logger], resume=resume,
                          meta={"mlflow_run_id": run.info.run_id, "run_name": run_name}, spent=spent)
             raise_if_terminated()  # a SIGTERM dropped during the final evaluation

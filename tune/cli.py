@@ -134,7 +134,10 @@ def tune_one(args: argparse.Namespace, prefix: str | None = None) -> dict[str, A
     t0 = time.time()
     if args.model is None and args.recipe is None and args.config is None:
         args.recipe = "fast-cpu"  # trials start from the dataset's fast recipe unless another base is named
+    if args.min_budget_epochs:
+        fail("--min-budget-epochs is for `reslab train --time-budget`: tune sizes its trials, and --budget its refits, itself")
     base = config_from_args(args)
+    base.min_budget_epochs = 0  # a recipe's (airbench): tune/budget.py narrows its short refits by its own rule
     if args.tta is None and base.tta > 1:  # a recipe's shifted views triple each trial's validation for ~0.2
         base.tta = 1  # points, well inside the selection's noise: trials buy epochs with that time instead
     if base.val_fraction <= 0:
