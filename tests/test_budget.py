@@ -448,5 +448,5 @@ def test_time_spent_before_fit_counts_against_the_budget_and_the_estimate_matche
     assert took <= (12.0 - 6.0) * 1.15 + 3.0, (took, result.extra["budget"])  # without it: ~12 s
     planned = result.extra["budget"]
     assert 6.0 < planned["budget_wall_seconds"] <= 12.0 * 1.15 + 1.0
-    estimate = budget_epochs(cfg, rate, 1800, 200, 0, spent=6.0)
+    estimate = budget_epochs(cfg, rate, 1800, 200, 0, cifar.image_size, spent=6.0)
     assert planned["budget_epochs"] / 1.6 <= estimate <= planned["budget_epochs"] * 1.6, (estimate, planned, rate)

@@ -531,7 +531,7 @@ def test_a_worker_joining_a_budgeted_invocation_prunes_as_its_creator_does(store
         """The trial's objective: records the pruner its trial reports to, then stops the worker."""
 
         def __init__(self, *args, **kwargs) -> None:
-            pass
+            """Takes Objective's arguments and keeps none: it trains nothing."""
 
         def __call__(self, trial: optuna.Trial) -> float:
             seen.append(trial.study.pruner)

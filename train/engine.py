@@ -664,13 +664,21 @@ PROBE_BATCH = 256  # images a step when timing a width: CPU kernels' per-image s
 PROBE_SHARE = 0.01  # of the budget, at most, for timing each width (past its first steps)
 
 
+def run_budget(cfg: TrainConfig, steps_per_epoch: int, val_images: int, test_images: int, image_size: int,
+               max_steps: int | None) -> TimeBudget:
+    """The TimeBudget of a run of ``cfg``: its validation every epoch, its final evaluation (validation, and the test
+    split unless skipped) in its TTA views, at the evaluated image's pixels over a training crop's."""
+    return TimeBudget(cfg.time_budget or 0.0, steps_per_epoch, cfg.batch_size, val_images,
+                      val_images + (test_images if cfg.evaluate_test else 0), TTA_VIEWS[cfg.tta], max_steps,
+                      (image_size / cfg.crop_size) ** 2 if cfg.crop_size else 1.0)
+
+
 def budget_epochs(cfg: TrainConfig, images_per_sec: float, train_images: int, val_images: int, test_images: int,
-                  spent: float = 0.0, eval_pixels: float = 1.0) -> float:
+                  image_size: int, spent: float = 0.0) -> float:
     """Epochs that ``cfg``'s time budget buys at ``images_per_sec`` with ``spent`` seconds of it gone: the plan a
-    budgeted run makes at its first step (TimeBudget, its per-epoch validation and final evaluation included)."""
+    budgeted run makes at its first step."""
     steps_per_epoch = max(1, train_images // cfg.batch_size)  # as the loader runs: the last partial batch dropped
-    budget = TimeBudget(cfg.time_budget or 0.0, steps_per_epoch, cfg.batch_size, val_images,
-                        val_images + (test_images if cfg.evaluate_test else 0), TTA_VIEWS[cfg.tta], None, eval_pixels)
+    budget = run_budget(cfg, steps_per_epoch, val_images, test_images, image_size, None)
     return budget.plan(0, spent, cfg.batch_size / max(images_per_sec, 1e-9)) / steps_per_epoch
 
 
@@ -689,24 +697,24 @@ def fit_width(cfg: TrainConfig, data: ImageData) -> tuple[TrainConfig, str | Non
         return given, None
     start = time.perf_counter()
     train_idx, val_idx = split_indices(data.train_y, cfg.subset, cfg.val_fraction, cfg.seed)
-    pixels = (data.image_size / cfg.crop_size) ** 2 if cfg.crop_size else 1.0
     tried: list[str] = []
     w = width
     while True:
         at = dataclasses.replace(cfg, model_args={**cfg.model_args, "width": w})
         rate = measure_throughput(dataclasses.replace(at, batch_size=min(cfg.batch_size, PROBE_BATCH)), data,
                                   max_seconds=PROBE_SHARE * cfg.time_budget)
-        epochs = budget_epochs(at, rate, len(train_idx), len(val_idx), len(data.test_y), time.perf_counter() - start,
-                               pixels)
+        epochs = budget_epochs(at, rate, len(train_idx), len(val_idx), len(data.test_y), data.image_size,
+                               time.perf_counter() - start)
         tried.append(f"width {w}: {rate:.0f} img/s, ~{epochs:.1f} epochs")
         if epochs >= cfg.min_budget_epochs or w // 2 < NARROWEST_WIDTH:
             break
         w //= 2
     if w == width:
         return given, None
-    return dataclasses.replace(given, model=cfg.model, model_args=at.model_args), (f"a {format_duration(cfg.time_budget)} budget buys under {cfg.min_budget_epochs} epochs of {cfg.model} at "
-                f"width {width} here: training width {w} instead (measured {'; '.join(tried)}; --min-budget-epochs 0 "
-                "keeps the width)")
+    why = (f"a {format_duration(cfg.time_budget)} budget buys under {cfg.min_budget_epochs} epochs of {cfg.model} at "
+           f"width {width} here: training width {w} instead (measured {'; '.join(tried)}; --min-budget-epochs 0 keeps "
+           "the width)")
+    return dataclasses.replace(given, model=cfg.model, model_args=at.model_args), why
 
 
 # --------------------------------------------------------------------------- training
@@ -770,9 +778,7 @@ def fit(
         horizon.total = cfg.max_steps
     budget = None
     if cfg.time_budget:  # the horizon is planned from the measured step time (train/budget.py)
-        budget = TimeBudget(cfg.time_budget, steps_per_epoch, cfg.batch_size, len(x_val),
-                            len(x_val) + (len(data.test_y) if cfg.evaluate_test else 0), TTA_VIEWS[cfg.tta],
-                            cfg.max_steps, (data.image_size / cfg.crop_size) ** 2 if cfg.crop_size else 1.0)
+        budget = run_budget(cfg, steps_per_epoch, len(x_val), len(data.test_y), data.image_size, cfg.max_steps)
         # until the first plan the epochs' horizon is a placeholder; it must outlast the calibration, else a run of
         # one or two short epochs (a refit configured from a tuning trial, on a small dataset) ends at the placeholder
         # with most of its budget unspent (seen: 5 steps in 12 s of a 45 s budget); --max-steps stays the most

@@ -48,7 +48,6 @@ TRIAL_OVERHEAD = 3.0  # seconds per trial outside training: model build, MLflow 
 FINISH_RESERVE = 15.0  # seconds kept for exporting and registering the champion (took ~2 s on a bf16 CPU)
 MIN_REFIT = 20.0  # a refit always gets at least this long, even when the search ran late
 MIN_REFIT_EPOCHS = 4  # a no-search refit that buys fewer epochs at the base's width trains at half of it
-NARROWEST = NARROWEST_WIDTH  # ... down to this width (docs/tuning.md: ResNet-9 on FER-2013 and CIFAR-10, AVX2-only CPU)
 # A trial of the recipe itself that ends within this of the majority class's share learnt nothing at the
 # search's fidelity (~3 standard errors of a 1,500-image validation at 25%): its trials would rank noise.
 CHANCE_MARGIN = 0.03
@@ -106,13 +105,13 @@ class BudgetPlan:
 def short_refit(base: TrainConfig, images_per_sec: float, seconds: float,
                 train_images: int) -> tuple[TrainConfig, str] | None:
     """A narrower network, and why, for a no-search refit too short for ``MIN_REFIT_EPOCHS`` epochs of the base
-    at the speed measured for it (an AVX2-only CPU, a budget of minutes): half the width, down to ``NARROWEST``,
+    at the speed measured for it (an AVX2-only CPU, a budget of minutes): half the width, down to ``NARROWEST_WIDTH``,
     costs about half the time per image, so it trains twice the epochs; None to keep the base."""
     width = model_width(base.model, base.model_args)
     epochs = images_per_sec * seconds / max(1, train_images)
-    if width is None or width <= NARROWEST or epochs >= MIN_REFIT_EPOCHS:
+    if width is None or width <= NARROWEST_WIDTH or epochs >= MIN_REFIT_EPOCHS:
         return None
-    narrow = max(NARROWEST, width // 2)
+    narrow = max(NARROWEST_WIDTH, width // 2)
     why = (f"{format_duration(seconds)} trains {base.model} at width {width} for ~{epochs:.1f} epochs here "
            f"(under {MIN_REFIT_EPOCHS}): the refit trains width {narrow} instead")
     return dataclasses.replace(base, model_args={**base.model_args, "width": narrow}), why
