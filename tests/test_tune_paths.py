@@ -518,7 +518,7 @@ def test_a_worker_joining_a_budgeted_invocation_prunes_as_its_creator_does(store
     invocation's trials, sized by its plan, under its own default pruner (median over the whole study) where the
     creator's ASHA judged each trial against its own invocation's trials only. It follows the creator's settings
     (pruner, refit) and says so."""
-    from optuna.pruners import MedianPruner, SuccessiveHalvingPruner
+    from optuna.pruners import HyperbandPruner, MedianPruner, SuccessiveHalvingPruner
 
     import tune.study
     from tune.pruning import OwnInvocation
@@ -537,14 +537,41 @@ def test_a_worker_joining_a_budgeted_invocation_prunes_as_its_creator_does(store
             seen.append(trial.study.pruner)
             raise KeyboardInterrupt
 
+    class Sampler(tune.study.TPESampler):
+        """TPE, its random start on record (TPESampler keeps it private)."""
+
+        def __init__(self, *, n_startup_trials: int, **kwargs) -> None:
+            super().__init__(n_startup_trials=n_startup_trials, **kwargs)
+            self.startup = n_startup_trials
+
+    class Spy:
+        """The trial's objective: records the pruner and sampler its trial meets, then stops the worker."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            """Takes Objective's arguments and keeps none: it trains nothing."""
+
+        def __call__(self, trial: optuna.Trial) -> float:
+            seen.append((trial.study.pruner, trial.study.sampler.startup))
+            raise KeyboardInterrupt
+
     monkeypatch.setattr(tune.study, "Objective", Spy)
+    class Hyperband(HyperbandPruner):
+        """Hyperband, the epochs its brackets span on record (HyperbandPruner keeps them private)."""
+
+        def __init__(self, *, min_resource: int, max_resource: int | str, **kwargs) -> None:
+            super().__init__(min_resource=min_resource, max_resource=max_resource, **kwargs)
+            self.span = (min_resource, max_resource)
+
+    monkeypatch.setattr(tune.study, "TPESampler", Sampler)
+    monkeypatch.setattr(tune.study, "HyperbandPruner", Hyperband)
     tiny = str(Path(__file__).with_name("tiny-resnet9.yaml"))
     with pytest.raises(SystemExit):  # interrupted (130); without --budget a worker's own pruner is the median pruner
         main(["tune", "--data", store["data"], "--study", "joined-pruner", "--config", tiny, "--no-progress"])
     out = capsys.readouterr().out
     assert f"following invocation {inv.number}'s settings: pruner asha (warm-up 2, after 3), refit yes, budget 2:00" in out, out
-    (pruner,) = seen
+    (pruner, startup), = seen
     assert isinstance(pruner, OwnInvocation) and isinstance(pruner.pruner, SuccessiveHalvingPruner)
+    assert startup == 4  # the budget's random start, as the creator's (this worker's own: a third of its 20 trials)
 
     # the other way round: a --budget worker that joins a plain invocation runs it as its creator does (its budget
     # was ignored without a word, and its trials were pruned by ASHA within the invocation, the creator's by median)
@@ -555,8 +582,19 @@ def test_a_worker_joining_a_budgeted_invocation_prunes_as_its_creator_does(store
         main(["tune", "--data", store["data"], "--study", "joined-plain", "--budget", "2m", "--config", tiny, "--no-progress"])
     out = capsys.readouterr().out
     assert f"following invocation {inv.number}'s settings: pruner median (warm-up 1, after 3), refit no, no budget" in out, out
-    (pruner,) = seen
+    (pruner, startup), = seen
     assert isinstance(pruner, MedianPruner)
+    assert startup == 3  # a third of the invocation's 3 trials, at least 3 (this worker's own, with --budget: 4)
+
+    # Hyperband's brackets span the trials' length: the plan's 3 epochs, not the recipe's (the worker's own base)
+    inv = budgeted_invocation(store, monkeypatch, "joined-hyperband", search_left=60,
+                              settings={"pruner": "hyperband", "prune_warmup": 1, "prune_after": 3, "refit": False})
+    seen.clear()
+    with pytest.raises(SystemExit):
+        main(["tune", "--data", store["data"], "--study", "joined-hyperband", "--config", tiny, "--epochs", "30",
+              "--no-progress"])
+    (pruner, _), = seen
+    assert isinstance(pruner, Hyperband) and pruner.span == (1, 3), pruner.span
 
 
 def test_stop_at_chance_judges_the_recipe_trial_even_when_a_sampled_one_finishes_first(store):
@@ -789,6 +827,37 @@ def test_workers_starting_together_join_one_live_parent_run(store):
     assert len({inv.parent_run_id for inv, _ in got}) == 1 and sum(created for _, created in got) == 1
     live = [r for r in parent_runs("together") if r.info.lifecycle_stage == "active"]
     assert [r.info.run_id for r in live] == [got[0][0].parent_run_id] and live[0].info.status == "RUNNING"
+
+
+def test_a_tracking_hiccup_while_joining_is_an_error_not_a_second_invocation(store, monkeypatch):
+    """Whether the study's invocation still runs is MLflow's to say, and every error of that call was read as "not
+    running": one failed request (a tracking server restarting) made a worker start a second invocation beside the
+    live one. Only a run the store lacks (another store's) is not running; any other error is raised."""
+    from dataclasses import asdict
+
+    from mlflow.exceptions import MlflowException
+
+    from tune import parent
+    from train.tracking import experiment_id
+
+    study, exp = study_of(store, "hiccup"), experiment_id("cifar10")
+    live, created = parent.join_or_start(study, exp, 3, {}, {})
+    assert created
+
+    def unreachable(self, run_id: str):  # what MLflow's REST client raises once its retries are spent
+        raise MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/get failed with exception "
+                              "ConnectionError")
+
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "get_run", unreachable)
+        with pytest.raises(MlflowException, match="ConnectionError"):
+            parent.join_or_start(study, exp, 3, {}, {})
+    assert study_of(store, "hiccup").user_attrs["invocation"] == asdict(live)  # no second invocation
+    assert parent.join_or_start(study, exp, 3, {}, {}) == (live, False)  # it answers again: joined
+    # a parent run this store never had is not running: the next invocation starts
+    study.set_user_attr("invocation", {**asdict(live), "parent_run_id": "0" * 32})
+    inv, created = parent.join_or_start(study, exp, 3, {}, {})
+    assert created and inv.number == live.number + 1
 
 
 def test_a_dataset_another_worker_logs_first_is_still_recorded(store, cifar):

@@ -23,6 +23,8 @@ from typing import Any
 
 import optuna
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -172,10 +174,15 @@ def end_left_running(client: MlflowClient, parent_run_id: str, status: str,
 
 
 def _is_running(client: MlflowClient, run_id: str) -> bool:
+    """Whether the run is live. A run this store lacks (from another store, or deleted for good) is not; any other
+    error is raised: read as "not running", a tracking server's hiccup made a worker start a second invocation
+    beside a live one (and end the live one's parent run as abandoned)."""
     try:
         run = client.get_run(run_id)
-    except Exception:  # deleted or from another store
-        return False
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return False
+        raise
     return run.info.status == "RUNNING" and run.info.lifecycle_stage == "active"
 
 

@@ -64,11 +64,12 @@ class TuneOptions:
     started: float = field(default_factory=time.time)  # unix time the budget counts from
 
 
-def make_pruner(opts: TuneOptions) -> BasePruner:
+def make_pruner(opts: TuneOptions, plan: BudgetPlan | None = None) -> BasePruner:
+    """The invocation's pruner; ``plan``: its budget's, whose trials are the plan's length, not the recipe's."""
     if opts.pruner == "median":
         return MedianPruner(n_startup_trials=opts.prune_after, n_warmup_steps=opts.prune_warmup)
-    if opts.pruner == "hyperband":
-        epochs = "auto" if "epochs" in opts.space.distributions else opts.space.fixed.get("epochs", opts.base.epochs)
+    if opts.pruner == "hyperband":  # its brackets span a trial's epochs: a budget's trials are its plan's length
+        epochs = plan.trial_epochs if plan else "auto" if "epochs" in opts.space.distributions else trial_length(opts).epochs
         return HyperbandPruner(min_resource=max(1, opts.prune_warmup), max_resource=epochs, reduction_factor=3)
     if opts.pruner == "asha":  # successive halving over epochs: rungs at epochs 1, 3, 9, ... (--prune-warmup W: W, 3W,
         # 9W, ...); the best third goes on
@@ -126,8 +127,7 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
         # The creator's sampler is seeded (a resume continues the stream reproducibly); workers that join
         # draw their own seeds, else they would all propose the same first trials.
         seed = base.seed + inv.finished_before if created else None
-        startup = 4 if opts.budget else max(3, min(10, opts.trials // 3))
-        study = SlotStudy(opts.study, storage, TPESampler(seed=seed, n_startup_trials=startup), study.pruner, inv.number)
+        study = SlotStudy(opts.study, storage, make_sampler(opts, inv, seed), study.pruner, inv.number)
         fail_stale(study, opts.heartbeat)  # a dead worker's trial is failed (and queued again) before slots are counted
         plan, pinned = None, {}
         if created:
@@ -135,6 +135,7 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
             if opts.budget:  # measure this machine, size the trials; stored for the workers that join
                 plan = make_plan(opts, data)
                 study.set_user_attr(plan_key(inv.number), plan.to_dict())
+                study.pruner = make_pruner(opts, plan)
             # a new study's first trial is the base recipe itself: the search starts from what is known to work
             first = opts.space.base_params(base) if inv.finished_before == 0 and not study.trials else None
             pinned = opts.space.pins(base, plan.batch_size_searched) if plan and plan.search else {}
@@ -149,6 +150,7 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
             if plan_key(inv.number) in study.user_attrs:
                 plan = BudgetPlan(**study.user_attrs[plan_key(inv.number)])
             opts = follow_creator(study, inv, opts, plan)
+            study.sampler = make_sampler(opts, inv, seed)  # as many random trials first as the creator's sampler
         if not created and plan is not None:
             if not plan.search:
                 print(f"invocation {inv.number} of study {opts.study} runs no search (its budget is too short); "
@@ -338,12 +340,19 @@ def follow_creator(study: optuna.Study, inv: parent.Invocation, opts: TuneOption
     if settings is None:  # an invocation begun before the settings were recorded
         return opts
     followed = dataclasses.replace(opts, budget=plan.seconds if plan else None, **settings)
-    study.pruner = make_pruner(followed)
+    study.pruner = make_pruner(followed, plan)
     if settings != shared_settings(opts) or (opts.budget is None) != (plan is None):
         print(f"following invocation {inv.number}'s settings: pruner {settings['pruner']} (warm-up "
               f"{settings['prune_warmup']}, after {settings['prune_after']}), refit {'yes' if settings['refit'] else 'no'}, "
               + (f"budget {format_duration(plan.seconds)}" if plan else "no budget"), flush=True)
     return followed
+
+
+def make_sampler(opts: TuneOptions, inv: parent.Invocation, seed: int | None) -> TPESampler:
+    """TPE with its random start: four trials with a budget (its trials are few), else a third of the invocation's,
+    3 to 10. Counted from the invocation, not this worker's --trials, so that every worker of it agrees."""
+    startup = 4 if opts.budget else max(3, min(10, (inv.target - inv.finished_before) // 3))
+    return TPESampler(seed=seed, n_startup_trials=startup)
 
 
 def make_plan(opts: TuneOptions, data) -> BudgetPlan:
