@@ -517,7 +517,8 @@ def test_a_worker_joining_a_budgeted_invocation_prunes_as_its_creator_does(store
     """A worker that joined a ``--budget`` invocation without ``--budget`` (or with another ``--pruner``) ran the
     invocation's trials, sized by its plan, under its own default pruner (median over the whole study) where the
     creator's ASHA judged each trial against its own invocation's trials only. It follows the creator's settings
-    (pruner, refit) and says so."""
+    (pruner, refit) and says so; its sampler starts with as many random trials as the creator's, and Hyperband spans
+    the plan's trial length, in the creator too."""
     from optuna.pruners import HyperbandPruner, MedianPruner, SuccessiveHalvingPruner
 
     import tune.study
@@ -526,16 +527,6 @@ def test_a_worker_joining_a_budgeted_invocation_prunes_as_its_creator_does(store
     inv = budgeted_invocation(store, monkeypatch, "joined-pruner", search_left=60,
                               settings={"pruner": "asha", "prune_warmup": 2, "prune_after": 3, "refit": True})
     seen = []
-
-    class Spy:
-        """The trial's objective: records the pruner its trial reports to, then stops the worker."""
-
-        def __init__(self, *args, **kwargs) -> None:
-            """Takes Objective's arguments and keeps none: it trains nothing."""
-
-        def __call__(self, trial: optuna.Trial) -> float:
-            seen.append(trial.study.pruner)
-            raise KeyboardInterrupt
 
     class Sampler(tune.study.TPESampler):
         """TPE, its random start on record (TPESampler keeps it private)."""
@@ -554,7 +545,6 @@ def test_a_worker_joining_a_budgeted_invocation_prunes_as_its_creator_does(store
             seen.append((trial.study.pruner, trial.study.sampler.startup))
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(tune.study, "Objective", Spy)
     class Hyperband(HyperbandPruner):
         """Hyperband, the epochs its brackets span on record (HyperbandPruner keeps them private)."""
 
@@ -562,6 +552,7 @@ def test_a_worker_joining_a_budgeted_invocation_prunes_as_its_creator_does(store
             super().__init__(min_resource=min_resource, max_resource=max_resource, **kwargs)
             self.span = (min_resource, max_resource)
 
+    monkeypatch.setattr(tune.study, "Objective", Spy)
     monkeypatch.setattr(tune.study, "TPESampler", Sampler)
     monkeypatch.setattr(tune.study, "HyperbandPruner", Hyperband)
     tiny = str(Path(__file__).with_name("tiny-resnet9.yaml"))
@@ -595,6 +586,15 @@ def test_a_worker_joining_a_budgeted_invocation_prunes_as_its_creator_does(store
               "--no-progress"])
     (pruner, _), = seen
     assert isinstance(pruner, Hyperband) and pruner.span == (1, 3), pruner.span
+
+    # the creator of a budgeted invocation: its pruner is rebuilt once its plan (measured here) says the trials' length
+    seen.clear()
+    with pytest.raises(SystemExit):
+        main(["tune", "--data", store["data"], "--study", "created-hyperband", "--budget", "2m", "--pruner", "hyperband",
+              "--epochs", "1000", "--config", tiny, "--no-progress"])
+    (pruner, _), = seen
+    plan = study_of(store, "created-hyperband").user_attrs["plan:1"]
+    assert pruner.span == (1, plan["trial_epochs"]) and plan["trial_epochs"] < 1000, (pruner.span, plan)
 
 
 def test_stop_at_chance_judges_the_recipe_trial_even_when_a_sampled_one_finishes_first(store):
