@@ -69,7 +69,10 @@ def make_pruner(opts: TuneOptions, plan: BudgetPlan | None = None) -> BasePruner
     if opts.pruner == "median":
         return MedianPruner(n_startup_trials=opts.prune_after, n_warmup_steps=opts.prune_warmup)
     if opts.pruner == "hyperband":  # its brackets span a trial's epochs: a budget's trials are its plan's length
-        epochs = plan.trial_epochs if plan else "auto" if "epochs" in opts.space.distributions else trial_length(opts).epochs
+        if plan:
+            epochs: int | str = plan.trial_epochs
+        else:
+            epochs = "auto" if "epochs" in opts.space.distributions else trial_length(opts).epochs
         return HyperbandPruner(min_resource=max(1, opts.prune_warmup), max_resource=epochs, reduction_factor=3)
     if opts.pruner == "asha":  # successive halving over epochs: rungs at epochs 1, 3, 9, ... (--prune-warmup W: W, 3W,
         # 9W, ...); the best third goes on
@@ -150,7 +153,6 @@ def _run_study(opts: TuneOptions) -> dict[str, Any]:
             if plan_key(inv.number) in study.user_attrs:
                 plan = BudgetPlan(**study.user_attrs[plan_key(inv.number)])
             opts = follow_creator(study, inv, opts, plan)
-            study.sampler = make_sampler(opts, inv, seed)  # as many random trials first as the creator's sampler
         if not created and plan is not None:
             if not plan.search:
                 print(f"invocation {inv.number} of study {opts.study} runs no search (its budget is too short); "
@@ -333,14 +335,15 @@ def shared_settings(opts: TuneOptions) -> dict[str, Any]:
 
 def follow_creator(study: optuna.Study, inv: parent.Invocation, opts: TuneOptions, plan: BudgetPlan | None) -> TuneOptions:
     """A joining worker's options with the creator's pruner and refit (and budget: its plan's, or none), its
-    study's pruner rebuilt from them. Before, a worker that joined without the creator's flags pruned its trials its
-    own way (a budget's ASHA within the invocation, or the median over the whole study) and refit or not its own way.
-    Said in one line where this worker's flags differ."""
+    study's pruner and sampler rebuilt from them. Before, a worker that joined without the creator's flags pruned its
+    trials its own way (a budget's ASHA within the invocation, or the median over the whole study) and refit or not
+    its own way. Said in one line where this worker's flags differ."""
     settings = study.user_attrs.get(settings_key(inv.number))
     if settings is None:  # an invocation begun before the settings were recorded
         return opts
     followed = dataclasses.replace(opts, budget=plan.seconds if plan else None, **settings)
     study.pruner = make_pruner(followed, plan)
+    study.sampler = make_sampler(followed, inv, None)  # the creator's random start; unseeded, as joiners are
     if settings != shared_settings(opts) or (opts.budget is None) != (plan is None):
         print(f"following invocation {inv.number}'s settings: pruner {settings['pruner']} (warm-up "
               f"{settings['prune_warmup']}, after {settings['prune_after']}), refit {'yes' if settings['refit'] else 'no'}, "
